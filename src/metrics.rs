@@ -1,0 +1,192 @@
+//! Prometheus metrics, one process-wide set under the `sv2_tpd_` prefix.
+//!
+//! Every room of the daemon records into [`metrics()`]; the HTTP listener renders
+//! [`Metrics::render`] at `/metrics`.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// All of the daemon's metrics, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// 1 while the IPC connection to the node is up.
+    pub node_connected: IntGauge,
+    /// Always 1, labelled with the node's interface line (`v31.0`, `v31.99`, `v32`).
+    pub node_info: IntGaugeVec,
+    /// Successful connections to the node (the first and every reconnect).
+    pub node_connects: IntCounter,
+    /// IPC call duration by method.
+    pub ipc_call_seconds: HistogramVec,
+    /// Templates received from the node by reason (`tip`, `fees`, `constraints`).
+    pub templates_created: IntCounterVec,
+    /// Templates currently held in the node on our behalf.
+    pub templates_held: IntGauge,
+    /// SV2 messages sent by message type.
+    pub messages_sent: IntCounterVec,
+    /// SV2 messages received by message type.
+    pub messages_received: IntCounterVec,
+    /// Unknown or out-of-order SV2 messages.
+    pub messages_unexpected: IntCounter,
+    /// Connected SV2 clients (after the Noise handshake).
+    pub clients_connected: IntGauge,
+    /// Failed Noise handshakes.
+    pub handshake_failures: IntCounter,
+    /// `RequestTransactionData` by result (`success`, `template-id-not-found`, `stale-template-id`).
+    pub tx_data_requests: IntCounterVec,
+    /// Solutions by result (`accepted`, `rejected`, `unknown-template`, `node-unavailable`).
+    pub solutions: IntCounterVec,
+    /// Blocks found (solutions the node accepted).
+    pub blocks_found: IntCounter,
+    /// From the node reporting a new tip to `SetNewPrevHash` being queued to clients.
+    pub new_tip_to_prevhash_seconds: Histogram,
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let m = Metrics {
+            node_connected: IntGauge::new(
+                "sv2_tpd_node_connected",
+                "1 while the IPC connection to the node is up",
+            )
+            .expect("metric"),
+            node_info: IntGaugeVec::new(
+                Opts::new("sv2_tpd_node_info", "The node's IPC interface line"),
+                &["interface"],
+            )
+            .expect("metric"),
+            node_connects: IntCounter::new(
+                "sv2_tpd_node_connects_total",
+                "Successful IPC connections to the node, reconnects included",
+            )
+            .expect("metric"),
+            ipc_call_seconds: HistogramVec::new(
+                HistogramOpts::new("sv2_tpd_ipc_call_duration_seconds", "IPC call duration")
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+                        30.0,
+                    ]),
+                &["method"],
+            )
+            .expect("metric"),
+            templates_created: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_templates_created_total",
+                    "Templates obtained from the node",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
+            templates_held: IntGauge::new(
+                "sv2_tpd_templates_held",
+                "Templates the node keeps alive for us",
+            )
+            .expect("metric"),
+            messages_sent: IntCounterVec::new(
+                Opts::new("sv2_tpd_messages_sent_total", "SV2 messages sent"),
+                &["type"],
+            )
+            .expect("metric"),
+            messages_received: IntCounterVec::new(
+                Opts::new("sv2_tpd_messages_received_total", "SV2 messages received"),
+                &["type"],
+            )
+            .expect("metric"),
+            messages_unexpected: IntCounter::new(
+                "sv2_tpd_messages_unexpected_total",
+                "Unknown or out-of-order SV2 messages received",
+            )
+            .expect("metric"),
+            clients_connected: IntGauge::new("sv2_tpd_clients_connected", "SV2 clients connected")
+                .expect("metric"),
+            handshake_failures: IntCounter::new(
+                "sv2_tpd_handshake_failures_total",
+                "Failed Noise handshakes",
+            )
+            .expect("metric"),
+            tx_data_requests: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_tx_data_requests_total",
+                    "RequestTransactionData by result",
+                ),
+                &["result"],
+            )
+            .expect("metric"),
+            solutions: IntCounterVec::new(
+                Opts::new("sv2_tpd_solutions_total", "SubmitSolution by result"),
+                &["result"],
+            )
+            .expect("metric"),
+            blocks_found: IntCounter::new(
+                "sv2_tpd_blocks_found_total",
+                "Solutions the node accepted as blocks",
+            )
+            .expect("metric"),
+            new_tip_to_prevhash_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "sv2_tpd_new_tip_to_prevhash_seconds",
+                    "From the node reporting a new tip to SetNewPrevHash queued to clients",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+            )
+            .expect("metric"),
+            registry,
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+            Box::new(m.node_connected.clone()),
+            Box::new(m.node_info.clone()),
+            Box::new(m.node_connects.clone()),
+            Box::new(m.ipc_call_seconds.clone()),
+            Box::new(m.templates_created.clone()),
+            Box::new(m.templates_held.clone()),
+            Box::new(m.messages_sent.clone()),
+            Box::new(m.messages_received.clone()),
+            Box::new(m.messages_unexpected.clone()),
+            Box::new(m.clients_connected.clone()),
+            Box::new(m.handshake_failures.clone()),
+            Box::new(m.tx_data_requests.clone()),
+            Box::new(m.solutions.clone()),
+            Box::new(m.blocks_found.clone()),
+            Box::new(m.new_tip_to_prevhash_seconds.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("unique metric names");
+        }
+        // Label values known up front, so every series exists from the first scrape.
+        for reason in ["tip", "fees", "constraints"] {
+            m.templates_created.with_label_values(&[reason]);
+        }
+        for result in ["success", "template-id-not-found", "stale-template-id"] {
+            m.tx_data_requests.with_label_values(&[result]);
+        }
+        for result in [
+            "accepted",
+            "rejected",
+            "unknown-template",
+            "node-unavailable",
+        ] {
+            m.solutions.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// The metrics in Prometheus' text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

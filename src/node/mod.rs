@@ -1,0 +1,3 @@
+//! Client for Bitcoin Core's IPC `Mining` interface.
+
+pub mod schema;

@@ -1,0 +1,172 @@
+//! What the SV2 sessions ask of the template engine, and what they get back.
+//!
+//! Sessions hold an [`EngineHandle`]; the engine owns the other end of its channel. Tests
+//! may build a handle from a channel of their own with [`EngineHandle::from_channel`] and
+//! answer [`EngineRequest`]s by hand.
+
+use std::sync::Arc;
+
+use stratum_core::template_distribution_sv2::{NewTemplate, SetNewPrevHash, SubmitSolution};
+use tokio::sync::{mpsc, oneshot};
+
+/// Room for template events queued to one session; a session that falls this far behind
+/// is dropped by the engine rather than being sent a stale view.
+pub const SESSION_EVENT_QUEUE: usize = 64;
+
+/// The coinbase space and sigops a client reserves (`CoinbaseOutputConstraints`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Constraints {
+    /// Bytes the client's coinbase outputs add beyond what the template already holds.
+    pub max_additional_size: u32,
+    /// Signature operations those outputs add.
+    pub max_additional_sigops: u16,
+}
+
+/// One message the engine pushes to subscribed sessions, shared between all sessions
+/// of a constraint group.
+#[derive(Clone, Debug)]
+pub enum TemplateEvent {
+    /// A new template; when `future_template` is set a [`TemplateEvent::SetNewPrevHash`]
+    /// for it follows at once.
+    NewTemplate(Arc<NewTemplate<'static>>),
+    /// Activates a future template on a new chain tip.
+    SetNewPrevHash(Arc<SetNewPrevHash<'static>>),
+}
+
+/// The non-coinbase transactions of a template, for `RequestTransactionData.Success`.
+#[derive(Clone, Debug, Default)]
+pub struct TransactionData {
+    /// Consensus-serialized transactions (with witness), in block order, coinbase excluded.
+    pub transactions: Arc<Vec<Vec<u8>>>,
+    /// `excess_data`: the coinbase witness reserved value the block needs.
+    pub excess_data: Vec<u8>,
+}
+
+/// Why transaction data could not be returned (the spec's error codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TxDataError {
+    /// The id was never issued, or its template has been released.
+    #[error("template-id-not-found")]
+    TemplateIdNotFound,
+    /// The template exists but no longer builds on the current tip.
+    #[error("stale-template-id")]
+    StaleTemplateId,
+}
+
+impl TxDataError {
+    /// The error code string sent in `RequestTransactionData.Error`.
+    pub fn code(self) -> &'static str {
+        match self {
+            TxDataError::TemplateIdNotFound => "template-id-not-found",
+            TxDataError::StaleTemplateId => "stale-template-id",
+        }
+    }
+}
+
+/// What became of a `SubmitSolution`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SolutionOutcome {
+    /// The node accepted the block.
+    Accepted {
+        /// Hash of the submitted block.
+        block_hash: bitcoin::BlockHash,
+    },
+    /// The node refused the block.
+    Rejected {
+        /// Hash of the submitted block.
+        block_hash: bitcoin::BlockHash,
+        /// The node's reason, where it gave one.
+        reason: String,
+    },
+    /// No held template has this id.
+    UnknownTemplate,
+    /// The solution could not reach the node (it is kept on disk).
+    NodeUnavailable(String),
+}
+
+/// A request from a session to the engine.
+#[derive(Debug)]
+pub enum EngineRequest {
+    /// Start receiving templates for these constraints. The current template (if any) is
+    /// sent at once as `NewTemplate(future=true)` + `SetNewPrevHash`. Sending again with
+    /// other constraints replaces the subscription of that `events` channel's session;
+    /// dropping the receiver ends it.
+    Subscribe {
+        /// The session's constraints.
+        constraints: Constraints,
+        /// Where the engine sends this session's events.
+        events: mpsc::Sender<TemplateEvent>,
+    },
+    /// `RequestTransactionData`.
+    TransactionData {
+        /// The template asked about.
+        template_id: u64,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<TransactionData, TxDataError>>,
+    },
+    /// `SubmitSolution`.
+    SubmitSolution {
+        /// The solution as received.
+        solution: SubmitSolution<'static>,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<SolutionOutcome>,
+    },
+}
+
+/// The engine is gone (the daemon is shutting down).
+#[derive(Clone, Copy, Debug, thiserror::Error)]
+#[error("template engine stopped")]
+pub struct EngineStopped;
+
+/// A cloneable, `Send` handle sessions use to talk to the engine.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    requests: mpsc::Sender<EngineRequest>,
+}
+
+impl EngineHandle {
+    /// Wraps the sending side of an engine's request channel.
+    pub fn from_channel(requests: mpsc::Sender<EngineRequest>) -> Self {
+        Self { requests }
+    }
+
+    /// Subscribes a session with `constraints`; returns its event stream.
+    pub async fn subscribe(
+        &self,
+        constraints: Constraints,
+    ) -> Result<mpsc::Receiver<TemplateEvent>, EngineStopped> {
+        let (events, receiver) = mpsc::channel(SESSION_EVENT_QUEUE);
+        self.send(EngineRequest::Subscribe {
+            constraints,
+            events,
+        })
+        .await?;
+        Ok(receiver)
+    }
+
+    /// Asks for the transactions of template `template_id`.
+    pub async fn transaction_data(
+        &self,
+        template_id: u64,
+    ) -> Result<Result<TransactionData, TxDataError>, EngineStopped> {
+        let (reply, answer) = oneshot::channel();
+        self.send(EngineRequest::TransactionData { template_id, reply })
+            .await?;
+        answer.await.map_err(|_| EngineStopped)
+    }
+
+    /// Hands a solution to the engine and waits for the node's verdict.
+    pub async fn submit_solution(
+        &self,
+        solution: SubmitSolution<'static>,
+    ) -> Result<SolutionOutcome, EngineStopped> {
+        let (reply, answer) = oneshot::channel();
+        self.send(EngineRequest::SubmitSolution { solution, reply })
+            .await?;
+        answer.await.map_err(|_| EngineStopped)
+    }
+
+    async fn send(&self, request: EngineRequest) -> Result<(), EngineStopped> {
+        self.requests.send(request).await.map_err(|_| EngineStopped)
+    }
+}
