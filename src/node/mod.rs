@@ -1,3 +1,404 @@
 //! Client for Bitcoin Core's IPC `Mining` interface.
+//!
+//! [`NodeClient::connect`] opens the node's unix socket, runs the libmultiprocess
+//! bootstrap on a dedicated IPC thread and detects the interface line. Every call that may
+//! be outstanding at once runs on its own node-side thread (borrowed from a pool), so a
+//! `submitSolution` never queues behind a blocking `waitNext`. Templates live in the node;
+//! a [`Template`] holds a reference and releases it when the last clone drops.
 
+mod error;
+mod ipc;
 pub mod schema;
+mod types;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bitcoin::consensus::{deserialize, serialize};
+use bitcoin::hashes::Hash;
+use bitcoin::{Block, BlockHash, Transaction};
+use tokio::sync::watch;
+
+pub use error::NodeError;
+pub use types::{
+    CoinbaseTemplate, CreateOptions, NodeLine, SubmitVerdict, TemplateData, Tip, WaitOptions,
+};
+
+use error::is_unimplemented;
+use ipc::{timed, Jobs};
+
+/// The node's socket for `chain_subdir` under `datadir`, as Bitcoin Core places it:
+/// `<datadir>/<subdir>/node.sock` (no subdir for mainnet).
+pub fn default_socket_path(datadir: &Path, chain_subdir: Option<&str>) -> PathBuf {
+    match chain_subdir {
+        Some(sub) => datadir.join(sub).join("node.sock"),
+        None => datadir.join("node.sock"),
+    }
+}
+
+/// A connection to the node's `Mining` interface. Cheap to clone and `Send`.
+#[derive(Clone, Debug)]
+pub struct NodeClient {
+    jobs: Jobs,
+    line: watch::Receiver<NodeLine>,
+    closed: watch::Receiver<bool>,
+}
+
+impl NodeClient {
+    /// Connects to the node at `socket`, bootstraps, and detects its interface line.
+    /// A v30 node is refused with [`NodeError::UnsupportedVersion`].
+    pub async fn connect(socket: &Path) -> Result<Self, NodeError> {
+        let connected = ipc::connect(socket).await?;
+        let client = Self {
+            jobs: connected.jobs,
+            line: connected.line,
+            closed: connected.closed,
+        };
+        tracing::info!(socket = %socket.display(), line = client.line().label(), "connected to the node");
+        Ok(client)
+    }
+
+    /// The interface line: v31.0 or v31.99 from connect; v32 once the first template
+    /// showed `submitSolution @10`.
+    pub fn line(&self) -> NodeLine {
+        *self.line.borrow()
+    }
+
+    /// True once the IPC connection has ended.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Resolves when the IPC connection ends (node stopped, crashed, restarted).
+    pub async fn closed(&self) {
+        let mut closed = self.closed.clone();
+        let _ = closed.wait_for(|c| *c).await;
+    }
+
+    /// The current chain tip, `None` before the node has one.
+    pub async fn tip(&self) -> Result<Option<Tip>, NodeError> {
+        self.jobs
+            .run(|s| async move {
+                let worker = s.worker();
+                let mut request = s.mining.get_tip_request();
+                request.get().init_context().set_thread(worker.thread());
+                let response = timed("getTip", request.send().promise).await?;
+                let results = response
+                    .get()
+                    .map_err(|e| NodeError::from_capnp("getTip", e))?;
+                if !results.get_has_result() {
+                    return Ok(None);
+                }
+                let tip = results
+                    .get_result()
+                    .map_err(|e| NodeError::from_capnp("getTip", e))?;
+                ipc::block_ref(tip).map(Some)
+            })
+            .await
+    }
+
+    /// Whether the node is still in initial block download.
+    pub async fn is_initial_block_download(&self) -> Result<bool, NodeError> {
+        self.jobs
+            .run(|s| async move {
+                let worker = s.worker();
+                let mut request = s.mining.is_initial_block_download_request();
+                request.get().init_context().set_thread(worker.thread());
+                let response = timed("isInitialBlockDownload", request.send().promise).await?;
+                response
+                    .get()
+                    .map(|r| r.get_result())
+                    .map_err(|e| NodeError::from_capnp("isInitialBlockDownload", e))
+            })
+            .await
+    }
+
+    /// Waits until the tip is no longer `current` or `timeout` passed; returns the tip
+    /// then (the same one on timeout). `None` when interrupted or the node shuts down.
+    pub async fn wait_tip_changed(
+        &self,
+        current: BlockHash,
+        timeout: std::time::Duration,
+    ) -> Result<Option<Tip>, NodeError> {
+        self.jobs
+            .run(move |s| async move {
+                let worker = s.worker();
+                let mut request = s.mining.wait_tip_changed_request();
+                let mut params = request.get();
+                params.reborrow().init_context().set_thread(worker.thread());
+                params.set_current_tip(current.as_byte_array());
+                params.set_timeout(timeout.as_secs_f64() * 1000.0);
+                let response = timed("waitTipChanged", request.send().promise).await?;
+                let results = response
+                    .get()
+                    .map_err(|e| NodeError::from_capnp("waitTipChanged", e))?;
+                if !results.has_result() {
+                    return Ok(None);
+                }
+                let tip = results
+                    .get_result()
+                    .map_err(|e| NodeError::from_capnp("waitTipChanged", e))?;
+                ipc::block_ref(tip).map(Some)
+            })
+            .await
+    }
+
+    /// Cancels a pending `createNewBlock` / `waitTipChanged`; sticky: with none pending
+    /// it cancels the next one.
+    pub async fn interrupt(&self) -> Result<(), NodeError> {
+        self.jobs
+            .run(|s| async move {
+                timed("interrupt", s.mining.interrupt_request().send().promise).await?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Asks the node for a new template and reads what its messages need — in one
+    /// round trip (the reads are pipelined on the template promise). Blocks while the
+    /// node is in IBD. `Err(ShuttingDown)` when interrupted.
+    pub async fn create_new_block(&self, options: CreateOptions) -> Result<Template, NodeError> {
+        let jobs = self.jobs.clone();
+        let (key, data) = self
+            .jobs
+            .run(move |s| async move {
+                let worker = s.worker();
+                let mut request = s.mining.create_new_block_request();
+                let mut params = request.get();
+                params.reborrow().init_context().set_thread(worker.thread());
+                let mut o = params.reborrow().init_options();
+                o.set_use_mempool(options.use_mempool);
+                o.set_block_reserved_weight(options.block_reserved_weight);
+                o.set_coinbase_output_max_additional_sigops(
+                    options.coinbase_output_max_additional_sigops,
+                );
+                let call = request.send();
+                let template = call.pipeline.get_result();
+                let (response, data) = futures::join!(
+                    timed("createNewBlock", call.promise),
+                    s.read_template(&template, &worker)
+                );
+                let results = response?;
+                let results = results
+                    .get()
+                    .map_err(|e| NodeError::from_capnp("createNewBlock", e))?;
+                if !results.has_result() {
+                    return Err(NodeError::ShuttingDown);
+                }
+                let data = data?;
+                Ok((s.hold(template), data))
+            })
+            .await?;
+        Ok(Template::new(jobs, key, data))
+    }
+
+    /// Runs `getTransactionsByTxID` with no ids (a no-op); UNIMPLEMENTED on v31.0.
+    #[doc(hidden)]
+    pub async fn ping(&self) -> Result<(), NodeError> {
+        self.jobs
+            .run(|s| async move {
+                let worker = s.worker();
+                let mut request = s.mining.get_transactions_by_tx_i_d_request();
+                request.get().init_context().set_thread(worker.thread());
+                request.get().init_txids(0);
+                match request.send().promise.await {
+                    Err(e) if is_unimplemented(&e) => Ok(()),
+                    Err(e) => Err(NodeError::from_capnp("getTransactionsByTxID", e)),
+                    Ok(_) => Ok(()),
+                }
+            })
+            .await
+    }
+}
+
+/// Releases the node-side template when the last clone of its [`Template`] drops.
+#[derive(Debug)]
+struct TemplateRef {
+    jobs: Jobs,
+    key: u64,
+}
+
+impl Drop for TemplateRef {
+    fn drop(&mut self) {
+        let key = self.key;
+        self.jobs.spawn(move |s| async move { s.release(key) });
+    }
+}
+
+/// A block template held in the node, with the data read when it was made.
+#[derive(Clone, Debug)]
+pub struct Template {
+    inner: Arc<TemplateRef>,
+    data: Arc<TemplateData>,
+}
+
+impl Template {
+    fn new(jobs: Jobs, key: u64, data: TemplateData) -> Self {
+        Self {
+            inner: Arc::new(TemplateRef { jobs, key }),
+            data: Arc::new(data),
+        }
+    }
+
+    /// Header, coinbase requirements, merkle path and fees.
+    pub fn data(&self) -> &Arc<TemplateData> {
+        &self.data
+    }
+
+    fn key(&self) -> u64 {
+        self.inner.key
+    }
+
+    fn jobs(&self) -> &Jobs {
+        &self.inner.jobs
+    }
+
+    /// Waits for a better template: a new tip, or fees up by `fee_threshold`. `None` on
+    /// timeout, [`Template::interrupt_wait`] or node shutdown. Runs on its own node thread.
+    pub async fn wait_next(&self, options: WaitOptions) -> Result<Option<Template>, NodeError> {
+        let key = self.key();
+        let jobs = self.jobs().clone();
+        let next = self
+            .jobs()
+            .run(move |s| async move {
+                let client = s.template(key)?;
+                let worker = s.worker();
+                let mut request = client.wait_next_request();
+                let mut params = request.get();
+                params.reborrow().init_context().set_thread(worker.thread());
+                let mut o = params.init_options();
+                o.set_timeout(options.timeout.as_secs_f64() * 1000.0);
+                o.set_fee_threshold(
+                    i64::try_from(options.fee_threshold.to_sat()).unwrap_or(i64::MAX),
+                );
+                s.begin_wait(key);
+                let call = request.send();
+                let template = call.pipeline.get_result();
+                let (response, data) = futures::join!(
+                    timed("waitNext", call.promise),
+                    s.read_template(&template, &worker)
+                );
+                s.end_wait(key);
+                let results = response?;
+                let results = results
+                    .get()
+                    .map_err(|e| NodeError::from_capnp("waitNext", e))?;
+                if !results.has_result() {
+                    return Ok(None);
+                }
+                let data = data?;
+                Ok(Some((s.hold(template), data)))
+            })
+            .await?;
+        Ok(next.map(|(key, data)| Template::new(jobs, key, data)))
+    }
+
+    /// Makes a pending `waitNext` on this template return `None` (sticky: with none
+    /// pending, the next one returns at once).
+    pub async fn interrupt_wait(&self) -> Result<(), NodeError> {
+        let key = self.key();
+        self.jobs()
+            .run(move |s| async move {
+                let client = s.template(key)?;
+                timed(
+                    "interruptWait",
+                    client.interrupt_wait_request().send().promise,
+                )
+                .await?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// The full block (with a dummy coinbase), for the transaction data.
+    pub async fn block(&self) -> Result<Block, NodeError> {
+        let key = self.key();
+        self.jobs()
+            .run(move |s| async move {
+                let client = s.template(key)?;
+                let worker = s.worker();
+                let mut request = client.get_block_request();
+                request.get().init_context().set_thread(worker.thread());
+                let response = timed("getBlock", request.send().promise).await?;
+                let bytes = response
+                    .get()
+                    .and_then(|r| r.get_result())
+                    .map_err(|e| NodeError::from_capnp("getBlock", e))?;
+                deserialize(bytes).map_err(|e| NodeError::Malformed {
+                    what: "block",
+                    detail: e.to_string(),
+                })
+            })
+            .await
+    }
+
+    /// Submits a solved header with `coinbase` (serialized with witness). Uses the v32
+    /// line's `submitSolution @10` first and `@7` only when the node says @10 is
+    /// UNIMPLEMENTED (on v32, `@7` throws without submitting). On a node thread of its
+    /// own, so it never waits behind a `waitNext`.
+    pub async fn submit_solution(
+        &self,
+        version: u32,
+        timestamp: u32,
+        nonce: u32,
+        coinbase: &Transaction,
+    ) -> Result<SubmitVerdict, NodeError> {
+        let key = self.key();
+        let coinbase = serialize(coinbase);
+        self.jobs()
+            .run(move |s| async move {
+                let client = s.template(key)?;
+                let worker = s.worker();
+                if s.submit_v32() != Some(false) {
+                    let mut request = client.submit_solution_v32_request();
+                    let mut p = request.get();
+                    p.reborrow().init_context().set_thread(worker.thread());
+                    p.set_version(version);
+                    p.set_timestamp(timestamp);
+                    p.set_nonce(nonce);
+                    p.set_coinbase(&coinbase);
+                    match request.send().promise.await {
+                        Err(e) if is_unimplemented(&e) => s.learn_submit_v32(false),
+                        Err(e) => return Err(NodeError::from_capnp("submitSolution", e)),
+                        Ok(response) => {
+                            s.learn_submit_v32(true);
+                            let r = response
+                                .get()
+                                .map_err(|e| NodeError::from_capnp("submitSolution", e))?;
+                            let reason = r
+                                .get_reason()
+                                .ok()
+                                .and_then(|t| t.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string();
+                            return Ok(SubmitVerdict {
+                                accepted: r.get_result(),
+                                reason,
+                            });
+                        }
+                    }
+                }
+                let mut request = client.submit_solution_request();
+                let mut p = request.get();
+                p.reborrow().init_context().set_thread(worker.thread());
+                p.set_version(version);
+                p.set_timestamp(timestamp);
+                p.set_nonce(nonce);
+                p.set_coinbase(&coinbase);
+                let response = timed("submitSolution", request.send().promise).await?;
+                let accepted = response
+                    .get()
+                    .map(|r| r.get_result())
+                    .map_err(|e| NodeError::from_capnp("submitSolution", e))?;
+                Ok(SubmitVerdict {
+                    accepted,
+                    reason: if accepted {
+                        String::new()
+                    } else {
+                        "rejected".into()
+                    },
+                })
+            })
+            .await
+    }
+}

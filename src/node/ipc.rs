@@ -1,0 +1,580 @@
+//! The IPC side: one OS thread with a `LocalSet` that owns the Cap'n Proto connection
+//! (capnp-rpc is `!Send`). The rest of the daemon reaches it through [`Jobs`]: closures
+//! sent over a channel and run on that thread.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Instant;
+
+use bitcoin::consensus::deserialize;
+use bitcoin::hashes::Hash;
+use bitcoin::{Amount, BlockHash, TxMerkleNode, TxOut};
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
+use futures::future::LocalBoxFuture;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+use super::error::is_unimplemented;
+use super::schema::{init_capnp, mining_capnp, proxy_capnp};
+use super::types::{CoinbaseTemplate, NodeLine, TemplateData, Tip};
+use super::NodeError;
+use crate::metrics::metrics;
+
+/// Node-side threads kept for reuse; more are released (the node joins them).
+const IDLE_THREADS_KEPT: usize = 8;
+
+/// Work for the IPC thread.
+pub(crate) type Job = Box<dyn FnOnce(Rc<Session>) -> LocalBoxFuture<'static, ()> + Send>;
+
+/// The `Send` side of the IPC thread.
+#[derive(Clone, Debug)]
+pub(crate) struct Jobs {
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+impl Jobs {
+    /// Runs `f` on the IPC thread and returns its result.
+    pub(crate) async fn run<T, F, Fut>(&self, f: F) -> Result<T, NodeError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Rc<Session>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, NodeError>> + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |session| {
+            Box::pin(async move {
+                let _ = reply.send(f(session).await);
+            })
+        });
+        self.tx.send(job).map_err(|_| NodeError::Disconnected)?;
+        answer.await.map_err(|_| NodeError::Disconnected)?
+    }
+
+    /// Runs `f` on the IPC thread without waiting for it.
+    pub(crate) fn spawn<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Rc<Session>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let job: Job = Box::new(move |session| Box::pin(f(session)));
+        let _ = self.tx.send(job);
+    }
+}
+
+/// A template the node keeps for us, with the bookkeeping that keeps its release safe.
+struct HeldTemplate {
+    client: mining_capnp::block_template::Client,
+    /// `waitNext` calls on it still running in the node.
+    pending_waits: u32,
+    /// Released by its owner; destroy once no wait is pending.
+    released: bool,
+}
+
+/// State of one connection, living on the IPC thread.
+pub(crate) struct Session {
+    thread_map: proxy_capnp::thread_map::Client,
+    pub(crate) mining: mining_capnp::mining::Client,
+    idle_threads: RefCell<Vec<proxy_capnp::thread::Client>>,
+    templates: RefCell<HashMap<u64, HeldTemplate>>,
+    next_template_key: Cell<u64>,
+    /// Which `submitSolution` ordinal the node serves; `None` until known.
+    submit_v32: Cell<Option<bool>>,
+    line: Cell<NodeLine>,
+    line_tx: watch::Sender<NodeLine>,
+}
+
+/// A node-side worker thread borrowed from the pool; returned when dropped.
+pub(crate) struct Worker {
+    session: Rc<Session>,
+    thread: Option<proxy_capnp::thread::Client>,
+}
+
+impl Worker {
+    /// The thread capability to put in `context.thread`.
+    pub(crate) fn thread(&self) -> proxy_capnp::thread::Client {
+        self.thread
+            .clone()
+            .expect("worker holds a thread until dropped")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let mut idle = self.session.idle_threads.borrow_mut();
+            if idle.len() < IDLE_THREADS_KEPT {
+                idle.push(thread);
+            }
+        }
+    }
+}
+
+/// Measures one IPC call into `sv2_tpd_ipc_call_duration_seconds`.
+pub(crate) async fn timed<T>(
+    method: &'static str,
+    call: impl Future<Output = Result<T, capnp::Error>>,
+) -> Result<T, NodeError> {
+    let started = Instant::now();
+    let result = call.await;
+    metrics()
+        .ipc_call_seconds
+        .with_label_values(&[method])
+        .observe(started.elapsed().as_secs_f64());
+    result.map_err(|e| NodeError::from_capnp(method, e))
+}
+
+impl Session {
+    /// Borrows a node-side thread: an idle one, or a new one. A new one costs no round
+    /// trip: `makeThread`'s result is pipelined straight into the call's context.
+    pub(crate) fn worker(self: &Rc<Self>) -> Worker {
+        let thread = self.idle_threads.borrow_mut().pop().unwrap_or_else(|| {
+            let mut request = self.thread_map.make_thread_request();
+            request.get().set_name("sv2-tpd");
+            request.send().pipeline.get_result()
+        });
+        Worker {
+            session: self.clone(),
+            thread: Some(thread),
+        }
+    }
+
+    /// The interface line as known now.
+    pub(crate) fn line(&self) -> NodeLine {
+        self.line.get()
+    }
+
+    fn set_line(&self, line: NodeLine) {
+        self.line.set(line);
+        let _ = self.line_tx.send(line);
+    }
+
+    /// Holds `client` and returns its key.
+    pub(crate) fn hold(&self, client: mining_capnp::block_template::Client) -> u64 {
+        let key = self.next_template_key.get();
+        self.next_template_key.set(key + 1);
+        self.templates.borrow_mut().insert(
+            key,
+            HeldTemplate {
+                client,
+                pending_waits: 0,
+                released: false,
+            },
+        );
+        metrics().templates_held.inc();
+        key
+    }
+
+    /// The capability of held template `key`.
+    pub(crate) fn template(
+        &self,
+        key: u64,
+    ) -> Result<mining_capnp::block_template::Client, NodeError> {
+        self.templates
+            .borrow()
+            .get(&key)
+            .map(|t| t.client.clone())
+            .ok_or(NodeError::Call {
+                method: "template",
+                message: format!("template {key} was already released"),
+            })
+    }
+
+    /// Marks a `waitNext` on `key` as running; its destroy waits until it ends.
+    pub(crate) fn begin_wait(&self, key: u64) {
+        if let Some(t) = self.templates.borrow_mut().get_mut(&key) {
+            t.pending_waits += 1;
+        }
+    }
+
+    /// Ends what [`Session::begin_wait`] began; destroys the template if it was released
+    /// meanwhile.
+    pub(crate) fn end_wait(self: &Rc<Self>, key: u64) {
+        let destroy_now = match self.templates.borrow_mut().get_mut(&key) {
+            Some(t) => {
+                t.pending_waits -= 1;
+                t.pending_waits == 0 && t.released
+            }
+            None => false,
+        };
+        if destroy_now {
+            self.destroy(key);
+        }
+    }
+
+    /// Releases template `key`: destroyed in the node now, or when its last pending
+    /// `waitNext` ends (destroying under a pending wait is a use-after-free in the node).
+    pub(crate) fn release(self: &Rc<Self>, key: u64) {
+        let destroy_now = match self.templates.borrow_mut().get_mut(&key) {
+            Some(t) => {
+                t.released = true;
+                t.pending_waits == 0
+            }
+            None => false,
+        };
+        if destroy_now {
+            self.destroy(key);
+        }
+    }
+
+    fn destroy(self: &Rc<Self>, key: u64) {
+        let Some(held) = self.templates.borrow_mut().remove(&key) else {
+            return;
+        };
+        metrics().templates_held.dec();
+        let session = self.clone();
+        tokio::task::spawn_local(async move {
+            let worker = session.worker();
+            let mut request = held.client.destroy_request();
+            request.get().init_context().set_thread(worker.thread());
+            if let Err(e) = timed("destroy", request.send().promise).await {
+                tracing::debug!(error = %e, "destroying a template failed");
+            }
+        });
+    }
+
+    /// Destroys every held template (shutdown); waits are interrupted first.
+    pub(crate) async fn release_all(self: &Rc<Self>) {
+        let keys: Vec<(u64, mining_capnp::block_template::Client, u32)> = self
+            .templates
+            .borrow()
+            .iter()
+            .map(|(k, t)| (*k, t.client.clone(), t.pending_waits))
+            .collect();
+        for (key, client, pending) in keys {
+            if pending > 0 {
+                let _ = timed(
+                    "interruptWait",
+                    client.interrupt_wait_request().send().promise,
+                )
+                .await;
+            }
+            self.release(key);
+        }
+    }
+
+    /// Reads everything a template's messages need, pipelined on `template` (which may
+    /// itself still be a promise): one round trip in all.
+    pub(crate) async fn read_template(
+        self: &Rc<Self>,
+        template: &mining_capnp::block_template::Client,
+        worker: &Worker,
+    ) -> Result<TemplateData, NodeError> {
+        let mut header = template.get_block_header_request();
+        header.get().init_context().set_thread(worker.thread());
+        let mut coinbase = template.get_coinbase_tx_request();
+        coinbase.get().init_context().set_thread(worker.thread());
+        let mut path = template.get_coinbase_merkle_path_request();
+        path.get().init_context().set_thread(worker.thread());
+        let mut fees = template.get_tx_fees_request();
+        fees.get().init_context().set_thread(worker.thread());
+        let (header, coinbase, path, fees) = futures::join!(
+            timed("getBlockHeader", header.send().promise),
+            timed("getCoinbaseTx", coinbase.send().promise),
+            timed("getCoinbaseMerklePath", path.send().promise),
+            timed("getTxFees", fees.send().promise),
+        );
+        let (header, coinbase, path, fees) = (header?, coinbase?, path?, fees?);
+
+        let header_bytes = header
+            .get()
+            .and_then(|r| r.get_result())
+            .map_err(|e| malformed("block header", e))?;
+        let header = deserialize(header_bytes).map_err(|e| malformed("block header", e))?;
+
+        let cb = coinbase
+            .get()
+            .and_then(|r| r.get_result())
+            .map_err(|e| malformed("coinbase template", e))?;
+        let mut required_outputs = Vec::new();
+        for out in cb
+            .get_required_outputs()
+            .map_err(|e| malformed("coinbase outputs", e))?
+        {
+            let bytes = out.map_err(|e| malformed("coinbase outputs", e))?;
+            let out: TxOut = deserialize(bytes).map_err(|e| malformed("coinbase outputs", e))?;
+            required_outputs.push(out);
+        }
+        let witness = if cb.has_witness() {
+            Some(
+                cb.get_witness()
+                    .map_err(|e| malformed("coinbase witness", e))?
+                    .to_vec(),
+            )
+        } else {
+            None
+        };
+        let reward = u64::try_from(cb.get_block_reward_remaining())
+            .map_err(|e| malformed("coinbase reward", e))?;
+        let coinbase = CoinbaseTemplate {
+            version: cb.get_version(),
+            sequence: cb.get_sequence(),
+            script_sig_prefix: cb
+                .get_script_sig_prefix()
+                .map_err(|e| malformed("coinbase scriptSig prefix", e))?
+                .to_vec(),
+            witness,
+            block_reward_remaining: Amount::from_sat(reward),
+            required_outputs,
+            lock_time: cb.get_lock_time(),
+        };
+
+        let mut merkle_path = Vec::new();
+        for node in path
+            .get()
+            .and_then(|r| r.get_result())
+            .map_err(|e| malformed("merkle path", e))?
+        {
+            let bytes = node.map_err(|e| malformed("merkle path", e))?;
+            let hash: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| malformed("merkle path", "hash is not 32 bytes"))?;
+            merkle_path.push(TxMerkleNode::from_byte_array(hash));
+        }
+
+        let mut tx_fees = Vec::new();
+        for fee in fees
+            .get()
+            .and_then(|r| r.get_result())
+            .map_err(|e| malformed("fees", e))?
+        {
+            tx_fees.push(Amount::from_sat(
+                u64::try_from(fee).map_err(|e| malformed("fees", e))?,
+            ));
+        }
+
+        // The v32 line is told apart by its submitSolution @10: probed once, on the
+        // first template, with an empty coinbase the node cannot even decode (so nothing
+        // is ever submitted). UNIMPLEMENTED means an earlier line.
+        if self.submit_v32.get().is_none() && self.line() != NodeLine::V31_0 {
+            let mut probe = template.submit_solution_v32_request();
+            probe.get().init_context().set_thread(worker.thread());
+            let v32 = match probe.send().promise.await {
+                Err(e) if is_unimplemented(&e) => false,
+                Err(e) if e.kind == capnp::ErrorKind::Disconnected => {
+                    return Err(NodeError::Disconnected)
+                }
+                _ => true,
+            };
+            self.submit_v32.set(Some(v32));
+            if v32 {
+                self.set_line(NodeLine::V32);
+            }
+            tracing::info!(line = self.line().label(), "node interface line confirmed");
+        }
+
+        Ok(TemplateData {
+            header,
+            coinbase,
+            merkle_path,
+            tx_fees,
+        })
+    }
+
+    /// Whether to submit with the v32 line's `@10`. Unknown → try `@10` first.
+    pub(crate) fn submit_v32(&self) -> Option<bool> {
+        self.submit_v32.get()
+    }
+
+    /// Remembers which submit ordinal works.
+    pub(crate) fn learn_submit_v32(&self, v32: bool) {
+        self.submit_v32.set(Some(v32));
+        if v32 {
+            self.set_line(NodeLine::V32);
+        }
+    }
+}
+
+fn malformed(what: &'static str, detail: impl std::fmt::Display) -> NodeError {
+    NodeError::Malformed {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+/// Decodes a `BlockRef`.
+pub(crate) fn block_ref(
+    r: super::schema::common_capnp::block_ref::Reader<'_>,
+) -> Result<Tip, NodeError> {
+    let hash: [u8; 32] = r
+        .get_hash()
+        .map_err(|e| malformed("block hash", e))?
+        .try_into()
+        .map_err(|_| malformed("block hash", "not 32 bytes"))?;
+    let height = u32::try_from(r.get_height()).map_err(|e| malformed("block height", e))?;
+    Ok(Tip {
+        hash: BlockHash::from_byte_array(hash),
+        height,
+    })
+}
+
+/// What [`connect`] hands back to the `Send` world.
+pub(crate) struct Connected {
+    pub(crate) jobs: Jobs,
+    pub(crate) line: watch::Receiver<NodeLine>,
+    pub(crate) closed: watch::Receiver<bool>,
+}
+
+/// Opens the socket and runs the libmultiprocess bootstrap on a new IPC thread.
+pub(crate) async fn connect(path: &Path) -> Result<Connected, NodeError> {
+    let path = path.to_path_buf();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("sv2-tpd-ipc".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(NodeError::Connect {
+                        path,
+                        reason: format!("cannot start the IPC runtime: {e}"),
+                    }));
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, run(path, ready_tx));
+        })
+        .map_err(|e| NodeError::Connect {
+            path: PathBuf::new(),
+            reason: format!("cannot spawn the IPC thread: {e}"),
+        })?;
+    ready_rx.await.map_err(|_| NodeError::Disconnected)?
+}
+
+async fn open(path: &Path) -> Result<tokio::net::UnixStream, NodeError> {
+    tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                NodeError::SocketMissing {
+                    path: path.to_path_buf(),
+                }
+            }
+            std::io::ErrorKind::PermissionDenied => NodeError::PermissionDenied {
+                path: path.to_path_buf(),
+            },
+            _ => NodeError::Connect {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            },
+        })
+}
+
+async fn run(path: PathBuf, ready: oneshot::Sender<Result<Connected, NodeError>>) {
+    let stream = match open(&path).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let (reader, writer) = stream.into_split();
+    let network = twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        rpc_twoparty_capnp::Side::Client,
+        Default::default(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let init: init_capnp::init::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+    let (closed_tx, closed_rx) = watch::channel(false);
+    tokio::task::spawn_local(async move {
+        if let Err(e) = rpc.await {
+            tracing::debug!(error = %e, "IPC connection ended");
+        }
+        let _ = closed_tx.send(true);
+    });
+
+    let session = match bootstrap(init).await {
+        Ok(s) => Rc::new(s),
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+    let connected = Connected {
+        jobs: Jobs { tx },
+        line: session.line_tx.subscribe(),
+        closed: closed_rx,
+    };
+    if ready.send(Ok(connected)).is_err() {
+        return;
+    }
+    while let Some(job) = rx.recv().await {
+        tokio::task::spawn_local(job(session.clone()));
+    }
+    // Every handle is gone: release what we still hold before the thread ends.
+    session.release_all().await;
+    let mut pending = Vec::new();
+    std::mem::swap(&mut pending, &mut *session.idle_threads.borrow_mut());
+    drop(pending);
+    // Let the destroy calls go out.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// `Init.construct`, one worker thread, `makeMining`, and the line detection — all
+/// without side effects in the node.
+async fn bootstrap(init: init_capnp::init::Client) -> Result<Session, NodeError> {
+    let construct = init.construct_request().send();
+    let thread_map = construct.pipeline.get_thread_map();
+    timed("construct", construct.promise).await?;
+
+    let mut request = init.make_mining_request();
+    let thread = {
+        let mut m = thread_map.make_thread_request();
+        m.get().set_name("sv2-tpd");
+        m.send().pipeline.get_result()
+    };
+    request.get().init_context().set_thread(thread.clone());
+    let mining = match request.send().promise.await {
+        Err(e) if is_unimplemented(&e) => {
+            return Err(NodeError::UnsupportedVersion { line: "v30" });
+        }
+        Err(e) => return Err(NodeError::from_capnp("makeMining", e)),
+        Ok(response) => {
+            let results = response
+                .get()
+                .map_err(|e| malformed("makeMining result", e))?;
+            if !results.has_result() {
+                return Err(NodeError::ShuttingDown);
+            }
+            results
+                .get_result()
+                .map_err(|e| malformed("makeMining result", e))?
+        }
+    };
+    let (line_tx, _) = watch::channel(NodeLine::V31_99);
+    let session = Session {
+        thread_map,
+        mining,
+        idle_threads: RefCell::new(Vec::new()),
+        templates: RefCell::new(HashMap::new()),
+        next_template_key: Cell::new(1),
+        submit_v32: Cell::new(None),
+        line: Cell::new(NodeLine::V31_99),
+        line_tx,
+    };
+
+    let mut probe = session.mining.get_transactions_by_tx_i_d_request();
+    probe.get().init_context().set_thread(thread.clone());
+    probe.get().init_txids(0);
+    match probe.send().promise.await {
+        Err(e) if is_unimplemented(&e) => {
+            session.line.set(NodeLine::V31_0);
+            // v31.0 has no @10; never probe it.
+            session.submit_v32.set(Some(false));
+        }
+        Err(e) => return Err(NodeError::from_capnp("getTransactionsByTxID", e)),
+        Ok(_) => session.line.set(NodeLine::V31_99),
+    }
+    let _ = session.line_tx.send(session.line.get());
+    session.idle_threads.borrow_mut().push(thread);
+    Ok(session)
+}
