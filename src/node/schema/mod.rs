@@ -2,7 +2,11 @@
 //! `SV2TPD_REGEN=1 cargo test --test schema_codegen`.
 #![allow(clippy::all, clippy::pedantic, missing_docs, unused)]
 
+#[rustfmt::skip]
 pub mod common_capnp;
+#[rustfmt::skip]
 pub mod init_capnp;
+#[rustfmt::skip]
 pub mod mining_capnp;
+#[rustfmt::skip]
 pub mod proxy_capnp;
