@@ -2,6 +2,8 @@
 //!
 //! Data flows one way: [`node`] (IPC client) → [`template`] (engine) → [`sv2`] (server).
 
+pub mod keys;
 pub mod metrics;
 pub mod node;
+pub mod sv2;
 pub mod template;

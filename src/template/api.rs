@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use stratum_core::template_distribution_sv2::{NewTemplate, SetNewPrevHash, SubmitSolution};
+use stratum_core::template_distribution_sv2::{
+    NewTemplateOwned, SetNewPrevHashOwned, SubmitSolutionOwned,
+};
 use tokio::sync::{mpsc, oneshot};
 
 /// Room for template events queued to one session; a session that falls this far behind
@@ -28,9 +30,9 @@ pub struct Constraints {
 pub enum TemplateEvent {
     /// A new template; when `future_template` is set a [`TemplateEvent::SetNewPrevHash`]
     /// for it follows at once.
-    NewTemplate(Arc<NewTemplate<'static>>),
+    NewTemplate(Arc<NewTemplateOwned>),
     /// Activates a future template on a new chain tip.
-    SetNewPrevHash(Arc<SetNewPrevHash<'static>>),
+    SetNewPrevHash(Arc<SetNewPrevHashOwned>),
 }
 
 /// The non-coinbase transactions of a template, for `RequestTransactionData.Success`.
@@ -107,7 +109,7 @@ pub enum EngineRequest {
     /// `SubmitSolution`.
     SubmitSolution {
         /// The solution as received.
-        solution: SubmitSolution<'static>,
+        solution: SubmitSolutionOwned,
         /// Where the outcome goes.
         reply: oneshot::Sender<SolutionOutcome>,
     },
@@ -158,7 +160,7 @@ impl EngineHandle {
     /// Hands a solution to the engine and waits for the node's verdict.
     pub async fn submit_solution(
         &self,
-        solution: SubmitSolution<'static>,
+        solution: SubmitSolutionOwned,
     ) -> Result<SolutionOutcome, EngineStopped> {
         let (reply, answer) = oneshot::channel();
         self.send(EngineRequest::SubmitSolution { solution, reply })

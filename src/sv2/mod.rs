@@ -1,0 +1,9 @@
+//! The SV2 Template Distribution server: Noise listener, per-client sessions, and a client.
+
+pub mod client;
+pub mod listener;
+pub mod session;
+pub mod transport;
+
+pub use client::{ClientError, TdpClient, TdpMessage};
+pub use listener::{default_port, serve, ServerConfig, ServerError};
