@@ -3,5 +3,6 @@
 //! Data flows one way: [`node`] (IPC client) → [`template`] (engine) → [`sv2`] (server).
 
 pub mod metrics;
+pub mod mock;
 pub mod node;
 pub mod template;
