@@ -167,7 +167,7 @@ pub(crate) fn block_subsidy(height: u32) -> Amount {
     if halvings >= 64 {
         return Amount::ZERO;
     }
-    Amount::from_sat(50 * 100_000_000u64 >> halvings)
+    Amount::from_sat((50 * 100_000_000u64) >> halvings)
 }
 
 /// The BIP34 height push Bitcoin Core puts first in the coinbase scriptSig.
@@ -237,12 +237,9 @@ impl Chain {
 
     /// A mempool transaction by txid or wtxid, serialized with witness.
     pub fn mempool_tx(&self, id: &[u8]) -> Option<&Transaction> {
-        self.mempool
-            .iter()
-            .map(|e| &e.tx)
-            .find(|tx| {
-                tx.compute_txid().to_byte_array() == id || tx.compute_wtxid().to_byte_array() == id
-            })
+        self.mempool.iter().map(|e| &e.tx).find(|tx| {
+            tx.compute_txid().to_byte_array() == id || tx.compute_wtxid().to_byte_array() == id
+        })
     }
 
     /// Adds a made-up transaction paying `fee`: it spends an invented outpoint with a
@@ -377,7 +374,9 @@ impl Chain {
         });
         let mut block = template.block;
         block.header.time = time.max(self.median_time_past() + 1);
-        block.header.merkle_root = block.compute_merkle_root().unwrap_or(block.header.merkle_root);
+        block.header.merkle_root = block
+            .compute_merkle_root()
+            .unwrap_or(block.header.merkle_root);
         grind(&mut block.header);
         let hash = block.block_hash();
         self.connect(block);
@@ -416,9 +415,18 @@ impl Chain {
     }
 
     /// Validity checks; `Err` carries Bitcoin Core's reject reason.
-    pub fn check(&self, block: &Block, check_pow: bool, check_merkle: bool) -> Result<(), Rejection> {
+    pub fn check(
+        &self,
+        block: &Block,
+        check_pow: bool,
+        check_merkle: bool,
+    ) -> Result<(), Rejection> {
         let header = &block.header;
-        if check_pow && header.validate_pow(Target::from_compact(header.bits)).is_err() {
+        if check_pow
+            && header
+                .validate_pow(Target::from_compact(header.bits))
+                .is_err()
+        {
             return Err(Rejection::new("high-hash", "proof of work failed"));
         }
         let Some(parent_height) = self
@@ -443,17 +451,26 @@ impl Chain {
         }
         let height = u32::try_from(parent_height + 1).unwrap_or(u32::MAX);
         if !script_sig.starts_with(&bip34_height_push(height)) {
-            return Err(Rejection::new("bad-cb-height", "block height mismatch in coinbase"));
+            return Err(Rejection::new(
+                "bad-cb-height",
+                "block height mismatch in coinbase",
+            ));
         }
         if block.txdata[1..].iter().any(|tx| tx.is_coinbase()) {
             return Err(Rejection::new("bad-cb-multiple", "more than one coinbase"));
         }
         let mtp = self.median_time_past_at(parent_height);
         if header.time <= mtp {
-            return Err(Rejection::new("time-too-old", "block's timestamp is too early"));
+            return Err(Rejection::new(
+                "time-too-old",
+                "block's timestamp is too early",
+            ));
         }
         if header.time > unix_now().saturating_add(MAX_FUTURE_BLOCK_TIME) {
-            return Err(Rejection::new("time-too-new", "block timestamp too far in the future"));
+            return Err(Rejection::new(
+                "time-too-new",
+                "block timestamp too far in the future",
+            ));
         }
         let fees: Amount = block.txdata[1..]
             .iter()
@@ -564,7 +581,10 @@ mod tests {
         let mut block = t.block.clone();
         block.header.merkle_root = block.compute_merkle_root().expect("txs");
         grind(&mut block.header);
-        assert_eq!(chain.submit(block.clone(), true, true), SubmitOutcome::NewTip);
+        assert_eq!(
+            chain.submit(block.clone(), true, true),
+            SubmitOutcome::NewTip
+        );
         assert_eq!(chain.tip().0, block.block_hash());
         assert_eq!(chain.submit(block, true, true), SubmitOutcome::Duplicate);
         assert!(chain.build_template(default_options()).tx_fees.is_empty());

@@ -118,8 +118,10 @@ pub enum MockMethod {
 }
 
 impl MockMethod {
-    /// The schema's method name, the key of [`MockStats::calls`]. `submitSolution @10` is
-    /// counted as `"submitSolutionV32"`, `makeMiningV30 @2` as `"makeMiningV30"`.
+    /// The schema's method name, the key of [`MockStats::calls`]. Both `submitSolution @7`
+    /// and `@10` count as `"submitSolution"`; `Init.makeMiningV30 @2` counts as
+    /// `"makeMiningV30"`. Methods that are UNIMPLEMENTED on the imitated line are not
+    /// counted (nothing ran).
     pub fn name(self) -> &'static str {
         match self {
             MockMethod::MakeMining => "makeMining",
@@ -203,12 +205,15 @@ pub(crate) struct State {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Wakes every wait so it re-checks the state.
     fn notify(&self) {
-        self.changes.send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.changes
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
     }
 
     fn count_call(&self, method: MockMethod) -> Duration {
@@ -295,8 +300,9 @@ impl MockNode {
         self.shared.lock().chain.accepted_blocks().to_vec()
     }
 
-    /// Makes every later call of `method` sleep `delay` once it holds its `Thread` (zero
-    /// removes the delay).
+    /// Makes every later call of `method` sleep `delay` once it holds its `Thread`, so calls
+    /// queued behind it on that thread wait too (zero removes the delay). Applies to the
+    /// methods that take a `Context`; `interrupt` and `interruptWait` are never delayed.
     pub fn set_delay(&self, method: MockMethod, delay: Duration) {
         let mut state = self.shared.lock();
         if delay.is_zero() {
@@ -318,11 +324,7 @@ impl MockNode {
     /// Stops serving: pending waits return null, then connections are closed and the socket
     /// removed. The chain is kept for [`MockNode::restart`]. Idempotent.
     pub fn stop(&self) {
-        let server = self
-            .server
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(server) = server {
             self.shared.lock().shutting_down = true;
             self.shared.notify();

@@ -89,14 +89,23 @@ mod tests {
     #[test]
     fn permits_pass_in_arrival_order_and_skip_abandoned() {
         let queue = SerialQueue::default();
-        let first = queue.enqueue().wait().now_or_never().expect("free").expect("ok");
+        let first = queue
+            .enqueue()
+            .wait()
+            .now_or_never()
+            .expect("free")
+            .expect("ok");
         let second = queue.enqueue();
         let abandoned = queue.enqueue();
         let mut third = queue.enqueue().wait().boxed_local();
         drop(abandoned);
         assert!((&mut third).now_or_never().is_none());
         drop(first);
-        let second = second.wait().now_or_never().expect("handed over").expect("ok");
+        let second = second
+            .wait()
+            .now_or_never()
+            .expect("handed over")
+            .expect("ok");
         assert!((&mut third).now_or_never().is_none());
         drop(second);
         assert!(third.now_or_never().is_some());

@@ -218,8 +218,10 @@ impl init::Server for InitImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         let line = self.ctx.line();
         let entry = (line != MockLine::V30).then(|| {
-            self.ctx
-                .enter(MockMethod::MakeMining, params.get().and_then(|p| p.get_context()))
+            self.ctx.enter(
+                MockMethod::MakeMining,
+                params.get().and_then(|p| p.get_context()),
+            )
         });
         let ctx = self.ctx.clone();
         async move {
@@ -355,9 +357,10 @@ impl mining::Server for MiningImpl {
         params: mining::GetTipParams,
         mut results: mining::GetTipResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
-        let entry = self
-            .ctx
-            .enter(MockMethod::GetTip, params.get().and_then(|p| p.get_context()));
+        let entry = self.ctx.enter(
+            MockMethod::GetTip,
+            params.get().and_then(|p| p.get_context()),
+        );
         async move {
             let _permit = entry.await?;
             let (hash, height) = self.ctx.shared.lock().chain.tip();
@@ -418,7 +421,8 @@ impl mining::Server for MiningImpl {
             let options = TemplateOptions {
                 use_mempool: o.get_use_mempool(),
                 block_reserved_weight: o.get_block_reserved_weight(),
-                coinbase_output_max_additional_sigops: o.get_coinbase_output_max_additional_sigops(),
+                coinbase_output_max_additional_sigops: o
+                    .get_coinbase_output_max_additional_sigops(),
             };
             let cooldown = p.get_cooldown();
             let _permit = entry.await?;
@@ -564,7 +568,8 @@ impl mining::Server for MiningImpl {
             if let Some(entry) = entry {
                 let _permit = entry.await?;
             }
-            self.ctx.write_mempool_txs(ids, results.get().init_result(ids.len()))
+            self.ctx
+                .write_mempool_txs(ids, results.get().init_result(ids.len()))
         }
     }
 
@@ -589,7 +594,8 @@ impl mining::Server for MiningImpl {
             if let Some(entry) = entry {
                 let _permit = entry.await?;
             }
-            self.ctx.write_mempool_txs(ids, results.get().init_result(ids.len()))
+            self.ctx
+                .write_mempool_txs(ids, results.get().init_result(ids.len()))
         }
     }
 }
@@ -647,7 +653,10 @@ async fn deliver<T: capnp::traits::Owned>(
 }
 
 impl TemplateImpl {
-    fn create(ctx: &Rc<ServerCtx>, data: TemplateData) -> (Rc<TemplateImpl>, block_template::Client) {
+    fn create(
+        ctx: &Rc<ServerCtx>,
+        data: TemplateData,
+    ) -> (Rc<TemplateImpl>, block_template::Client) {
         {
             let mut state = ctx.shared.lock();
             state.stats.templates_created += 1;
@@ -693,7 +702,9 @@ impl TemplateImpl {
         async move {
             let permit = entry.await?;
             if template.released.get() {
-                return Err(Error::failed("mock node: block template was destroyed".into()));
+                return Err(Error::failed(
+                    "mock node: block template was destroyed".into(),
+                ));
             }
             Ok(permit)
         }
@@ -733,7 +744,10 @@ impl block_template::Server for TemplateImpl {
         params: block_template::DestroyParams,
         _results: block_template::DestroyResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
-        let entry = self.enter(MockMethod::Destroy, params.get().and_then(|p| p.get_context()));
+        let entry = self.enter(
+            MockMethod::Destroy,
+            params.get().and_then(|p| p.get_context()),
+        );
         async move {
             let _permit = entry.await?;
             self.release();
@@ -936,7 +950,10 @@ impl block_template::Server for TemplateImpl {
         params: block_template::WaitNextParams,
         mut results: block_template::WaitNextResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
-        let entry = self.enter(MockMethod::WaitNext, params.get().and_then(|p| p.get_context()));
+        let entry = self.enter(
+            MockMethod::WaitNext,
+            params.get().and_then(|p| p.get_context()),
+        );
         async move {
             let o = params.get()?.get_options()?;
             let (timeout_ms, fee_threshold) = (o.get_timeout(), o.get_fee_threshold());
@@ -960,8 +977,7 @@ impl block_template::Server for TemplateImpl {
                 }
                 {
                     let state = shared.lock();
-                    let tip_changed =
-                        state.chain.tip().0 != self.data.block.header.prev_blockhash;
+                    let tip_changed = state.chain.tip().0 != self.data.block.header.prev_blockhash;
                     if tip_changed || (ticked && shared.old_tip_ticks) {
                         break state.chain.build_template(self.data.options);
                     }
