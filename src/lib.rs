@@ -4,6 +4,7 @@
 
 pub mod keys;
 pub mod metrics;
+pub mod mock;
 pub mod node;
 pub mod sv2;
 pub mod template;
