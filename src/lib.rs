@@ -2,6 +2,10 @@
 //!
 //! Data flows one way: [`node`] (IPC client) → [`template`] (engine) → [`sv2`] (server).
 
+pub mod config;
+pub mod daemon;
+pub mod logging;
 pub mod metrics;
+pub mod metrics_http;
 pub mod node;
 pub mod template;
