@@ -312,7 +312,7 @@ pub enum ConfigError {
         allowed: String,
     },
     /// The file given with `--config` (or `SV2TPD_CONFIG`) does not exist.
-    #[error("config file {} does not exist", path.display())]
+    #[error("config file {} (from --config or SV2TPD_CONFIG) does not exist", path.display())]
     MissingFile {
         /// The path given.
         path: PathBuf,
@@ -451,16 +451,24 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn values(&self) -> Vec<(&'static str, (String, Source))> {
+    fn values(&self) -> SourcedValues {
         let flags: [(&'static str, &'static str, &Option<String>); 17] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
-            ("bitcoin_datadir", "--bitcoin-datadir", &self.bitcoin_datadir),
+            (
+                "bitcoin_datadir",
+                "--bitcoin-datadir",
+                &self.bitcoin_datadir,
+            ),
             ("ipc_socket", "--ipc-socket", &self.ipc_socket),
             ("sv2_bind", "--sv2-bind", &self.sv2_bind),
             ("sv2_port", "--sv2-port", &self.sv2_port),
             ("fee_delta", "--fee-delta", &self.fee_delta),
-            ("template_interval", "--template-interval", &self.template_interval),
+            (
+                "template_interval",
+                "--template-interval",
+                &self.template_interval,
+            ),
             (
                 "stale_template_grace",
                 "--stale-template-grace",
@@ -475,9 +483,17 @@ impl ConfigArgs {
                 "--authority-key-path",
                 &self.authority_key_path,
             ),
-            ("static_key_path", "--static-key-path", &self.static_key_path),
+            (
+                "static_key_path",
+                "--static-key-path",
+                &self.static_key_path,
+            ),
             ("cert_validity", "--cert-validity", &self.cert_validity),
-            ("handshake_timeout", "--handshake-timeout", &self.handshake_timeout),
+            (
+                "handshake_timeout",
+                "--handshake-timeout",
+                &self.handshake_timeout,
+            ),
         ];
         flags
             .into_iter()
@@ -490,10 +506,13 @@ impl ConfigArgs {
     }
 }
 
+/// Raw values of one source, by key, each with where it came from.
+type SourcedValues = Vec<(&'static str, (String, Source))>;
+
 /// Reads the `SV2TPD_*` variables (except `SV2TPD_CONFIG`, which clap handles).
 fn read_env(
     env: impl IntoIterator<Item = (OsString, OsString)>,
-) -> Result<Vec<(&'static str, (String, Source))>, ConfigError> {
+) -> Result<SourcedValues, ConfigError> {
     let mut vars = config::Map::new();
     let mut names = BTreeMap::new();
     for (name, value) in env {
@@ -546,8 +565,8 @@ fn read_env(
 /// one in the data directory when it exists.
 fn locate_file(
     args: &ConfigArgs,
-    env_values: &[(&'static str, (String, Source))],
-    flag_values: &[(&'static str, (String, Source))],
+    env_values: &SourcedValues,
+    flag_values: &SourcedValues,
     home: Option<&Path>,
 ) -> Result<Option<PathBuf>, ConfigError> {
     if let Some(path) = &args.config {
@@ -570,7 +589,7 @@ fn locate_file(
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<(&'static str, (String, Source))>, ConfigError> {
+fn read_file(path: &Path) -> Result<SourcedValues, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::UnreadableFile {
         path: path.to_path_buf(),
         error,
@@ -780,7 +799,9 @@ fn secs(n: u64) -> Duration {
 fn seconds(min: u64) -> impl FnOnce(&str) -> Result<Duration, String> {
     move |s| match s.parse::<u64>() {
         Ok(n) if n >= min => Ok(secs(n)),
-        _ => Err(format!("expected a whole number of seconds, at least {min}")),
+        _ => Err(format!(
+            "expected a whole number of seconds, at least {min}"
+        )),
     }
 }
 

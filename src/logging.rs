@@ -76,7 +76,9 @@ pub fn validate_level(level: &str) -> Result<(), String> {
     // `inof` would silently log nothing useful: bare words must be levels.
     for directive in level.split(',').map(str::trim) {
         let bare = !directive.contains('=') && !directive.contains('[');
-        if directive.is_empty() || (bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())) {
+        if directive.is_empty()
+            || (bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()))
+        {
             return Err(allowed.to_string());
         }
     }
