@@ -26,8 +26,6 @@ pub const CONFIG_ENV_VAR: &str = "SV2TPD_CONFIG";
 pub const CONFIG_FILE_NAME: &str = "sv2-tpd.toml";
 /// Default file name of the authority key, inside the data directory.
 pub const AUTHORITY_KEY_FILE: &str = "authority.key";
-/// Default file name of the Noise static key, inside the data directory.
-pub const STATIC_KEY_FILE: &str = "static.key";
 /// Name of the node's IPC socket inside its chain data directory.
 pub const NODE_SOCKET_NAME: &str = "node.sock";
 
@@ -140,8 +138,6 @@ pub struct Config {
     pub log_format: LogFormat,
     /// File holding the authority key that signs our certificates.
     pub authority_key_path: PathBuf,
-    /// File holding the Noise static key.
-    pub static_key_path: PathBuf,
     /// Validity period of the certificates we issue for the static key.
     pub cert_validity: Duration,
     /// Time a client has to complete the Noise handshake.
@@ -214,7 +210,6 @@ impl Config {
                 "log_level" => toml_string(&self.log_level),
                 "log_format" => toml_string(self.log_format.as_str()),
                 "authority_key_path" => path(&self.authority_key_path),
-                "static_key_path" => path(&self.static_key_path),
                 "cert_validity" => secs(self.cert_validity),
                 "handshake_timeout" => secs(self.handshake_timeout),
                 _ => continue,
@@ -226,9 +221,7 @@ impl Config {
             let derived = match (*key, provenance.source(key)) {
                 ("ipc_socket", Some(Source::Default)) => " (from bitcoin_datadir and chain)",
                 ("sv2_port", Some(Source::Default)) => " (for the chain)",
-                ("authority_key_path" | "static_key_path", Some(Source::Default)) => {
-                    " (in datadir)"
-                }
+                ("authority_key_path", Some(Source::Default)) => " (in datadir)",
                 _ => "",
             };
             out.push_str(&format!("{key:<21} = {value:<32} # {source}{derived}\n"));
@@ -383,7 +376,6 @@ config_keys!(
     log_level,
     log_format,
     authority_key_path,
-    static_key_path,
     cert_validity,
     handshake_timeout,
 );
@@ -439,9 +431,6 @@ pub struct ConfigArgs {
     /// Authority key file; relative paths are inside datadir [default: authority.key]
     #[arg(long, global = true, value_name = "PATH")]
     pub authority_key_path: Option<String>,
-    /// Noise static key file; relative paths are inside datadir [default: static.key]
-    #[arg(long, global = true, value_name = "PATH")]
-    pub static_key_path: Option<String>,
     /// Seconds our certificates stay valid [default: 31536000, one year]
     #[arg(long, global = true, value_name = "SECS")]
     pub cert_validity: Option<String>,
@@ -452,7 +441,7 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     fn values(&self) -> SourcedValues {
-        let flags: [(&'static str, &'static str, &Option<String>); 17] = [
+        let flags: [(&'static str, &'static str, &Option<String>); 16] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
             (
@@ -482,11 +471,6 @@ impl ConfigArgs {
                 "authority_key_path",
                 "--authority-key-path",
                 &self.authority_key_path,
-            ),
-            (
-                "static_key_path",
-                "--static-key-path",
-                &self.static_key_path,
             ),
             ("cert_validity", "--cert-validity", &self.cert_validity),
             (
@@ -763,7 +747,6 @@ impl Resolver<'_> {
         let log_format = self.get("log_format", |s| s.parse(), LogFormat::default)?;
         let authority_key_path =
             self.path("authority_key_path", AUTHORITY_KEY_FILE, Some(&datadir))?;
-        let static_key_path = self.path("static_key_path", STATIC_KEY_FILE, Some(&datadir))?;
         let cert_validity = self.get("cert_validity", seconds(1), || {
             secs(DEFAULT_CERT_VALIDITY_SECS)
         })?;
@@ -783,7 +766,6 @@ impl Resolver<'_> {
             log_level,
             log_format,
             authority_key_path,
-            static_key_path,
             cert_validity,
             handshake_timeout,
         };
@@ -834,8 +816,8 @@ mod tests {
         );
         assert_eq!(config.datadir, PathBuf::from("/home/op/.sv2-tpd"));
         assert_eq!(
-            config.static_key_path,
-            PathBuf::from("/home/op/.sv2-tpd/static.key")
+            config.authority_key_path,
+            PathBuf::from("/home/op/.sv2-tpd/authority.key")
         );
         assert_eq!(config.cert_validity, Duration::from_secs(31_536_000));
         assert_eq!(provenance.source("chain"), Some(&Source::Flag("--chain")));

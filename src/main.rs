@@ -24,7 +24,7 @@ enum Command {
     Run,
     /// Print the effective configuration and where each value came from.
     Config,
-    /// Show, generate or import the authority and static keys.
+    /// Show, generate or import the authority key (its public half goes in pool configs).
     Keys {
         #[command(subcommand)]
         action: KeysAction,
@@ -35,9 +35,9 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum KeysAction {
-    /// Print the public keys (the authority key is what pools configure).
+    /// Print the authority public key, alone on stdout.
     Show,
-    /// Create the keys in the data directory.
+    /// Create the authority key (mode 0600) and print its public key.
     Generate {
         /// Replace keys that already exist.
         #[arg(long)]
@@ -98,9 +98,25 @@ fn block_on(future: impl std::future::Future<Output = anyhow::Result<()>>) -> an
 
 /// `sv2-tpd keys ...`: to be routed to `sv2_tpd::keys`.
 fn keys_command(config: &Config, action: KeysAction) -> anyhow::Result<()> {
-    let _ = (config, action);
-    // TODO(lead): route to sv2_tpd::keys once it lands.
-    anyhow::bail!("`keys` is not wired yet")
+    use anyhow::Context;
+    use sv2_tpd::keys;
+    let path = &config.authority_key_path;
+    let keys = match action {
+        KeysAction::Show => keys::load(path).with_context(|| {
+            format!(
+                "no usable authority key at {} (create one with `sv2-tpd keys generate`)",
+                path.display()
+            )
+        })?,
+        KeysAction::Generate { force } => keys::generate(path, force)?,
+        KeysAction::Import { path: from } => {
+            let secret = std::fs::read_to_string(&from)
+                .with_context(|| format!("cannot read {}", from.display()))?;
+            keys::import_authority(path, &secret)?
+        }
+    };
+    println!("{}", keys.authority_pubkey_string());
+    Ok(())
 }
 
 /// `sv2-tpd watch`: to be routed to the template engine's watch mode.

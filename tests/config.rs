@@ -126,8 +126,8 @@ fn default_file_in_datadir_is_read_and_may_be_missing() {
         shown["log_format"].source,
         format!("file {}", file.display())
     );
-    let key = datadir.join("static.key");
-    assert_eq!(shown["static_key_path"].value.as_str(), key.to_str());
+    let key = datadir.join("authority.key");
+    assert_eq!(shown["authority_key_path"].value.as_str(), key.to_str());
 }
 
 #[test]

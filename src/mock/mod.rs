@@ -168,6 +168,8 @@ pub struct MockStats {
     /// template had returned it: the IPC round trips a client spent beyond the first. A
     /// client that pipelines them on the creating call scores 0.
     pub template_calls_after_delivery: u64,
+    /// Distinct `blockReservedWeight` values `createNewBlock` was asked for.
+    pub reserved_weights: std::collections::BTreeSet<u64>,
 }
 
 /// Errors starting or restarting the mock node.

@@ -425,6 +425,12 @@ impl mining::Server for MiningImpl {
                     .get_coinbase_output_max_additional_sigops(),
             };
             let cooldown = p.get_cooldown();
+            self.ctx
+                .shared
+                .lock()
+                .stats
+                .reserved_weights
+                .insert(options.block_reserved_weight);
             let _permit = entry.await?;
             if options.block_reserved_weight < MIN_BLOCK_RESERVED_WEIGHT {
                 return Err(Error::failed(format!(
