@@ -566,12 +566,20 @@ impl Engine {
             return;
         }
         let template = held.template.clone();
+        let internal = self.internal_tx.clone();
         tokio::spawn(async move {
             let answer = match template.block().await {
-                Ok(block) => Ok(TransactionData {
-                    transactions: Arc::new(transactions(&block)),
-                    excess_data,
-                }),
+                Ok(block) => {
+                    let answer = TransactionData {
+                        transactions: Arc::new(transactions(&block)),
+                        excess_data,
+                    };
+                    let block = Arc::new(block);
+                    let _ = internal
+                        .send(Internal::BlockFetched { template_id, block })
+                        .await;
+                    Ok(answer)
+                }
                 Err(e) => {
                     warn!(template_id, error = %e, "cannot read the template's transactions");
                     Err(TxDataError::TemplateIdNotFound)

@@ -1,0 +1,482 @@
+//! Latency and memory benchmark for a Template Provider, printing figures (not a test).
+//!
+//! ```text
+//! cargo run --release --example bench -- --node mock --clients 1,100,1000
+//! cargo run --release --example bench -- --node real --vs 127.0.0.1:8442 --vs-authority KEY
+//! ```
+//!
+//! Runs sv2-tpd as a child process (this binary re-executed in daemon mode) beside a mock
+//! or real regtest node, connects SV2 clients built on SRI's crates and measures:
+//! new block → `SetNewPrevHash` at the first and the last of N clients; fee bump →
+//! `NewTemplate`; `RequestTransactionData` on a large template (mock); the daemon's RSS
+//! idle and with the most clients. `--vs ADDR --vs-authority KEY [--vs-pid PID]` measures
+//! another Template Provider on the same node the same way. Results go to `--out`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bitcoin::Amount;
+use key_utils::Secp256k1PublicKey;
+use sv2_tpd::mock::{MockNode, MockOptions};
+use sv2_tpd::sv2::{TdpClient, TdpMessage};
+use tokio::sync::mpsc;
+
+use support::tp::{client_at, next_template, next_tip, regtest_config};
+use support::BitcoinNode;
+
+/// What a benchmark run drives: the mock or a real node.
+enum Node {
+    Mock(MockNode),
+    Real(BitcoinNode),
+}
+
+impl Node {
+    fn socket(&self) -> PathBuf {
+        match self {
+            Node::Mock(m) => m.socket_path().to_path_buf(),
+            Node::Real(n) => n.socket_path(),
+        }
+    }
+
+    fn mine(&self) -> anyhow::Result<()> {
+        match self {
+            Node::Mock(m) => {
+                m.mine_block();
+            }
+            Node::Real(n) => {
+                n.generate(1)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bump_fees(&self, fee: Amount) -> anyhow::Result<()> {
+        match self {
+            Node::Mock(m) => {
+                m.add_mempool_tx(fee);
+            }
+            Node::Real(n) => {
+                n.send_fee_tx(fee)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Node::Mock(_) => "mock node",
+            Node::Real(_) => "bitcoin-node 31.99 (regtest)",
+        }
+    }
+}
+
+struct Args {
+    node: String,
+    clients: Vec<usize>,
+    rounds: usize,
+    out: Option<PathBuf>,
+    vs: Option<(SocketAddr, Secp256k1PublicKey, Option<u32>)>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        node: "mock".into(),
+        clients: vec![1, 100, 1000],
+        rounds: 20,
+        out: None,
+        vs: None,
+    };
+    let mut vs_addr = None;
+    let mut vs_key = None;
+    let mut vs_pid = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--node" => args.node = value()?,
+            "--clients" => {
+                args.clients = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("--clients takes numbers like 1,100,1000")?
+            }
+            "--rounds" => args.rounds = value()?.parse()?,
+            "--out" => args.out = Some(value()?.into()),
+            "--vs" => vs_addr = Some(value()?.parse::<SocketAddr>()?),
+            "--vs-authority" => {
+                vs_key = Some(
+                    value()?
+                        .parse::<Secp256k1PublicKey>()
+                        .map_err(|e| anyhow::anyhow!("--vs-authority: {e:?}"))?,
+                )
+            }
+            "--vs-pid" => vs_pid = Some(value()?.parse()?),
+            "--bench" => {}
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if let Some(addr) = vs_addr {
+        let key = vs_key.context("--vs needs --vs-authority")?;
+        args.vs = Some((addr, key, vs_pid));
+    }
+    Ok(args)
+}
+
+/// Percentile of sorted samples.
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A client whose messages are forwarded, time-stamped, to the collector.
+async fn spawn_listener(
+    mut client: TdpClient,
+    index: usize,
+    events: mpsc::UnboundedSender<(usize, Instant, TdpMessage)>,
+) -> tokio::task::JoinHandle<TdpClient> {
+    tokio::spawn(async move {
+        while let Ok(msg) = client.recv().await {
+            if events.send((index, Instant::now(), msg)).is_err() {
+                break;
+            }
+        }
+        client
+    })
+}
+
+struct TipFigures {
+    first: Vec<Duration>,
+    last: Vec<Duration>,
+}
+
+/// Mines `rounds` blocks; for each, the time until the first and the last of `n` clients
+/// got `SetNewPrevHash`.
+async fn measure_tips(
+    node: &Node,
+    addr: SocketAddr,
+    key: Secp256k1PublicKey,
+    n: usize,
+    rounds: usize,
+) -> anyhow::Result<TipFigures> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let mut c = client_at(addr, key, 100, 10).await;
+        next_tip(&mut c).await;
+        handles.push(spawn_listener(c, i, tx.clone()).await);
+    }
+    let mut figures = TipFigures {
+        first: Vec::new(),
+        last: Vec::new(),
+    };
+    for _ in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        let started = Instant::now();
+        node.mine()?;
+        let mut seen = vec![false; n];
+        let mut count = 0;
+        let mut first = None;
+        while count < n {
+            let (i, at, msg) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .context("clients did not all get SetNewPrevHash")?
+                .context("listeners ended")?;
+            if matches!(msg, TdpMessage::SetNewPrevHash(_)) && !seen[i] {
+                seen[i] = true;
+                count += 1;
+                first.get_or_insert(at);
+                if count == n {
+                    figures.last.push(at.duration_since(started));
+                }
+            }
+        }
+        figures
+            .first
+            .push(first.unwrap_or(started).duration_since(started));
+    }
+    drop(rx);
+    for h in handles {
+        h.abort();
+    }
+    figures.first.sort();
+    figures.last.sort();
+    Ok(figures)
+}
+
+/// Time from a fee bump to the non-future `NewTemplate` (fee templates are at most one
+/// per `template_interval`, 1 s here, so bumps are spaced by that).
+async fn measure_fee_bumps(
+    node: &Node,
+    addr: SocketAddr,
+    key: Secp256k1PublicKey,
+    rounds: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut c = client_at(addr, key, 100, 10).await;
+    next_tip(&mut c).await;
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let started = Instant::now();
+        node.bump_fees(Amount::from_sat(50_000))?;
+        loop {
+            let t = tokio::time::timeout(Duration::from_secs(30), next_template(&mut c))
+                .await
+                .context("no fee template")?;
+            if !t.future_template {
+                samples.push(started.elapsed());
+                break;
+            }
+        }
+    }
+    samples.sort();
+    Ok(samples)
+}
+
+/// `RequestTransactionData` round trip on the current template; returns (time, txs, bytes).
+async fn measure_tx_data(
+    addr: SocketAddr,
+    key: Secp256k1PublicKey,
+    template_id_wait: Duration,
+) -> anyhow::Result<(Vec<Duration>, usize, usize)> {
+    let mut c = client_at(addr, key, 100, 10).await;
+    let (mut t, _) = next_tip(&mut c).await;
+    // Let the fee template with the full mempool arrive.
+    while let Ok(next) = tokio::time::timeout(template_id_wait, next_template(&mut c)).await {
+        t = next;
+    }
+    let mut samples = Vec::new();
+    let mut shape = (0, 0);
+    for _ in 0..10 {
+        let started = Instant::now();
+        c.request_tx_data(t.template_id).await?;
+        loop {
+            match c.recv().await? {
+                TdpMessage::RequestTransactionDataSuccess(s) => {
+                    samples.push(started.elapsed());
+                    let list: Vec<&[u8]> = s.transaction_list.iter_bytes().collect();
+                    shape = (list.len(), list.iter().map(|b| b.len()).sum());
+                    break;
+                }
+                TdpMessage::RequestTransactionDataError { error_code, .. } => {
+                    bail!("transaction data refused: {error_code}")
+                }
+                _ => continue,
+            }
+        }
+    }
+    samples.sort();
+    Ok((samples, shape.0, shape.1))
+}
+
+/// Runs sv2-tpd as a child: this executable in daemon mode.
+fn start_daemon_process(socket: &Path, datadir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new(std::env::current_exe()?)
+        .arg("--serve-daemon")
+        .env("BENCH_SOCKET", socket)
+        .env("BENCH_DATADIR", datadir)
+        .env("BENCH_PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok((child, addr));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("daemon did not start listening")
+}
+
+fn serve_daemon() -> anyhow::Result<()> {
+    let socket = PathBuf::from(std::env::var("BENCH_SOCKET")?);
+    let datadir = PathBuf::from(std::env::var("BENCH_DATADIR")?);
+    let port = std::env::var("BENCH_PORT")?;
+    let mut config = regtest_config(&socket, &datadir, &[("max_clients", "5000")]);
+    config.sv2_port = port.parse()?;
+    config.metrics_bind = None;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(sv2_tpd::daemon::run(config))
+}
+
+async fn bench_target(
+    report: &mut String,
+    name: &str,
+    node: &Node,
+    addr: SocketAddr,
+    key: Secp256k1PublicKey,
+    pid: Option<u32>,
+    args: &Args,
+) -> anyhow::Result<()> {
+    writeln!(report, "\n### {name} on {}\n", node.label())?;
+    writeln!(
+        report,
+        "| measurement | clients | p50 | p99 |\n|---|---:|---:|---:|"
+    )?;
+    let idle_rss = pid.and_then(rss_kib);
+    let mut loaded_rss = None;
+    for &n in &args.clients {
+        let rounds = if n >= 1000 {
+            args.rounds.min(10)
+        } else {
+            args.rounds
+        };
+        let f = measure_tips(node, addr, key, n, rounds).await?;
+        writeln!(
+            report,
+            "| new block → SetNewPrevHash, first client | {n} | {} | {} |",
+            ms(pct(&f.first, 0.5)),
+            ms(pct(&f.first, 0.99))
+        )?;
+        writeln!(
+            report,
+            "| new block → SetNewPrevHash, last client | {n} | {} | {} |",
+            ms(pct(&f.last, 0.5)),
+            ms(pct(&f.last, 0.99))
+        )?;
+        if n == *args.clients.iter().max().unwrap_or(&n) {
+            loaded_rss = pid.and_then(rss_kib);
+        }
+        eprintln!("{name}: {n} clients done");
+    }
+    let fees = measure_fee_bumps(node, addr, key, 5).await?;
+    writeln!(
+        report,
+        "| fee bump → NewTemplate(future=false) | 1 | {} | {} |",
+        ms(pct(&fees, 0.5)),
+        ms(pct(&fees, 0.99))
+    )?;
+    if let Node::Mock(m) = node {
+        // More than fits in one block: the template is full-size.
+        for _ in 0..8000 {
+            m.add_mempool_tx(Amount::from_sat(1_000));
+        }
+    }
+    let (tx_data, txs, bytes) = measure_tx_data(addr, key, Duration::from_millis(2500)).await?;
+    writeln!(
+        report,
+        "| RequestTransactionData, full template ({txs} txs, {} KiB) | 1 | {} | {} |",
+        bytes / 1024,
+        ms(pct(&tx_data, 0.5)),
+        ms(pct(&tx_data, 0.99))
+    )?;
+    if let (Some(idle), Some(loaded)) = (idle_rss, loaded_rss) {
+        writeln!(
+            report,
+            "\nDaemon RSS: {:.1} MiB idle, {:.1} MiB with {} clients.",
+            idle as f64 / 1024.0,
+            loaded as f64 / 1024.0,
+            args.clients.iter().max().unwrap_or(&0)
+        )?;
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("--serve-daemon") {
+        return serve_daemon();
+    }
+    let args = parse_args()?;
+    let dir = tempfile::Builder::new().prefix("tpb").tempdir_in("/tmp")?;
+    let node = match args.node.as_str() {
+        "mock" => Node::Mock(MockNode::start(
+            &dir.path().join("node.sock"),
+            MockOptions::default(),
+        )?),
+        "real" => {
+            let binary = support::bitcoin_node_binary()
+                .context("no bitcoin-node: run tests/build-bitcoin-node.sh or set BITCOIN_NODE")?;
+            let n = BitcoinNode::start(&binary)?;
+            n.fund_op_true()?;
+            Node::Real(n)
+        }
+        other => bail!("--node is mock or real, not {other}"),
+    };
+    let (mut child, addr) = start_daemon_process(&node.socket(), dir.path())?;
+    let key_path = dir.path().join("authority.key");
+    let key = sv2_tpd::keys::load(&key_path)?.authority_pubkey();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut report = String::new();
+    writeln!(
+        report,
+        "Machine: {} cores; `cargo run --release --example bench -- --node {} --clients {}`",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        args.node,
+        args.clients
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    )?;
+    let node = Arc::new(node);
+    let result = runtime.block_on(async {
+        bench_target(
+            &mut report,
+            "sv2-tpd",
+            &node,
+            addr,
+            key,
+            Some(child.id()),
+            &args,
+        )
+        .await?;
+        if let Some((vs_addr, vs_key, vs_pid)) = args.vs {
+            bench_target(
+                &mut report,
+                &format!("other TP at {vs_addr}"),
+                &node,
+                vs_addr,
+                vs_key,
+                vs_pid,
+                &args,
+            )
+            .await?;
+        }
+        anyhow::Ok(())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    result?;
+    print!("{report}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &report).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(())
+}
