@@ -68,6 +68,11 @@ const STANDING_GROUP: Constraints = Constraints {
     max_additional_sigops: 0,
 };
 
+/// Templates of the current tip kept per group. Each one holds a whole block in the node's
+/// memory, and a tip can last hours on test networks; solutions for anything but the
+/// newest few are not expected.
+const MAX_TEMPLATES_PER_GROUP: usize = 16;
+
 /// Starts the engine; it runs until `shutdown` is cancelled.
 pub fn spawn(
     config: EngineConfig,
@@ -120,6 +125,7 @@ struct Group {
 /// A template handed out to clients.
 struct Held {
     template: Template,
+    group: Constraints,
     prev_hash: BlockHash,
     new_template: Arc<stratum_core::template_distribution_sv2::NewTemplateOwned>,
     prev_hash_msg: Arc<stratum_core::template_distribution_sv2::SetNewPrevHashOwned>,
@@ -415,6 +421,7 @@ impl Engine {
             id,
             Held {
                 template: template.clone(),
+                group: constraints,
                 prev_hash,
                 new_template: new_tmpl.clone(),
                 prev_hash_msg: snph.clone(),
@@ -472,11 +479,22 @@ impl Engine {
         let tip = self.tip;
         let previous = self.previous_tip.map(|(h, _)| h);
         let current_ids: Vec<u64> = self.groups.values().filter_map(|g| g.current).collect();
-        self.templates.retain(|id, held| {
-            current_ids.contains(id)
-                || Some(held.prev_hash) == tip
+        // Newest first, so the per-group cap keeps the latest.
+        let mut per_group: HashMap<Constraints, usize> = HashMap::new();
+        let mut keep = std::collections::HashSet::new();
+        for (id, held) in self.templates.iter().rev() {
+            let kept = per_group.entry(held.group).or_default();
+            let recent = Some(held.prev_hash) == tip && *kept < MAX_TEMPLATES_PER_GROUP;
+            if current_ids.contains(id)
+                || recent
                 || (!grace_over && Some(held.prev_hash) == previous)
-        });
+            {
+                *kept += 1;
+                keep.insert(*id);
+            }
+        }
+        self.templates.retain(|id, _| keep.contains(id));
+        self.forget_gone_subscribers();
         // Groups no subscriber needs any more.
         let unwanted: Vec<Constraints> = self
             .groups
