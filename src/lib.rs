@@ -7,3 +7,4 @@ pub mod metrics;
 pub mod node;
 pub mod sv2;
 pub mod template;
+pub mod watch;
