@@ -28,8 +28,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Lines of each log quoted in diagnostics.
 const LOG_TAIL_LINES: usize = 40;
-/// The line pool_sv2 0.7 logs once it accepts miners.
-const POOL_LISTENING_LINE: &str = "Starting downstream server at";
+/// The line pool_sv2 0.7 logs once it has a template and prevhash from its Template
+/// Provider and accepts miners.
+const POOL_READY_LINE: &str = "Required template data received, ready to accept connections";
 
 /// Where the SRI binaries are: `SRI_BIN_DIR`, else the cache `tests/install-sri.sh` fills.
 ///
@@ -290,8 +291,8 @@ impl Pool {
             }
         }
         let mut process = ChildProcess::spawn("pool_sv2", command, workdir.join("pool.log"))?;
-        process.wait_until("downstream listener", |pool| {
-            pool.log_text().contains(POOL_LISTENING_LINE)
+        process.wait_until("first template from the Template Provider", |pool| {
+            pool.log_text().contains(POOL_READY_LINE)
         })?;
         Ok(Self {
             process,
@@ -301,14 +302,18 @@ impl Pool {
         })
     }
 
-    /// Log lines in which the pool reports trouble with its Template Provider.
+    /// Log lines in which the pool reports trouble with its Template Provider: errors that
+    /// mention templates, and every warning or error of its template receiver. (The pool's
+    /// start-up warning "Waiting for initial template" is not trouble.)
     pub fn template_provider_problems(&self) -> Vec<String> {
         self.process
             .log_text()
             .lines()
             .filter(|line| {
-                let level = line.contains(" ERROR ") || line.contains(" WARN ");
-                level && line.to_ascii_lowercase().contains("template")
+                let error = line.contains(" ERROR ");
+                let warning = line.contains(" WARN ");
+                (error && line.to_ascii_lowercase().contains("template"))
+                    || ((error || warning) && line.contains("pool_sv2::template_receiver"))
             })
             .map(str::to_owned)
             .collect()
