@@ -18,7 +18,7 @@ use std::{
 use key_utils::{Secp256k1PublicKey, Secp256k1SecretKey};
 
 /// File name of the authority secret key inside the data directory.
-pub const AUTHORITY_KEY_FILE: &str = "sv2_authority_key";
+pub const AUTHORITY_KEY_FILE: &str = "authority.key";
 
 /// Why the keys could not be loaded or stored.
 #[derive(Debug, thiserror::Error)]
@@ -122,17 +122,16 @@ impl ServerKeys {
     }
 }
 
-/// Loads the authority key from `datadir`, generating and storing one (mode 0600) on first
+/// Loads the authority key file at `path`, generating and storing one (mode 0600) on first
 /// start. Refuses a key file readable or writable by group or others.
-pub fn load_or_generate(datadir: &Path) -> Result<ServerKeys, KeyError> {
-    let paths = KeyPaths::in_datadir(datadir);
-    match load(&paths.authority) {
+pub fn load_or_generate(path: &Path) -> Result<ServerKeys, KeyError> {
+    match load(path) {
         Ok(keys) => Ok(keys),
         Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             let secret = random_secret();
-            create_dir(datadir)?;
-            write_new(&paths.authority, &secret)?;
-            tracing::info!(path = %paths.authority.display(), "generated a new SV2 authority key");
+            create_parent(path)?;
+            write_new(path, &secret)?;
+            tracing::info!(path = %path.display(), "generated a new SV2 authority key");
             Ok(ServerKeys::from_secret(secret))
         }
         Err(e) => Err(e),
@@ -157,25 +156,26 @@ pub fn load(path: &Path) -> Result<ServerKeys, KeyError> {
     Ok(ServerKeys::from_secret(secret))
 }
 
-/// Stores `secret` (key-utils' base58-check form) as the authority key of `datadir`,
+/// Stores `secret` (key-utils' base58-check form) as the authority key file at `path`,
 /// replacing any existing one.
-pub fn import_authority(datadir: &Path, secret: &str) -> Result<ServerKeys, KeyError> {
+pub fn import_authority(path: &Path, secret: &str) -> Result<ServerKeys, KeyError> {
     let secret = parse_secret(secret.trim(), "imported key")?;
-    create_dir(datadir)?;
-    replace(&KeyPaths::in_datadir(datadir).authority, &secret)?;
+    create_parent(path)?;
+    replace(path, &secret)?;
     Ok(ServerKeys::from_secret(secret))
 }
 
-/// Generates a new authority key for `datadir`. Without `force` an existing key is kept and
-/// [`KeyError::AlreadyExists`] returned.
-pub fn generate(datadir: &Path, force: bool) -> Result<ServerKeys, KeyError> {
-    let path = KeyPaths::in_datadir(datadir).authority;
+/// Generates a new authority key file at `path`. Without `force` an existing key is kept
+/// and [`KeyError::AlreadyExists`] returned.
+pub fn generate(path: &Path, force: bool) -> Result<ServerKeys, KeyError> {
     if !force && path.exists() {
-        return Err(KeyError::AlreadyExists { path });
+        return Err(KeyError::AlreadyExists {
+            path: path.to_path_buf(),
+        });
     }
     let secret = random_secret();
-    create_dir(datadir)?;
-    replace(&path, &secret)?;
+    create_parent(path)?;
+    replace(path, &secret)?;
     Ok(ServerKeys::from_secret(secret))
 }
 
@@ -199,9 +199,12 @@ fn random_secret() -> Secp256k1SecretKey {
     }
 }
 
-fn create_dir(datadir: &Path) -> Result<(), KeyError> {
-    fs::create_dir_all(datadir).map_err(|source| KeyError::Io {
-        path: datadir.to_path_buf(),
+fn create_parent(path: &Path) -> Result<(), KeyError> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    fs::create_dir_all(dir).map_err(|source| KeyError::Io {
+        path: dir.to_path_buf(),
         source,
     })
 }

@@ -2,8 +2,13 @@
 //!
 //! Data flows one way: [`node`] (IPC client) → [`template`] (engine) → [`sv2`] (server).
 
+pub mod config;
+pub mod daemon;
 pub mod keys;
+pub mod logging;
 pub mod metrics;
+pub mod metrics_http;
+pub mod mock;
 pub mod node;
 pub mod sv2;
 pub mod template;

@@ -1,1 +1,127 @@
-fn main() {}
+//! The `sv2-tpd` command: runs the daemon, shows its configuration, manages its keys.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sv2_tpd::config::{Config, ConfigArgs};
+
+/// Stratum V2 Template Provider for Bitcoin Core's IPC Mining interface.
+#[derive(Debug, Parser)]
+#[command(name = "sv2-tpd", version, about)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the template provider (the default).
+    Run,
+    /// Print the effective configuration and where each value came from.
+    Config,
+    /// Show, generate or import the authority key (its public half goes in pool configs).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Follow the templates the node produces, without serving clients.
+    Watch,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Print the authority public key, alone on stdout.
+    Show,
+    /// Create the authority key (mode 0600) and print its public key.
+    Generate {
+        /// Replace keys that already exist.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Import an existing authority secret key from a file.
+    Import {
+        /// File holding the secret key.
+        path: PathBuf,
+    },
+}
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok((config, provenance)) => {
+            if matches!(cli.command, Some(Command::Config)) {
+                print!("{}", config.to_annotated_toml(&provenance));
+                return ExitCode::SUCCESS;
+            }
+            config
+        }
+        Err(e) => {
+            eprintln!("sv2-tpd: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = sv2_tpd::logging::init(&config.log_level, config.log_format) {
+        eprintln!("sv2-tpd: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let outcome = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => block_on(sv2_tpd::daemon::run(config)),
+        Command::Config => Ok(()),
+        Command::Keys { action } => keys_command(&config, action),
+        Command::Watch => block_on(watch_command(config)),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Logging goes to stderr, so this is also what a terminal user sees.
+            tracing::error!("{e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Runs `future` on a multi-threaded tokio runtime.
+fn block_on(future: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
+}
+
+/// `sv2-tpd keys ...`: to be routed to `sv2_tpd::keys`.
+fn keys_command(config: &Config, action: KeysAction) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use sv2_tpd::keys;
+    let path = &config.authority_key_path;
+    let keys = match action {
+        KeysAction::Show => keys::load(path).with_context(|| {
+            format!(
+                "no usable authority key at {} (create one with `sv2-tpd keys generate`)",
+                path.display()
+            )
+        })?,
+        KeysAction::Generate { force } => keys::generate(path, force)?,
+        KeysAction::Import { path: from } => {
+            let secret = std::fs::read_to_string(&from)
+                .with_context(|| format!("cannot read {}", from.display()))?;
+            keys::import_authority(path, &secret)?
+        }
+    };
+    println!("{}", keys.authority_pubkey_string());
+    Ok(())
+}
+
+/// `sv2-tpd watch`: to be routed to the template engine's watch mode.
+async fn watch_command(config: Config) -> anyhow::Result<()> {
+    let _ = config;
+    // TODO(lead): route to the watch implementation once it lands.
+    anyhow::bail!("`watch` is not wired yet")
+}

@@ -13,11 +13,11 @@ fn mode(path: &std::path::Path) -> u32 {
 fn first_start_creates_a_0600_key_and_later_starts_load_it() {
     let dir = tempfile::tempdir().unwrap();
     let datadir = dir.path().join("data");
-    let first = keys::load_or_generate(&datadir).unwrap();
+    let first = keys::load_or_generate(&KeyPaths::in_datadir(&datadir).authority).unwrap();
     let path = KeyPaths::in_datadir(&datadir).authority;
     assert_eq!(mode(&path), 0o600);
 
-    let second = keys::load_or_generate(&datadir).unwrap();
+    let second = keys::load_or_generate(&KeyPaths::in_datadir(&datadir).authority).unwrap();
     assert_eq!(
         first.authority_pubkey_string(),
         second.authority_pubkey_string()
@@ -27,11 +27,11 @@ fn first_start_creates_a_0600_key_and_later_starts_load_it() {
 #[test]
 fn a_key_readable_by_others_is_refused_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
-    keys::load_or_generate(dir.path()).unwrap();
+    keys::load_or_generate(&KeyPaths::in_datadir(dir.path()).authority).unwrap();
     let path = KeyPaths::in_datadir(dir.path()).authority;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
 
-    let err = keys::load_or_generate(dir.path()).unwrap_err();
+    let err = keys::load_or_generate(&KeyPaths::in_datadir(dir.path()).authority).unwrap_err();
     assert!(
         matches!(err, KeyError::Permissions { mode: 0o644, .. }),
         "{err}"
@@ -54,7 +54,8 @@ fn an_imported_key_is_stored_and_loaded_back() {
     let donor = keys::ServerKeys::ephemeral();
     let secret = donor.authority_secret().to_string();
 
-    let imported = keys::import_authority(dir.path(), &secret).unwrap();
+    let imported =
+        keys::import_authority(&KeyPaths::in_datadir(dir.path()).authority, &secret).unwrap();
     assert_eq!(
         imported.authority_pubkey_string(),
         donor.authority_pubkey_string()
@@ -63,7 +64,7 @@ fn an_imported_key_is_stored_and_loaded_back() {
     assert_eq!(mode(&path), 0o600);
     assert_eq!(fs::read_to_string(&path).unwrap().trim(), secret);
 
-    let loaded = keys::load_or_generate(dir.path()).unwrap();
+    let loaded = keys::load_or_generate(&KeyPaths::in_datadir(dir.path()).authority).unwrap();
     assert_eq!(
         loaded.authority_pubkey_string(),
         donor.authority_pubkey_string()
@@ -74,10 +75,11 @@ fn an_imported_key_is_stored_and_loaded_back() {
 #[test]
 fn importing_garbage_is_refused_and_keeps_the_old_key() {
     let dir = tempfile::tempdir().unwrap();
-    let original = keys::load_or_generate(dir.path()).unwrap();
-    let err = keys::import_authority(dir.path(), "not-a-key").unwrap_err();
+    let original = keys::load_or_generate(&KeyPaths::in_datadir(dir.path()).authority).unwrap();
+    let err = keys::import_authority(&KeyPaths::in_datadir(dir.path()).authority, "not-a-key")
+        .unwrap_err();
     assert!(matches!(err, KeyError::Malformed { .. }), "{err}");
-    let loaded = keys::load_or_generate(dir.path()).unwrap();
+    let loaded = keys::load_or_generate(&KeyPaths::in_datadir(dir.path()).authority).unwrap();
     assert_eq!(
         loaded.authority_pubkey_string(),
         original.authority_pubkey_string()
@@ -87,12 +89,12 @@ fn importing_garbage_is_refused_and_keeps_the_old_key() {
 #[test]
 fn generate_keeps_an_existing_key_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
-    let original = keys::generate(dir.path(), false).unwrap();
+    let original = keys::generate(&KeyPaths::in_datadir(dir.path()).authority, false).unwrap();
     assert!(matches!(
-        keys::generate(dir.path(), false),
+        keys::generate(&KeyPaths::in_datadir(dir.path()).authority, false),
         Err(KeyError::AlreadyExists { .. })
     ));
-    let replaced = keys::generate(dir.path(), true).unwrap();
+    let replaced = keys::generate(&KeyPaths::in_datadir(dir.path()).authority, true).unwrap();
     assert_ne!(
         replaced.authority_pubkey_string(),
         original.authority_pubkey_string()
@@ -109,7 +111,7 @@ fn generate_keeps_an_existing_key_unless_forced() {
 #[test]
 fn the_public_key_string_is_what_sri_configs_parse() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = keys::load_or_generate(dir.path()).unwrap();
+    let keys = keys::load_or_generate(&KeyPaths::in_datadir(dir.path()).authority).unwrap();
     let text = keys.authority_pubkey_string();
     let parsed: Secp256k1PublicKey = text.parse().unwrap();
     assert_eq!(parsed.into_bytes(), keys.authority_pubkey().into_bytes());

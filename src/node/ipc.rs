@@ -80,6 +80,8 @@ pub(crate) struct Session {
     idle_threads: RefCell<Vec<proxy_capnp::thread::Client>>,
     templates: RefCell<HashMap<u64, HeldTemplate>>,
     next_template_key: Cell<u64>,
+    /// `destroy` calls sent and not yet answered.
+    destroys_in_flight: Cell<u32>,
     /// Which `submitSolution` ordinal the node serves; `None` until known.
     submit_v32: Cell<Option<bool>>,
     line: Cell<NodeLine>,
@@ -225,6 +227,9 @@ impl Session {
         };
         metrics().templates_held.dec();
         let session = self.clone();
+        session
+            .destroys_in_flight
+            .set(session.destroys_in_flight.get() + 1);
         tokio::task::spawn_local(async move {
             let worker = session.worker();
             let mut request = held.client.destroy_request();
@@ -232,7 +237,15 @@ impl Session {
             if let Err(e) = timed("destroy", request.send().promise).await {
                 tracing::debug!(error = %e, "destroying a template failed");
             }
+            session
+                .destroys_in_flight
+                .set(session.destroys_in_flight.get() - 1);
         });
+    }
+
+    /// Templates held, plus those whose `destroy` is still on its way.
+    pub(crate) fn held_count(&self) -> usize {
+        self.templates.borrow().len() + self.destroys_in_flight.get() as usize
     }
 
     /// Destroys every held template (shutdown); waits are interrupted first.
@@ -557,6 +570,7 @@ async fn bootstrap(init: init_capnp::init::Client) -> Result<Session, NodeError>
         idle_threads: RefCell::new(Vec::new()),
         templates: RefCell::new(HashMap::new()),
         next_template_key: Cell::new(1),
+        destroys_in_flight: Cell::new(0),
         submit_v32: Cell::new(None),
         line: Cell::new(NodeLine::V31_99),
         line_tx,

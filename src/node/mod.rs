@@ -192,6 +192,22 @@ impl NodeClient {
         Ok(Template::new(jobs, key, data))
     }
 
+    /// Releases every template still held (interrupting their waits first) and waits,
+    /// briefly, until the node has destroyed them. For shutdown.
+    pub async fn release_all(&self) {
+        let _ = self
+            .jobs
+            .run(|s| async move {
+                s.release_all().await;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                while s.held_count() > 0 && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Ok(())
+            })
+            .await;
+    }
+
     /// Runs `getTransactionsByTxID` with no ids (a no-op); UNIMPLEMENTED on v31.0.
     #[doc(hidden)]
     pub async fn ping(&self) -> Result<(), NodeError> {

@@ -12,3 +12,4 @@ pub use bitcoin_node::{bitcoin_node_binary, BitcoinNode, NodeError};
 pub use op_true::{
     op_true_address, op_true_script, op_true_witness_script, spend_op_true, OpTrueCoin,
 };
+pub mod tp;

@@ -1,0 +1,198 @@
+//! An in-process sv2-tpd for tests, and a tiny SV2 "pool" side: build the coinbase from
+//! `NewTemplate`, grind the regtest nonce, make a `SubmitSolution`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bitcoin::absolute::LockTime;
+use bitcoin::consensus::{deserialize, serialize};
+use bitcoin::hashes::{sha256d, Hash, HashEngine};
+use bitcoin::transaction::Version;
+use bitcoin::{
+    Amount, BlockHash, OutPoint, ScriptBuf, Sequence, Target, Transaction, TxIn, TxMerkleNode,
+    TxOut, Witness,
+};
+use stratum_core::binary_sv2::B064KOwned;
+use stratum_core::template_distribution_sv2::{
+    NewTemplateOwned, SetNewPrevHashOwned, SubmitSolutionOwned,
+};
+use sv2_tpd::config::{Config, ConfigArgs};
+use sv2_tpd::daemon::Daemon;
+use sv2_tpd::sv2::{TdpClient, TdpMessage};
+
+/// Limit for any single wait in tests, to fail instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Config for a regtest daemon on `socket`, listening on free loopback ports.
+pub fn regtest_config(socket: &Path, datadir: &Path, extra: &[(&str, &str)]) -> Config {
+    let mut args = ConfigArgs {
+        chain: Some("regtest".into()),
+        datadir: Some(datadir.display().to_string()),
+        ipc_socket: Some(socket.display().to_string()),
+        sv2_port: Some("0".into()),
+        metrics_bind: Some("127.0.0.1:0".into()),
+        fee_delta: Some("1000".into()),
+        template_interval: Some("1".into()),
+        ..Default::default()
+    };
+    for (key, value) in extra {
+        let v = Some(value.to_string());
+        match *key {
+            "fee_delta" => args.fee_delta = v,
+            "template_interval" => args.template_interval = v,
+            "stale_template_grace" => args.stale_template_grace = v,
+            "max_clients" => args.max_clients = v,
+            other => panic!("regtest_config: add {other}"),
+        }
+    }
+    let no_env: [(std::ffi::OsString, std::ffi::OsString); 0] = [];
+    Config::load_from(&args, no_env, Some(datadir))
+        .expect("valid test config")
+        .0
+}
+
+/// Starts a daemon for `config`.
+pub async fn start_daemon(config: &Config) -> Daemon {
+    Daemon::start(config).await.expect("daemon starts")
+}
+
+/// A set-up TDP client that sent `CoinbaseOutputConstraints`.
+pub async fn client(daemon: &Daemon, size: u32, sigops: u16) -> TdpClient {
+    client_at(daemon.sv2_addr, daemon.authority_pubkey, size, sigops).await
+}
+
+/// Same as [`client`], for any address and key.
+pub async fn client_at(
+    addr: SocketAddr,
+    authority: key_utils::Secp256k1PublicKey,
+    size: u32,
+    sigops: u16,
+) -> TdpClient {
+    let mut c = TdpClient::connect(addr, authority).await.expect("connect");
+    c.setup_connection().await.expect("setup");
+    c.send_constraints(size, sigops).await.expect("constraints");
+    c
+}
+
+/// The next message, failing the test after [`PATIENCE`].
+pub async fn recv(c: &mut TdpClient) -> TdpMessage {
+    tokio::time::timeout(PATIENCE, c.recv())
+        .await
+        .expect("message in time")
+        .expect("message")
+}
+
+/// Waits for a `NewTemplate` (skipping anything else) and returns it.
+pub async fn next_template(c: &mut TdpClient) -> NewTemplateOwned {
+    loop {
+        if let TdpMessage::NewTemplate(t) = recv(c).await {
+            return t;
+        }
+    }
+}
+
+/// Waits for the `NewTemplate(future)` + `SetNewPrevHash` pair of a new tip.
+pub async fn next_tip(c: &mut TdpClient) -> (NewTemplateOwned, SetNewPrevHashOwned) {
+    loop {
+        let t = next_template(c).await;
+        if !t.future_template {
+            continue;
+        }
+        match recv(c).await {
+            TdpMessage::SetNewPrevHash(p) => {
+                assert_eq!(
+                    p.template_id, t.template_id,
+                    "SetNewPrevHash follows its template"
+                );
+                return (t, p);
+            }
+            other => panic!("expected SetNewPrevHash after a future template, got {other:?}"),
+        }
+    }
+}
+
+/// `prev_hash` of a `SetNewPrevHash` as a block hash.
+pub fn prev_hash(p: &SetNewPrevHashOwned) -> BlockHash {
+    let bytes: [u8; 32] = p.prev_hash.as_bytes().try_into().expect("32 bytes");
+    BlockHash::from_byte_array(bytes)
+}
+
+/// The coinbase a pool builds from `t`: the template's prefix plus our extra bytes in the
+/// scriptSig, one output paying `payout` everything, then the required outputs.
+pub fn build_coinbase(t: &NewTemplateOwned, payout: &ScriptBuf, with_witness: bool) -> Transaction {
+    let mut script_sig = t.coinbase_prefix.as_bytes().to_vec();
+    // An "extranonce": keeps the scriptSig at 2..=100 bytes even at heights <= 16.
+    script_sig.extend_from_slice(&[0x04, 0xde, 0xad, 0xbe, 0xef]);
+    let mut outputs = vec![TxOut {
+        value: Amount::from_sat(t.coinbase_tx_value_remaining),
+        script_pubkey: payout.clone(),
+    }];
+    let mut rest = t.coinbase_tx_outputs.as_bytes();
+    for _ in 0..t.coinbase_tx_outputs_count {
+        let out: TxOut = bitcoin::consensus::encode::deserialize_partial(rest)
+            .map(|(o, used)| {
+                rest = &rest[used..];
+                o
+            })
+            .expect("template outputs decode");
+        outputs.push(out);
+    }
+    Transaction {
+        version: Version(t.coinbase_tx_version as i32),
+        lock_time: LockTime::from_consensus(t.coinbase_tx_locktime),
+        input: vec![TxIn {
+            previous_output: OutPoint::null(),
+            script_sig: ScriptBuf::from_bytes(script_sig),
+            sequence: Sequence(t.coinbase_tx_input_sequence),
+            witness: if with_witness {
+                Witness::from_slice(&[[0u8; 32]])
+            } else {
+                Witness::new()
+            },
+        }],
+        output: outputs,
+    }
+}
+
+/// Grinds the nonce for `t` on `p` with `coinbase`; returns the solution and block hash.
+pub fn solve(
+    t: &NewTemplateOwned,
+    p: &SetNewPrevHashOwned,
+    coinbase: &Transaction,
+) -> (SubmitSolutionOwned, BlockHash) {
+    let mut root = coinbase.compute_txid().to_raw_hash();
+    for sibling in t.merkle_path.clone().into_inner() {
+        let mut e = sha256d::Hash::engine();
+        e.input(root.as_byte_array());
+        e.input(sibling.as_bytes());
+        root = sha256d::Hash::from_engine(e);
+    }
+    let mut header = bitcoin::block::Header {
+        version: bitcoin::block::Version::from_consensus(t.version as i32),
+        prev_blockhash: prev_hash(p),
+        merkle_root: TxMerkleNode::from_raw_hash(root),
+        time: p.header_timestamp,
+        bits: bitcoin::CompactTarget::from_consensus(p.n_bits),
+        nonce: 0,
+    };
+    let target = Target::from_compact(header.bits);
+    while !target.is_met_by(header.block_hash()) {
+        header.nonce += 1;
+    }
+    let solution = SubmitSolutionOwned {
+        template_id: t.template_id,
+        version: t.version,
+        header_timestamp: header.time,
+        header_nonce: header.nonce,
+        coinbase_tx: B064KOwned::new(serialize(coinbase)).expect("coinbase fits"),
+    };
+    (solution, header.block_hash())
+}
+
+/// Decodes `RequestTransactionData.Success`'s transaction list.
+pub fn decode_transactions(list: Vec<Vec<u8>>) -> Vec<Transaction> {
+    list.iter()
+        .map(|b| deserialize(b).expect("transaction decodes"))
+        .collect()
+}

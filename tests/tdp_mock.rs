@@ -1,0 +1,216 @@
+//! sv2-tpd end to end against the mock node: SV2 clients built on SRI's crates receive
+//! templates, ask for transactions and submit solutions that become blocks.
+
+mod support;
+
+use std::time::Duration;
+
+use bitcoin::{Amount, ScriptBuf};
+use support::tp::*;
+use sv2_tpd::mock::{MockNode, MockOptions};
+use sv2_tpd::sv2::TdpMessage;
+use sv2_tpd::template::{block_reserved_weight, Constraints};
+
+fn mock(dir: &tempfile::TempDir) -> MockNode {
+    MockNode::start(&dir.path().join("node.sock"), MockOptions::default()).expect("mock starts")
+}
+
+fn payout() -> ScriptBuf {
+    ScriptBuf::new_p2wsh(&bitcoin::WScriptHash::from_raw_hash(
+        bitcoin::hashes::Hash::from_byte_array([7u8; 32]),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_follow_the_chain_and_solutions_become_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(&dir);
+    let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
+    let mut c = client(&daemon, 100, 10).await;
+
+    let (_, p) = next_tip(&mut c).await;
+    assert_eq!(prev_hash(&p), node.tip().0);
+
+    let mined = node.mine_block();
+    let (t1, p1) = next_tip(&mut c).await;
+    assert_eq!(prev_hash(&p1), mined);
+    assert!(
+        t1.template_id > p.template_id,
+        "template ids strictly increase"
+    );
+
+    let txid = node.add_mempool_tx(Amount::from_sat(5_000));
+    let t2 = next_template(&mut c).await;
+    assert!(
+        !t2.future_template,
+        "a fee rise on the same tip is not a future template"
+    );
+    assert_eq!(
+        t2.coinbase_tx_value_remaining,
+        t1.coinbase_tx_value_remaining + 5_000
+    );
+
+    c.request_tx_data(t2.template_id).await.unwrap();
+    let txs = loop {
+        match recv(&mut c).await {
+            TdpMessage::RequestTransactionDataSuccess(s) => break s,
+            TdpMessage::NewTemplate(_) | TdpMessage::SetNewPrevHash(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(txs.template_id, t2.template_id);
+    let list: Vec<Vec<u8>> = txs
+        .transaction_list
+        .iter_bytes()
+        .map(<[u8]>::to_vec)
+        .collect();
+    let decoded = decode_transactions(list);
+    assert_eq!(decoded.len(), 1);
+    assert_eq!(decoded[0].compute_txid(), txid);
+    assert_eq!(
+        txs.excess_data.as_bytes(),
+        [0u8; 32],
+        "witness reserved value"
+    );
+
+    // A pool that leaves the coinbase witness out still gets its block in: the TP adds
+    // the witness reserved value the block's commitment needs.
+    let coinbase = build_coinbase(&t2, &payout(), false);
+    let (solution, hash) = solve(&t2, &p1, &coinbase);
+    c.submit_solution(solution).await.unwrap();
+    let (_, p3) = next_tip(&mut c).await;
+    assert_eq!(prev_hash(&p3), hash, "the solved block is the new tip");
+    let blocks = node.accepted_blocks();
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(blocks[0].block_hash(), hash);
+    assert_eq!(blocks[0].txdata[0].output[0].script_pubkey, payout());
+    assert_eq!(blocks[0].txdata[1].compute_txid(), txid);
+    let saved = std::fs::read_dir(dir.path().join("solutions"))
+        .unwrap()
+        .count();
+    assert_eq!(saved, 1, "the block was written to disk before submission");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_constraints_share_one_node_template_per_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(&dir);
+    let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(client(&daemon, 200, 20).await);
+    }
+    let mut first_ids = Vec::new();
+    for c in &mut clients {
+        first_ids.push(next_tip(c).await.0.template_id);
+    }
+    assert!(
+        first_ids.windows(2).all(|w| w[0] == w[1]),
+        "one template for all: {first_ids:?}"
+    );
+
+    let before = node.stats().templates_created;
+    node.mine_block();
+    let mut ids = Vec::new();
+    for c in &mut clients {
+        ids.push(next_tip(c).await.0.template_id);
+    }
+    assert!(
+        ids.windows(2).all(|w| w[0] == w[1]),
+        "one template for all: {ids:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let made = node.stats().templates_created - before;
+    println!("node templates for one update with 10 equal clients: {made} (groups: standing + 1)");
+    assert_eq!(
+        made, 2,
+        "the clients' group and the standing group, nothing per client"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_constraints_reserve_different_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(&dir);
+    let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
+    let mut small = client(&daemon, 100, 10).await;
+    let mut large = client(&daemon, 5_000, 100).await;
+    let (ts, _) = next_tip(&mut small).await;
+    let (tl, _) = next_tip(&mut large).await;
+    assert_ne!(ts.template_id, tl.template_id, "separate templates");
+    let weights = node.stats().reserved_weights;
+    for size in [100, 5_000] {
+        let w = block_reserved_weight(Constraints {
+            max_additional_size: size,
+            max_additional_sigops: 0,
+        });
+        assert!(
+            weights.contains(&w),
+            "{w} WU asked of the node: {weights:?}"
+        );
+    }
+    assert_eq!(
+        block_reserved_weight(Constraints {
+            max_additional_size: 100,
+            max_additional_sigops: 0
+        }),
+        2000
+    );
+    assert_eq!(
+        block_reserved_weight(Constraints {
+            max_additional_size: 5_000,
+            max_additional_sigops: 0
+        }),
+        21_168
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_data_errors_and_unknown_solutions_keep_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(&dir);
+    let config = regtest_config(
+        node.socket_path(),
+        dir.path(),
+        &[("stale_template_grace", "30")],
+    );
+    let daemon = start_daemon(&config).await;
+    let mut c = client(&daemon, 100, 10).await;
+    let (t0, p0) = next_tip(&mut c).await;
+
+    c.request_tx_data(999_999).await.unwrap();
+    match recv(&mut c).await {
+        TdpMessage::RequestTransactionDataError {
+            template_id,
+            error_code,
+        } => {
+            assert_eq!(template_id, 999_999);
+            assert_eq!(error_code, "template-id-not-found");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    node.mine_block();
+    next_tip(&mut c).await;
+    c.request_tx_data(t0.template_id).await.unwrap();
+    match recv(&mut c).await {
+        TdpMessage::RequestTransactionDataError { error_code, .. } => {
+            assert_eq!(error_code, "stale-template-id")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // A solution for an id we never issued is logged and counted; the session stays.
+    let coinbase = build_coinbase(&t0, &payout(), true);
+    let (mut solution, _) = solve(&t0, &p0, &coinbase);
+    solution.template_id = 424_242;
+    c.submit_solution(solution).await.unwrap();
+    node.mine_block();
+    let (_, p) = next_tip(&mut c).await;
+    assert_eq!(prev_hash(&p), node.tip().0);
+    assert!(node.accepted_blocks().is_empty());
+    daemon.stop().await;
+}
