@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -18,6 +18,7 @@ use anyhow::{bail, Context as _};
 use bitcoin::Script;
 use key_utils::Secp256k1PublicKey;
 use sv2_tpd::keys::ServerKeys;
+use sv2_tpd::sv2::TdpClient;
 use tempfile::TempDir;
 
 use super::bitcoin_node::BitcoinNode;
@@ -207,10 +208,17 @@ impl Sv2Tpd {
             .env("RUST_LOG", "info");
         let log = datadir.path().join("sv2-tpd.log");
         let mut process = ChildProcess::spawn("sv2-tpd", command, log)?;
-        process.wait_until(&format!("listener on {addr}"), |_| {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+        // Ready means: its key exists and a real client gets through the Noise handshake
+        // and SetupConnection (a bare TCP probe would only make it log a failed handshake).
+        let mut authority = None;
+        process.wait_until("authority key", |_| {
+            authority = show_authority_key(binary, datadir.path()).ok();
+            authority.is_some()
         })?;
-        let authority = show_authority_key(binary, datadir.path())?;
+        let authority = authority.context("sv2-tpd keys show printed no key")?;
+        process.wait_until(&format!("SV2 service on {addr}"), |_| {
+            tdp_setup_succeeds(addr, authority)
+        })?;
         Ok(Self {
             process,
             addr,
@@ -218,6 +226,29 @@ impl Sv2Tpd {
             datadir,
         })
     }
+}
+
+/// Whether a Template Distribution client gets through the handshake and SetupConnection.
+fn tdp_setup_succeeds(addr: SocketAddr, authority: Secp256k1PublicKey) -> bool {
+    // A thread of its own: callers may be inside a tokio runtime, where another cannot run.
+    let probe = thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return false;
+        };
+        runtime.block_on(async {
+            let patience = Duration::from_secs(5);
+            match TdpClient::connect_with_timeout(addr, authority, patience).await {
+                Ok(mut client) => tokio::time::timeout(patience, client.setup_connection())
+                    .await
+                    .is_ok_and(|setup| setup.is_ok()),
+                Err(_) => false,
+            }
+        })
+    });
+    probe.join().unwrap_or(false)
 }
 
 /// Runs `sv2-tpd keys show --datadir` and parses the key it prints.
