@@ -20,16 +20,13 @@ mkdir -p "$root/bin"
 install_one() {
     local crate="$1" version="$2"
     shift 2
-    if ! cargo install --locked --debug --quiet \
+    if ! cargo install --locked --debug \
         --root "$root" --target-dir "$target_dir" \
         "$crate" --version "=$version" "$@" >&2; then
         echo "install-sri: cargo install $crate $version failed" >&2
         exit 1
     fi
 }
-
-# CARGO_TARGET_DIR would override --target-dir for nothing but confusion; keep it out.
-unset CARGO_TARGET_DIR
 
 install_one pool_sv2 0.7.0 --bin pool_sv2
 install_one integration_tests_sv2 0.6.0 --bin mining_device
