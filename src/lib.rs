@@ -12,3 +12,4 @@ pub mod mock;
 pub mod node;
 pub mod sv2;
 pub mod template;
+pub mod watch;

@@ -6,6 +6,7 @@
 
 pub mod bitcoin_node;
 pub mod op_true;
+pub mod sri;
 
 pub use bitcoin_node::{bitcoin_node_binary, BitcoinNode, NodeError};
 pub use op_true::{
