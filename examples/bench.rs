@@ -12,7 +12,7 @@
 //! idle and with the most clients. `--vs ADDR --vs-authority KEY [--vs-pid PID]` measures
 //! another Template Provider on the same node the same way. Results go to `--out`.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/support/bench_harness.rs"]
 mod support;
 
 use std::fmt::Write as _;

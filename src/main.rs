@@ -29,8 +29,31 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
-    /// Follow the templates the node produces, without serving clients.
-    Watch,
+    /// Connect to a Template Provider as a pool would and print every message it sends.
+    Watch(WatchArgs),
+}
+
+/// `sv2-tpd watch` options.
+#[derive(Debug, clap::Args)]
+struct WatchArgs {
+    /// The Template Provider's SV2 address (ip:port).
+    #[arg(long, value_name = "ADDR")]
+    tp: std::net::SocketAddr,
+    /// Its authority public key, as `sv2-tpd keys show` prints it.
+    #[arg(long, value_name = "KEY")]
+    authority: key_utils::Secp256k1PublicKey,
+    /// Print one JSON object per line instead of human-readable lines.
+    #[arg(long)]
+    json: bool,
+    /// Stop after this many Template Distribution messages.
+    #[arg(long, value_name = "N")]
+    count: Option<usize>,
+    /// Coinbase output bytes to reserve (CoinbaseOutputConstraints).
+    #[arg(long, value_name = "BYTES", default_value_t = 100)]
+    max_additional_size: u32,
+    /// Coinbase output sigops to reserve (CoinbaseOutputConstraints).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    max_additional_sigops: u16,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,7 +99,7 @@ fn main() -> ExitCode {
         Command::Run => block_on(sv2_tpd::daemon::run(config)),
         Command::Config => Ok(()),
         Command::Keys { action } => keys_command(&config, action),
-        Command::Watch => block_on(watch_command(config)),
+        Command::Watch(args) => block_on(watch_command(args)),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,9 +142,15 @@ fn keys_command(config: &Config, action: KeysAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sv2-tpd watch`: to be routed to the template engine's watch mode.
-async fn watch_command(config: Config) -> anyhow::Result<()> {
-    let _ = config;
-    // TODO(lead): route to the watch implementation once it lands.
-    anyhow::bail!("`watch` is not wired yet")
+/// `sv2-tpd watch`: prints what a Template Provider sends, on stdout.
+async fn watch_command(args: WatchArgs) -> anyhow::Result<()> {
+    let opts = sv2_tpd::watch::WatchOptions {
+        addr: args.tp,
+        authority: args.authority,
+        max_additional_size: args.max_additional_size,
+        max_additional_sigops: args.max_additional_sigops,
+        json: args.json,
+        count: args.count,
+    };
+    sv2_tpd::watch::run(opts, &mut std::io::stdout().lock()).await
 }

@@ -41,7 +41,7 @@ const MAX_SERVER_FRAME_BYTES: usize = 17 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// TCP connect failed.
-    #[error("connecting to {addr}: {source}")]
+    #[error("cannot connect to the Template Provider at {addr}")]
     Connect {
         /// The server address.
         addr: SocketAddr,

@@ -1,0 +1,12 @@
+//! The parts of the test harness the benchmark (`examples/bench.rs`) shares: everything
+//! but what exists only inside a test binary.
+#![allow(dead_code, unused_imports)]
+
+#[path = "bitcoin_node.rs"]
+pub mod bitcoin_node;
+#[path = "op_true.rs"]
+pub mod op_true;
+#[path = "tp.rs"]
+pub mod tp;
+
+pub use bitcoin_node::{bitcoin_node_binary, BitcoinNode};
