@@ -481,15 +481,20 @@ async fn stopping_the_node_ends_a_pending_wait_next() {
     within("closed()", client.closed()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn submit_returns_while_wait_next_blocks() {
+/// Waits on one template with a wait only a new tip ends, and meanwhile mines `solve_on`
+/// (the waited-on template itself, or another one): were the submit queued behind the
+/// wait, neither would return before the wait's minute is up.
+async fn submit_during_wait_next(same_template: bool) {
     let f = Fixture::start(MockOptions::default());
     let client = f.connect().await;
-    let template = new_template(&client).await;
+    let waited_on = new_template(&client).await;
+    let solve_on = if same_template {
+        waited_on.clone()
+    } else {
+        new_template(&client).await
+    };
 
-    // A wait that only a new tip ends: were the submit queued behind it, neither would
-    // return until the wait's minute is up.
-    let waiter = template.clone();
+    let waiter = waited_on.clone();
     let pending = tokio::spawn(async move {
         waiter
             .wait_next(waiting(Duration::from_secs(60), Amount::MAX_MONEY))
@@ -500,7 +505,7 @@ async fn submit_returns_while_wait_next_blocks() {
     })
     .await;
     // `mine` gives up after 20 s, long before the wait's own timeout.
-    let (accepted, solved) = mine(&template).await;
+    let (accepted, solved) = mine(&solve_on).await;
     assert!(accepted);
     let next = within("waitNext after our block", pending)
         .await
@@ -511,6 +516,16 @@ async fn submit_returns_while_wait_next_blocks() {
         next.data().header.prev_blockhash,
         solved.header.block_hash()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_returns_while_wait_next_blocks_on_another_template() {
+    submit_during_wait_next(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_returns_while_wait_next_blocks_on_the_same_template() {
+    submit_during_wait_next(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
