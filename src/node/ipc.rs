@@ -150,7 +150,7 @@ impl Session {
 
     fn set_line(&self, line: NodeLine) {
         self.line.set(line);
-        let _ = self.line_tx.send(line);
+        self.line_tx.send_replace(line);
     }
 
     /// Holds `client` and returns its key.
@@ -588,7 +588,8 @@ async fn bootstrap(init: init_capnp::init::Client) -> Result<Session, NodeError>
         Err(e) => return Err(NodeError::from_capnp("getTransactionsByTxID", e)),
         Ok(_) => session.line.set(NodeLine::V31_99),
     }
-    let _ = session.line_tx.send(session.line.get());
+    // `send` would drop the value: nobody has subscribed yet.
+    session.line_tx.send_replace(session.line.get());
     session.idle_threads.borrow_mut().push(thread);
     Ok(session)
 }

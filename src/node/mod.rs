@@ -159,8 +159,7 @@ impl NodeClient {
     /// node is in IBD. `Err(ShuttingDown)` when interrupted.
     pub async fn create_new_block(&self, options: CreateOptions) -> Result<Template, NodeError> {
         let jobs = self.jobs.clone();
-        let (key, data) = self
-            .jobs
+        self.jobs
             .run(move |s| async move {
                 let worker = s.worker();
                 let mut request = s.mining.create_new_block_request();
@@ -186,10 +185,11 @@ impl NodeClient {
                     return Err(NodeError::ShuttingDown);
                 }
                 let data = data?;
-                Ok((s.hold(template), data))
+                // Made here, not by the caller: if the caller gave up meanwhile, dropping
+                // the `Template` still releases what the node made.
+                Ok(Template::new(jobs, s.hold(template), data))
             })
-            .await?;
-        Ok(Template::new(jobs, key, data))
+            .await
     }
 
     /// Releases every template still held (interrupting their waits first) and waits,
@@ -274,8 +274,7 @@ impl Template {
     pub async fn wait_next(&self, options: WaitOptions) -> Result<Option<Template>, NodeError> {
         let key = self.key();
         let jobs = self.jobs().clone();
-        let next = self
-            .jobs()
+        self.jobs()
             .run(move |s| async move {
                 let client = s.template(key)?;
                 let worker = s.worker();
@@ -303,10 +302,10 @@ impl Template {
                     return Ok(None);
                 }
                 let data = data?;
-                Ok(Some((s.hold(template), data)))
+                // See `create_new_block`: a caller that gave up must not leak it.
+                Ok(Some(Template::new(jobs, s.hold(template), data)))
             })
-            .await?;
-        Ok(next.map(|(key, data)| Template::new(jobs, key, data)))
+            .await
     }
 
     /// Makes a pending `waitNext` on this template return `None` (sticky: with none
