@@ -179,6 +179,33 @@ impl Metrics {
         ] {
             m.solutions.with_label_values(&[result]);
         }
+        for sent in [
+            "SetupConnectionSuccess",
+            "SetupConnectionError",
+            "NewTemplate",
+            "SetNewPrevHash",
+            "RequestTransactionDataSuccess",
+            "RequestTransactionDataError",
+        ] {
+            m.messages_sent.with_label_values(&[sent]);
+        }
+        for received in [
+            "SetupConnection",
+            "CoinbaseOutputConstraints",
+            "RequestTransactionData",
+            "SubmitSolution",
+        ] {
+            m.messages_received.with_label_values(&[received]);
+        }
+        for method in [
+            "createNewBlock",
+            "waitNext",
+            "getBlock",
+            "submitSolution",
+            "destroy",
+        ] {
+            m.ipc_call_seconds.with_label_values(&[method]);
+        }
         m
     }
 
