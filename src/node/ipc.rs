@@ -283,11 +283,28 @@ impl Session {
         path.get().init_context().set_thread(worker.thread());
         let mut fees = template.get_tx_fees_request();
         fees.get().init_context().set_thread(worker.thread());
-        let (header, coinbase, path, fees) = futures::join!(
+        // The v32 line is told apart by its submitSolution @10: probed once, on the
+        // first template, with an empty coinbase the node cannot even decode (so nothing
+        // is ever submitted). UNIMPLEMENTED means an earlier line. Pipelined like the
+        // reads, so it costs no round trip.
+        let probe =
+            (self.submit_v32.get().is_none() && self.line() != NodeLine::V31_0).then(|| {
+                let mut probe = template.submit_solution_v32_request();
+                probe.get().init_context().set_thread(worker.thread());
+                probe.send().promise
+            });
+        let probe = async move {
+            match probe {
+                Some(p) => Some(p.await.map(|_| ())),
+                None => None,
+            }
+        };
+        let (header, coinbase, path, fees, probe) = futures::join!(
             timed("getBlockHeader", header.send().promise),
             timed("getCoinbaseTx", coinbase.send().promise),
             timed("getCoinbaseMerklePath", path.send().promise),
             timed("getTxFees", fees.send().promise),
+            probe,
         );
         let (header, coinbase, path, fees) = (header?, coinbase?, path?, fees?);
 
@@ -358,23 +375,17 @@ impl Session {
             ));
         }
 
-        // The v32 line is told apart by its submitSolution @10: probed once, on the
-        // first template, with an empty coinbase the node cannot even decode (so nothing
-        // is ever submitted). UNIMPLEMENTED means an earlier line.
-        if self.submit_v32.get().is_none() && self.line() != NodeLine::V31_0 {
-            let mut probe = template.submit_solution_v32_request();
-            probe.get().init_context().set_thread(worker.thread());
-            let v32 = match probe.send().promise.await {
+        // Only a template that exists answers the probe meaningfully; the reads above
+        // have just shown it does.
+        if let Some(outcome) = probe {
+            let v32 = match outcome {
                 Err(e) if is_unimplemented(&e) => false,
                 Err(e) if e.kind == capnp::ErrorKind::Disconnected => {
                     return Err(NodeError::Disconnected)
                 }
                 _ => true,
             };
-            self.submit_v32.set(Some(v32));
-            if v32 {
-                self.set_line(NodeLine::V32);
-            }
+            self.learn_submit_v32(v32);
             tracing::info!(line = self.line().label(), "node interface line confirmed");
         }
 

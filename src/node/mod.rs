@@ -207,24 +207,6 @@ impl NodeClient {
             })
             .await;
     }
-
-    /// Runs `getTransactionsByTxID` with no ids (a no-op); UNIMPLEMENTED on v31.0.
-    #[doc(hidden)]
-    pub async fn ping(&self) -> Result<(), NodeError> {
-        self.jobs
-            .run(|s| async move {
-                let worker = s.worker();
-                let mut request = s.mining.get_transactions_by_tx_i_d_request();
-                request.get().init_context().set_thread(worker.thread());
-                request.get().init_txids(0);
-                match request.send().promise.await {
-                    Err(e) if is_unimplemented(&e) => Ok(()),
-                    Err(e) => Err(NodeError::from_capnp("getTransactionsByTxID", e)),
-                    Ok(_) => Ok(()),
-                }
-            })
-            .await
-    }
 }
 
 /// Releases the node-side template when the last clone of its [`Template`] drops.
