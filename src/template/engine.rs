@@ -269,10 +269,16 @@ impl Engine {
             let _ = tx.send(Internal::Disconnected { generation }).await;
         });
         self.node = Some(node);
-        self.ensure_group(STANDING_GROUP);
+        // After a reconnect the first templates stand for the node's (possibly new) tip.
+        let reason = if self.generation > 1 {
+            Reason::Tip
+        } else {
+            Reason::Constraints
+        };
+        self.ensure_group(STANDING_GROUP, reason);
         let wanted: Vec<Constraints> = self.subscribers.iter().map(|s| s.constraints).collect();
         for constraints in wanted {
-            self.ensure_group(constraints);
+            self.ensure_group(constraints, reason);
         }
     }
 
@@ -292,8 +298,8 @@ impl Engine {
         self.spawn_connect(Duration::from_millis(100));
     }
 
-    /// Starts a group for `constraints` unless one runs.
-    fn ensure_group(&mut self, constraints: Constraints) {
+    /// Starts a group for `constraints` unless one runs; `first` labels its first template.
+    fn ensure_group(&mut self, constraints: Constraints, first: Reason) {
         let Some(node) = self.node.clone() else {
             return;
         };
@@ -310,6 +316,7 @@ impl Engine {
             run_group(
                 node,
                 constraints,
+                first,
                 self.config.fee_delta,
                 self.config.template_interval,
                 self.generation,
@@ -355,7 +362,7 @@ impl Engine {
                 warn!(error = %error, "template group failed; restarting it");
                 self.groups.remove(&constraints);
                 if constraints == STANDING_GROUP || self.wanted(constraints) {
-                    self.ensure_group(constraints);
+                    self.ensure_group(constraints, Reason::Constraints);
                 }
             }
         }
@@ -540,7 +547,7 @@ impl Engine {
                     );
                 }
                 self.subscribers.push(sub);
-                self.ensure_group(constraints);
+                self.ensure_group(constraints, Reason::Constraints);
             }
             EngineRequest::TransactionData { template_id, reply } => {
                 self.on_transaction_data(template_id, reply)

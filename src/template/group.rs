@@ -74,6 +74,7 @@ const IDLE_WAIT: Duration = Duration::from_secs(60);
 pub(crate) async fn run_group(
     node: NodeClient,
     constraints: Constraints,
+    first_reason: Reason,
     fee_delta: Amount,
     interval: Duration,
     generation: u64,
@@ -110,7 +111,7 @@ pub(crate) async fn run_group(
         Ok(t) => t,
         Err(e) => return report(fail(e)).await,
     };
-    report(publish(current.clone(), Reason::Constraints)).await;
+    report(publish(current.clone(), first_reason)).await;
     let mut sent_fees = current.data().total_fees();
     let mut last_sent = Instant::now();
     // A fee template held back until `interval` has passed since the last one.
