@@ -18,7 +18,7 @@ use super::api::{
     Constraints, EngineHandle, EngineRequest, SolutionOutcome, TemplateEvent, TransactionData,
     TxDataError,
 };
-use super::group::{run_group, GroupReport, Reason};
+use super::group::{run_group, GroupReport, GroupSpec, Reason};
 use super::messages::{new_template, set_new_prev_hash, SolvedBlock};
 use crate::metrics::metrics;
 use crate::node::{NodeClient, NodeError, Template};
@@ -315,11 +315,13 @@ impl Engine {
         tokio::spawn(
             run_group(
                 node,
-                constraints,
-                first,
-                self.config.fee_delta,
-                self.config.template_interval,
-                self.generation,
+                GroupSpec {
+                    constraints,
+                    first_reason: first,
+                    fee_delta: self.config.fee_delta,
+                    interval: self.config.template_interval,
+                    generation: self.generation,
+                },
                 self.internal_tx.clone(),
                 cancel.clone(),
             )

@@ -70,17 +70,32 @@ pub fn create_options(constraints: Constraints) -> CreateOptions {
 /// How long one `waitNext` may block when nothing is pending; the loop simply waits again.
 const IDLE_WAIT: Duration = Duration::from_secs(60);
 
+/// What a group task is started with.
+pub(crate) struct GroupSpec {
+    pub constraints: Constraints,
+    /// Labels the group's first template.
+    pub first_reason: Reason,
+    pub fee_delta: Amount,
+    /// Minimum time between fee-driven templates.
+    pub interval: Duration,
+    /// The connection generation its reports belong to.
+    pub generation: u64,
+}
+
 /// Runs one group until `cancel` fires or the node fails.
 pub(crate) async fn run_group(
     node: NodeClient,
-    constraints: Constraints,
-    first_reason: Reason,
-    fee_delta: Amount,
-    interval: Duration,
-    generation: u64,
+    spec: GroupSpec,
     engine: mpsc::Sender<Internal>,
     cancel: CancellationToken,
 ) {
+    let GroupSpec {
+        constraints,
+        first_reason,
+        fee_delta,
+        interval,
+        generation,
+    } = spec;
     let report = |r| {
         let engine = engine.clone();
         async move {
