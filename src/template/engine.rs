@@ -281,8 +281,10 @@ impl Engine {
         self.node = None;
         self.status.node_connected.store(false, Ordering::Relaxed);
         self.status.has_template.store(false, Ordering::Relaxed);
+        // `templates_held` is not zeroed here: the old connection's templates are counted
+        // down as their handles drop (the IPC thread releases each one once), and zeroing
+        // first would drive the gauge negative.
         metrics().node_connected.set(0);
-        metrics().templates_held.set(0);
         self.spawn_connect(Duration::from_millis(100));
     }
 
