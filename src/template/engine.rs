@@ -264,6 +264,7 @@ impl Engine {
         });
         self.node = Some(node);
         self.ensure_group(STANDING_GROUP);
+        self.forget_gone_subscribers();
         let wanted: Vec<Constraints> = self.subscribers.iter().map(|s| s.constraints).collect();
         for constraints in wanted {
             self.ensure_group(constraints);
@@ -468,6 +469,9 @@ impl Engine {
     /// Drops templates of tips before the previous one, and of the previous tip once its
     /// grace period is over. The node's copies are released with them.
     fn prune(&mut self) {
+        // Clients that left: without this their groups would keep waiting in the node
+        // until the next template found their channel closed.
+        self.forget_gone_subscribers();
         let grace_over = self
             .previous_tip
             .is_none_or(|(_, since)| since.elapsed() >= self.config.stale_grace);
