@@ -427,24 +427,19 @@ impl Engine {
         );
         self.status.has_template.store(true, Ordering::Relaxed);
 
-        let mut dropped = false;
-        for sub in self
-            .subscribers
-            .iter()
-            .filter(|s| s.constraints == constraints)
-        {
-            dropped |= !send(sub, TemplateEvent::NewTemplate(new_tmpl.clone()));
-            if future {
-                dropped |= !send(sub, TemplateEvent::SetNewPrevHash(snph.clone()));
+        // A subscriber that is gone, or too slow to take this update, is dropped: a
+        // client that silently missed templates would mine on a stale tip.
+        self.subscribers.retain(|sub| {
+            if sub.constraints != constraints {
+                return true;
             }
-        }
+            send(sub, TemplateEvent::NewTemplate(new_tmpl.clone()))
+                && (!future || send(sub, TemplateEvent::SetNewPrevHash(snph.clone())))
+        });
         if future {
             metrics()
                 .new_tip_to_prevhash_seconds
                 .observe(received_at.elapsed().as_secs_f64());
-        }
-        if dropped {
-            self.forget_gone_subscribers();
         }
 
         // Fetch the block now, so transaction data and solutions need no IPC later and a
