@@ -218,3 +218,77 @@ async fn a_v30_node_is_refused_with_a_clear_message() {
     assert!(message.contains("v30"), "{message}");
     assert!(message.contains("v31 or later"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_and_others_carry_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("node.sock");
+    let node = MockNode::start(&socket, MockOptions::default()).unwrap();
+    // Big transaction data, so a client that asks for it and never reads clogs its socket.
+    for _ in 0..2_000 {
+        node.add_mempool_tx(bitcoin::Amount::from_sat(2_000));
+    }
+    let daemon = DaemonProcess::start(&socket, &dir.path().join("tpd"), &[]);
+    let mut slow = connect(&daemon).await;
+    let mut steady = client_at(
+        daemon.sv2_addr.unwrap(),
+        daemon.authority.unwrap(),
+        5_000,
+        100,
+    )
+    .await;
+    let (t, _) = next_tip(&mut slow).await;
+    next_tip(&mut steady).await;
+    for _ in 0..200 {
+        slow.request_tx_data(t.template_id).await.unwrap();
+    }
+    // Wait until its session is stuck writing: the answers stop before all are sent.
+    let mut answered = -1.0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = daemon
+            .scrape()
+            .value("sv2_tpd_tx_data_requests_total", &[("result", "success")]);
+        assert!(
+            now < 200.0,
+            "the socket took 76 MB without the client reading"
+        );
+        if now == answered {
+            break;
+        }
+        answered = now;
+    }
+    // Far more updates than a session's queue holds, while `slow` reads nothing.
+    let deadline = Instant::now() + CHILD_PATIENCE;
+    while !daemon.log_text().contains("too slow") {
+        assert!(
+            Instant::now() < deadline,
+            "the slow client's queue never filled; metrics:\n{:?}",
+            daemon.scrape()
+        );
+        let mined = node.mine_block();
+        let (_, p) = next_tip(&mut steady).await;
+        assert_eq!(prev_hash(&p), mined, "the steady client misses nothing");
+    }
+    // The slow client is disconnected once it has drained what was already sent, rather
+    // than left running with gaps in its templates.
+    let drained = tokio::time::timeout(CHILD_PATIENCE, async {
+        loop {
+            if slow.recv().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "the slow client was kept; log:\n{}",
+        daemon.log_text()
+    );
+    let mined = node.mine_block();
+    let (_, p) = next_tip(&mut steady).await;
+    assert_eq!(prev_hash(&p), mined);
+    daemon.wait_for_metrics("one client left", |m| {
+        m.value("sv2_tpd_clients_connected", &[]) == 1.0
+    });
+}
