@@ -276,6 +276,7 @@ impl Engine {
             Reason::Constraints
         };
         self.ensure_group(STANDING_GROUP, reason);
+        self.forget_gone_subscribers();
         let wanted: Vec<Constraints> = self.subscribers.iter().map(|s| s.constraints).collect();
         for constraints in wanted {
             self.ensure_group(constraints, reason);
@@ -293,8 +294,10 @@ impl Engine {
         self.node = None;
         self.status.node_connected.store(false, Ordering::Relaxed);
         self.status.has_template.store(false, Ordering::Relaxed);
+        // `templates_held` is not zeroed here: the old connection's templates are counted
+        // down as their handles drop (the IPC thread releases each one once), and zeroing
+        // first would drive the gauge negative.
         metrics().node_connected.set(0);
-        metrics().templates_held.set(0);
         self.spawn_connect(Duration::from_millis(100));
     }
 
@@ -440,24 +443,19 @@ impl Engine {
         );
         self.status.has_template.store(true, Ordering::Relaxed);
 
-        let mut dropped = false;
-        for sub in self
-            .subscribers
-            .iter()
-            .filter(|s| s.constraints == constraints)
-        {
-            dropped |= !send(sub, TemplateEvent::NewTemplate(new_tmpl.clone()));
-            if future {
-                dropped |= !send(sub, TemplateEvent::SetNewPrevHash(snph.clone()));
+        // A subscriber that is gone, or too slow to take this update, is dropped: a
+        // client that silently missed templates would mine on a stale tip.
+        self.subscribers.retain(|sub| {
+            if sub.constraints != constraints {
+                return true;
             }
-        }
+            send(sub, TemplateEvent::NewTemplate(new_tmpl.clone()))
+                && (!future || send(sub, TemplateEvent::SetNewPrevHash(snph.clone())))
+        });
         if future {
             metrics()
                 .new_tip_to_prevhash_seconds
                 .observe(received_at.elapsed().as_secs_f64());
-        }
-        if dropped {
-            self.forget_gone_subscribers();
         }
 
         // Fetch the block now, so transaction data and solutions need no IPC later and a
@@ -482,6 +480,9 @@ impl Engine {
     /// Drops templates of tips before the previous one, and of the previous tip once its
     /// grace period is over. The node's copies are released with them.
     fn prune(&mut self) {
+        // Clients that left: without this their groups would keep waiting in the node
+        // until the next template found their channel closed.
+        self.forget_gone_subscribers();
         let grace_over = self
             .previous_tip
             .is_none_or(|(_, since)| since.elapsed() >= self.config.stale_grace);

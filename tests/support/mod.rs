@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod bitcoin_node;
+pub mod daemon_proc;
 pub mod grind;
 pub mod op_true;
 pub mod sri;
