@@ -22,6 +22,9 @@ use tokio::{
     },
 };
 
+/// How long one frame may take to leave; a peer that reads nothing for this long is
+/// dropped.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Why a Noise connection failed or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -269,7 +272,11 @@ impl FrameWriter {
     /// connection unusable.
     pub async fn write_frame<F: EncodableFrame>(&mut self, frame: F) -> Result<(), TransportError> {
         let bytes = self.encoder.encode_transport(frame, &mut self.state)?;
-        self.socket.write_all(bytes.as_ref()).await?;
+        // A peer that stops reading must not hold its session (and the frames queued
+        // for it) forever.
+        tokio::time::timeout(WRITE_TIMEOUT, self.socket.write_all(bytes.as_ref()))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         Ok(())
     }
 
