@@ -25,6 +25,7 @@ use tokio::{
 /// How long one frame may take to leave; a peer that reads nothing for this long is
 /// dropped.
 pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why a Noise connection failed or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
