@@ -199,7 +199,7 @@ impl Session {
             used_version: PROTOCOL_VERSION,
             flags: 0,
         });
-        self.send_common(success, "SetupConnectionSuccess").await
+        self.send(success, "SetupConnectionSuccess").await
     }
 
     async fn refuse_setup(&mut self, code: &'static str) -> Result<(), SessionError> {
@@ -211,7 +211,7 @@ impl Session {
             flags: 0,
             error_code,
         });
-        self.send_common(error, "SetupConnectionError").await?;
+        self.send(error, "SetupConnectionError").await?;
         // Best effort: the connection is closed right after either way.
         let _ = self.writer.shutdown().await;
         Err(SessionError::SetupRefused(code))
@@ -317,7 +317,7 @@ impl Session {
                         error_code,
                     },
                 );
-                self.send_tdp(msg, "RequestTransactionDataError").await
+                self.send(msg, "RequestTransactionDataError").await
             }
         }
     }
@@ -345,13 +345,7 @@ impl Session {
                 excess_data: B064K::new(&data.excess_data).map_err(encode_err)?,
                 transaction_list: Seq064K::new(transactions).map_err(encode_err)?,
             });
-        let frame = MessageFrame::try_from(msg).map_err(|e| SessionError::Encode {
-            name: NAME,
-            reason: e.to_string(),
-        })?;
-        self.writer.write_frame(frame).await?;
-        count_sent(NAME);
-        Ok(())
+        self.send(msg, NAME).await
     }
 
     // The node's verdict can take a while; the session keeps forwarding templates meanwhile.
@@ -386,35 +380,22 @@ impl Session {
         match event {
             TemplateEvent::NewTemplate(t) => {
                 let msg = TemplateDistributionOwned::NewTemplate((*t).clone());
-                self.send_tdp(msg, "NewTemplate").await
+                self.send(msg, "NewTemplate").await
             }
             TemplateEvent::SetNewPrevHash(p) => {
                 let msg = TemplateDistributionOwned::SetNewPrevHash((*p).clone());
-                self.send_tdp(msg, "SetNewPrevHash").await
+                self.send(msg, "SetNewPrevHash").await
             }
         }
     }
 
-    async fn send_tdp(
-        &mut self,
-        msg: TemplateDistributionOwned,
-        name: &'static str,
-    ) -> Result<(), SessionError> {
-        let frame = MessageFrame::try_from(msg).map_err(|e| SessionError::Encode {
-            name,
-            reason: e.to_string(),
-        })?;
-        self.writer.write_frame(frame).await?;
-        count_sent(name);
-        Ok(())
-    }
-
-    async fn send_common(
-        &mut self,
-        msg: CommonMessagesOwned,
-        name: &'static str,
-    ) -> Result<(), SessionError> {
-        let frame = MessageFrame::try_from(msg).map_err(|e| SessionError::Encode {
+    /// Frames, encrypts and writes one message, counting it under `name`.
+    async fn send<M>(&mut self, msg: M, name: &'static str) -> Result<(), SessionError>
+    where
+        MessageFrame<M>: TryFrom<M> + stratum_core::framing_sv2::framing::EncodableFrame,
+        <MessageFrame<M> as TryFrom<M>>::Error: std::fmt::Display,
+    {
+        let frame = MessageFrame::<M>::try_from(msg).map_err(|e| SessionError::Encode {
             name,
             reason: e.to_string(),
         })?;
