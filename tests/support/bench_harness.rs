@@ -4,6 +4,8 @@
 
 #[path = "bitcoin_node.rs"]
 pub mod bitcoin_node;
+#[path = "grind.rs"]
+pub mod grind;
 #[path = "op_true.rs"]
 pub mod op_true;
 #[path = "tp.rs"]

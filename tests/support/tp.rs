@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bitcoin::absolute::LockTime;
 use bitcoin::consensus::{deserialize, serialize};
-use bitcoin::hashes::{sha256d, Hash, HashEngine};
+use bitcoin::hashes::Hash;
 use bitcoin::transaction::Version;
 use bitcoin::{
     Amount, BlockHash, OutPoint, ScriptBuf, Sequence, Target, Transaction, TxIn, TxMerkleNode,
@@ -161,17 +161,15 @@ pub fn solve(
     p: &SetNewPrevHashOwned,
     coinbase: &Transaction,
 ) -> (SubmitSolutionOwned, BlockHash) {
-    let mut root = coinbase.compute_txid().to_raw_hash();
-    for sibling in t.merkle_path.clone().into_inner() {
-        let mut e = sha256d::Hash::engine();
-        e.input(root.as_byte_array());
-        e.input(sibling.as_bytes());
-        root = sha256d::Hash::from_engine(e);
-    }
+    let path: Vec<TxMerkleNode> = t
+        .merkle_path
+        .iter()
+        .map(|n| TxMerkleNode::from_byte_array(n.as_bytes().try_into().expect("32 bytes")))
+        .collect();
     let mut header = bitcoin::block::Header {
         version: bitcoin::block::Version::from_consensus(t.version as i32),
         prev_blockhash: prev_hash(p),
-        merkle_root: TxMerkleNode::from_raw_hash(root),
+        merkle_root: super::grind::merkle_root(coinbase, &path),
         time: p.header_timestamp,
         bits: bitcoin::CompactTarget::from_consensus(p.n_bits),
         nonce: 0,
