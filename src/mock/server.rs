@@ -804,11 +804,10 @@ impl block_template::Server for TemplateImpl {
         );
         async move {
             let _permit = entry.await?;
-            let values = &self.data.tx_fees;
-            let mut out = results.get().init_result(values.len() as u32);
-            for (i, value) in values.iter().enumerate() {
-                out.set(i as u32, *value);
-            }
+            fill_i64s(
+                results.get().init_result(self.data.tx_fees.len() as u32),
+                &self.data.tx_fees,
+            );
             Ok(())
         }
     }
@@ -824,11 +823,10 @@ impl block_template::Server for TemplateImpl {
         );
         async move {
             let _permit = entry.await?;
-            let values = &self.data.tx_sigops;
-            let mut out = results.get().init_result(values.len() as u32);
-            for (i, value) in values.iter().enumerate() {
-                out.set(i as u32, *value);
-            }
+            fill_i64s(
+                results.get().init_result(self.data.tx_sigops.len() as u32),
+                &self.data.tx_sigops,
+            );
             Ok(())
         }
     }
@@ -1015,5 +1013,12 @@ impl block_template::Server for TemplateImpl {
         self.ctx.shared.count_call(MockMethod::InterruptWait);
         self.interrupt.raise();
         std::future::ready(Ok(()))
+    }
+}
+
+/// Copies `values` into a Cap'n Proto list of the same length.
+fn fill_i64s(mut out: capnp::primitive_list::Builder<'_, i64>, values: &[i64]) {
+    for (i, value) in values.iter().enumerate() {
+        out.set(i as u32, *value);
     }
 }
