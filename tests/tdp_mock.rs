@@ -214,3 +214,71 @@ async fn tx_data_errors_and_unknown_solutions_keep_the_session() {
     assert!(node.accepted_blocks().is_empty());
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fee_templates_wait_for_the_interval_but_tips_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(&dir);
+    let config = regtest_config(
+        node.socket_path(),
+        dir.path(),
+        &[("template_interval", "2")],
+    );
+    let daemon = start_daemon(&config).await;
+    let mut c = client(&daemon, 100, 10).await;
+    next_tip(&mut c).await;
+
+    node.add_mempool_tx(Amount::from_sat(5_000));
+    let first = next_template(&mut c).await;
+    let first_at = std::time::Instant::now();
+    assert!(!first.future_template);
+    node.add_mempool_tx(Amount::from_sat(5_000));
+    let second = next_template(&mut c).await;
+    let gap = first_at.elapsed();
+    assert!(!second.future_template);
+    assert_eq!(
+        second.coinbase_tx_value_remaining,
+        first.coinbase_tx_value_remaining + 5_000
+    );
+    assert!(
+        gap >= Duration::from_millis(1_800),
+        "fee templates {gap:?} apart, interval 2 s"
+    );
+
+    // A tip right after a fee template is not held back by the interval.
+    node.add_mempool_tx(Amount::from_sat(5_000));
+    let mined = node.mine_block();
+    let (_, p) = next_tip(&mut c).await;
+    assert_eq!(prev_hash(&p), mined);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_tip_ticks_without_a_fee_rise_are_not_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = MockNode::start(
+        &dir.path().join("node.sock"),
+        MockOptions {
+            old_tip_ticks: true,
+            ..MockOptions::default()
+        },
+    )
+    .unwrap();
+    let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
+    let mut c = client(&daemon, 100, 10).await;
+    next_tip(&mut c).await;
+    let before = node.stats().templates_created;
+    // The node offers a same-tip template about every second; none is a change.
+    let quiet = tokio::time::timeout(Duration::from_millis(3_500), c.recv()).await;
+    assert!(quiet.is_err(), "nothing forwarded, got {quiet:?}");
+    assert!(
+        node.stats().templates_created >= before + 2,
+        "the mock did tick ({} templates)",
+        node.stats().templates_created - before
+    );
+    // A fee rise among the ticks still goes out.
+    node.add_mempool_tx(Amount::from_sat(5_000));
+    let t = next_template(&mut c).await;
+    assert!(!t.future_template);
+    daemon.stop().await;
+}

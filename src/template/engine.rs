@@ -401,6 +401,7 @@ impl Engine {
             }
         };
         self.next_id += 1;
+        let _span = info_span!("template", template_id = id).entered();
         if self.tip != Some(prev_hash) {
             if let Some(old) = self.tip.replace(prev_hash) {
                 self.previous_tip = Some((old, Instant::now()));
@@ -408,7 +409,6 @@ impl Engine {
             info!(tip = %prev_hash, height = data.height() - 1, "new chain tip");
         }
         info!(
-            template_id = id,
             reason = reason.label(),
             fees = data.total_fees().to_sat(),
             txs = data.tx_fees.len(),

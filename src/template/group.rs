@@ -115,11 +115,11 @@ pub(crate) async fn run_group(
         received_at: Instant::now(),
     };
 
+    // Not `Mining.interrupt()` on cancel: it is node-wide and sticky, so it would cancel
+    // another group's next `createNewBlock`. A template made after we left is released
+    // by the IPC side as soon as its reply finds no one waiting.
     let first = tokio::select! {
-        _ = cancel.cancelled() => {
-            let _ = node.interrupt().await;
-            return;
-        }
+        _ = cancel.cancelled() => return,
         r = node.create_new_block(create_options(constraints)) => r,
     };
     let mut current = match first {
