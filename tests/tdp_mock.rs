@@ -282,3 +282,55 @@ async fn same_tip_ticks_without_a_fee_rise_are_not_forwarded() {
     assert!(!t.future_template);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_solutions_count_during_the_grace_period_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(&dir);
+    let config = regtest_config(
+        node.socket_path(),
+        dir.path(),
+        &[("stale_template_grace", "2")],
+    );
+    let daemon = start_daemon(&config).await;
+    let mut c = client(&daemon, 100, 10).await;
+    let (old, old_p) = next_tip(&mut c).await;
+
+    // A competing block arrives; a solution for the previous tip is still forwarded
+    // (the node decides what a stale block is worth).
+    node.mine_block();
+    next_tip(&mut c).await;
+    let (late, late_hash) = solve(&old, &old_p, &build_coinbase(&old, &payout(), true));
+    c.submit_solution(late).await.unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !node
+        .accepted_blocks()
+        .iter()
+        .any(|b| b.block_hash() == late_hash)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "late solution never reached the node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Within the grace period its transactions are still there (as stale); after it,
+    // the template is gone.
+    c.request_tx_data(old.template_id).await.unwrap();
+    match recv(&mut c).await {
+        TdpMessage::RequestTransactionDataError { error_code, .. } => {
+            assert_eq!(error_code, "stale-template-id")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    c.request_tx_data(old.template_id).await.unwrap();
+    match recv(&mut c).await {
+        TdpMessage::RequestTransactionDataError { error_code, .. } => {
+            assert_eq!(error_code, "template-id-not-found")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    daemon.stop().await;
+}
