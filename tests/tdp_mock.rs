@@ -334,3 +334,29 @@ async fn late_solutions_count_during_the_grace_period_only() {
     }
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraints_the_node_refuses_do_not_spin_or_hurt_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(&dir);
+    let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
+    let mut good = client(&daemon, 100, 10).await;
+    next_tip(&mut good).await;
+
+    // 2 MB of coinbase outputs: more weight than a block has; the node refuses.
+    let _greedy = client(&daemon, 2_000_000, 10).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls = |n: &MockNode| n.stats().calls.get("createNewBlock").copied().unwrap_or(0);
+    let before = calls(&node);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        calls(&node) - before <= 1,
+        "refused group retried {} times in 3 s",
+        calls(&node) - before
+    );
+
+    let mined = node.mine_block();
+    let (_, p) = next_tip(&mut good).await;
+    assert_eq!(prev_hash(&p), mined);
+    daemon.stop().await;
+}

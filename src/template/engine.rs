@@ -73,6 +73,9 @@ const STANDING_GROUP: Constraints = Constraints {
 /// newest few are not expected.
 const MAX_TEMPLATES_PER_GROUP: usize = 16;
 
+/// Pause before a group the node refused (e.g. constraints it cannot satisfy) is tried again.
+const GROUP_RETRY: Duration = Duration::from_secs(5);
+
 /// Starts the engine; it runs until `shutdown` is cancelled.
 pub fn spawn(
     config: EngineConfig,
@@ -107,9 +110,18 @@ pub fn spawn(
 pub(crate) enum Internal {
     Connected(NodeClient),
     Fatal(NodeError),
-    Disconnected { generation: u64 },
+    Disconnected {
+        generation: u64,
+    },
     Group(GroupReport),
-    BlockFetched { template_id: u64, block: Arc<Block> },
+    BlockFetched {
+        template_id: u64,
+        block: Arc<Block>,
+    },
+    RestartGroup {
+        constraints: Constraints,
+        generation: u64,
+    },
 }
 
 struct Subscriber {
@@ -242,6 +254,16 @@ impl Engine {
             }
             Internal::Disconnected { .. } => {}
             Internal::Group(report) => self.on_group_report(report),
+            Internal::RestartGroup {
+                constraints,
+                generation,
+            } => {
+                if generation == self.generation
+                    && (constraints == STANDING_GROUP || self.wanted(constraints))
+                {
+                    self.ensure_group(constraints, Reason::Constraints);
+                }
+            }
             Internal::BlockFetched { template_id, block } => {
                 if let Some(held) = self.templates.get_mut(&template_id) {
                     held.block = Some(block);
@@ -364,11 +386,24 @@ impl Engine {
                     // The connection watcher reports it; nothing else to do here.
                     return;
                 }
-                warn!(error = %error, "template group failed; restarting it");
+                warn!(
+                    error = %error,
+                    size = constraints.max_additional_size,
+                    sigops = constraints.max_additional_sigops,
+                    "the node refused a template group; retrying in {GROUP_RETRY:?}"
+                );
                 self.groups.remove(&constraints);
-                if constraints == STANDING_GROUP || self.wanted(constraints) {
-                    self.ensure_group(constraints, Reason::Constraints);
-                }
+                // Not at once: a node that refuses these constraints would refuse again.
+                let tx = self.internal_tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(GROUP_RETRY).await;
+                    let _ = tx
+                        .send(Internal::RestartGroup {
+                            constraints,
+                            generation,
+                        })
+                        .await;
+                });
             }
         }
     }
