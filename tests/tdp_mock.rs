@@ -360,3 +360,35 @@ async fn constraints_the_node_refuses_do_not_spin_or_hurt_others() {
     assert_eq!(prev_hash(&p), mined);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_difficulty_on_the_same_tip_comes_with_its_own_set_new_prev_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = MockNode::start(
+        &dir.path().join("node.sock"),
+        MockOptions {
+            old_tip_ticks: true,
+            ..MockOptions::default()
+        },
+    )
+    .unwrap();
+    let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
+    let mut c = client(&daemon, 100, 10).await;
+    let (_, p0) = next_tip(&mut c).await;
+
+    // Testnet's 20-minute rule: same tip, other nBits.
+    let new_bits = 0x2000_ffff;
+    node.set_difficulty_bits(new_bits);
+    let (t, p) = next_tip(&mut c).await;
+    assert_eq!(prev_hash(&p), prev_hash(&p0), "same tip");
+    assert_eq!(p.n_bits, new_bits);
+    let (solution, hash) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
+    c.submit_solution(solution).await.unwrap();
+    let (_, p1) = next_tip(&mut c).await;
+    assert_eq!(
+        prev_hash(&p1),
+        hash,
+        "the block at the new difficulty was accepted"
+    );
+    daemon.stop().await;
+}

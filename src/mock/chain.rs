@@ -150,6 +150,8 @@ pub(crate) struct Chain {
     mempool: Vec<MempoolEntry>,
     accepted: Vec<Block>,
     next_fake_outpoint: u64,
+    /// nBits of new templates (and required of solutions).
+    pub(crate) bits: u32,
 }
 
 /// Seconds since the epoch, as Bitcoin Core's block times use.
@@ -198,6 +200,7 @@ impl Chain {
             mempool: Vec::new(),
             accepted: Vec::new(),
             next_fake_outpoint: 0,
+            bits: REGTEST_BITS,
         };
         let start = unix_now().saturating_sub(initial_blocks);
         for i in 0..initial_blocks {
@@ -332,7 +335,7 @@ impl Chain {
             prev_blockhash: tip_hash,
             merkle_root: TxMerkleNode::all_zeros(),
             time: unix_now().max(self.median_time_past() + 1),
-            bits: CompactTarget::from_consensus(REGTEST_BITS),
+            bits: CompactTarget::from_consensus(self.bits),
             nonce: 0,
         };
         let mut block = Block { header, txdata };
@@ -436,7 +439,7 @@ impl Chain {
         else {
             return Err(Rejection::new("prev-blk-not-found", ""));
         };
-        if header.bits.to_consensus() != REGTEST_BITS {
+        if header.bits.to_consensus() != self.bits {
             return Err(Rejection::new("bad-diffbits", "incorrect proof of work"));
         }
         if check_merkle && !block.check_merkle_root() {

@@ -355,6 +355,14 @@ impl MockNode {
         self.shared.notify();
     }
 
+    /// Changes the difficulty (nBits) of new templates on the same tip, as testnet's
+    /// minimum-difficulty rule does once the tip is 20 minutes old; solutions must then
+    /// match it.
+    pub fn set_difficulty_bits(&self, bits: u32) {
+        self.shared.lock().chain.bits = bits;
+        self.shared.notify();
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> MockStats {
         self.shared.lock().stats.clone()

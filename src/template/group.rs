@@ -11,7 +11,7 @@ use tracing::debug;
 
 use super::api::Constraints;
 use super::engine::Internal;
-use crate::node::{CreateOptions, NodeClient, NodeError, Template, WaitOptions};
+use crate::node::{CreateOptions, NodeClient, NodeError, Template, TemplateData, WaitOptions};
 
 /// Why a template was made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +82,15 @@ pub(crate) struct GroupSpec {
     pub generation: u64,
 }
 
+/// Pause after a `waitNext` that returned null early (a node shutting down).
+const SHUTDOWN_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Whether `next` must go out as a future template with its own `SetNewPrevHash`.
+fn needs_new_prev_hash(current: &TemplateData, next: &TemplateData) -> bool {
+    current.header.prev_blockhash != next.header.prev_blockhash
+        || current.header.bits != next.header.bits
+}
+
 /// Runs one group until `cancel` fires or the node fails.
 pub(crate) async fn run_group(
     node: NodeClient,
@@ -143,6 +152,7 @@ pub(crate) async fn run_group(
             timeout: timeout.max(Duration::from_millis(1)),
             fee_threshold: fee_delta,
         };
+        let waited_from = Instant::now();
         let next = tokio::select! {
             _ = cancel.cancelled() => {
                 let _ = base.interrupt_wait().await;
@@ -156,9 +166,10 @@ pub(crate) async fn run_group(
         };
         let now = Instant::now();
         match next {
-            Some(next)
-                if next.data().header.prev_blockhash != current.data().header.prev_blockhash =>
-            {
+            // A new tip, or new difficulty on the same tip (testnet's 20-minute
+            // minimum-difficulty rule): either way the pool needs a SetNewPrevHash with
+            // the new nBits, or its solutions would not match the template's header.
+            Some(next) if needs_new_prev_hash(current.data(), next.data()) => {
                 pending = None;
                 current = next;
                 sent_fees = current.data().total_fees();
@@ -173,6 +184,11 @@ pub(crate) async fn run_group(
                 // Same tip and no fee rise worth sending (e.g. regtest's one-second
                 // ticks while the tip is old): drop it and keep waiting.
                 debug!("node offered a template with no real change");
+            }
+            None if waited_from.elapsed() < options.timeout / 2 => {
+                // Null long before the timeout: the node is shutting down (its waits
+                // return at once then). Do not spin until the socket closes.
+                tokio::time::sleep(SHUTDOWN_BACKOFF).await;
             }
             None => {}
         }
