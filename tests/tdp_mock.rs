@@ -392,3 +392,45 @@ async fn new_difficulty_on_the_same_tip_comes_with_its_own_set_new_prev_hash() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_found_while_the_node_is_away_is_saved_and_submitted_when_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(&dir);
+    let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
+    let mut c = client(&daemon, 100, 10).await;
+    let (t, p) = next_tip(&mut c).await;
+    // Let the template's block be prefetched, as it is within milliseconds in practice.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The node goes away; the pool keeps mining the template it has (the tip is the same).
+    node.stop();
+    let (solution, hash) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
+    c.submit_solution(solution).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let saved: Vec<String> = std::fs::read_dir(dir.path().join("solutions"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(saved.len(), 1, "saved while the node is down: {saved:?}");
+    assert!(
+        saved[0].ends_with(&format!("{hash}.block.hex")),
+        "{saved:?}"
+    );
+
+    node.restart().unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !node
+        .accepted_blocks()
+        .iter()
+        .any(|b| b.block_hash() == hash)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the block never reached the node"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(node.tip().0, hash, "the saved block became the tip");
+    daemon.stop().await;
+}

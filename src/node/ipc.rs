@@ -67,10 +67,13 @@ impl Jobs {
 /// A template the node keeps for us, with the bookkeeping that keeps its release safe.
 struct HeldTemplate {
     client: mining_capnp::block_template::Client,
-    /// `waitNext` calls on it still running in the node.
-    pending_waits: u32,
-    /// Released by its owner; destroy once no wait is pending.
+    /// Calls on it still running in the node (`waitNext`, `getBlock`, `submitSolution`).
+    in_flight: u32,
+    /// Released by its owner; destroy once no call is in flight.
     released: bool,
+    /// Held by `getBlock` and `submitSolution`: the node's `submitSolution` rewrites the
+    /// template's block in place, so neither may overlap another on the same template.
+    exclusive: Rc<tokio::sync::Mutex<()>>,
 }
 
 /// State of one connection, living on the IPC thread.
@@ -161,8 +164,9 @@ impl Session {
             key,
             HeldTemplate {
                 client,
-                pending_waits: 0,
+                in_flight: 0,
                 released: false,
+                exclusive: Rc::new(tokio::sync::Mutex::new(())),
             },
         );
         metrics().templates_held.inc();
@@ -184,20 +188,48 @@ impl Session {
             })
     }
 
-    /// Marks a `waitNext` on `key` as running; its destroy waits until it ends.
-    pub(crate) fn begin_wait(&self, key: u64) {
+    /// The lock `getBlock` and `submitSolution` on template `key` take.
+    pub(crate) fn exclusive(&self, key: u64) -> Option<Rc<tokio::sync::Mutex<()>>> {
+        self.templates
+            .borrow()
+            .get(&key)
+            .map(|t| t.exclusive.clone())
+    }
+
+    /// Runs `call` on template `key` holding its exclusive lock, with the template kept
+    /// alive in the node until it ends.
+    pub(crate) async fn exclusive_call<T>(
+        self: &Rc<Self>,
+        key: u64,
+        call: impl Future<Output = Result<T, NodeError>>,
+    ) -> Result<T, NodeError> {
+        let lock = self.exclusive(key).ok_or_else(|| NodeError::Call {
+            method: "template",
+            message: format!("template {key} was already released"),
+        })?;
+        self.begin_call(key);
+        let result = {
+            let _guard = lock.lock().await;
+            call.await
+        };
+        self.end_call(key);
+        result
+    }
+
+    /// Marks a call on `key` as running; its destroy waits until it ends.
+    pub(crate) fn begin_call(&self, key: u64) {
         if let Some(t) = self.templates.borrow_mut().get_mut(&key) {
-            t.pending_waits += 1;
+            t.in_flight += 1;
         }
     }
 
-    /// Ends what [`Session::begin_wait`] began; destroys the template if it was released
+    /// Ends what [`Session::begin_call`] began; destroys the template if it was released
     /// meanwhile.
-    pub(crate) fn end_wait(self: &Rc<Self>, key: u64) {
+    pub(crate) fn end_call(self: &Rc<Self>, key: u64) {
         let destroy_now = match self.templates.borrow_mut().get_mut(&key) {
             Some(t) => {
-                t.pending_waits -= 1;
-                t.pending_waits == 0 && t.released
+                t.in_flight -= 1;
+                t.in_flight == 0 && t.released
             }
             None => false,
         };
@@ -206,13 +238,13 @@ impl Session {
         }
     }
 
-    /// Releases template `key`: destroyed in the node now, or when its last pending
-    /// `waitNext` ends (destroying under a pending wait is a use-after-free in the node).
+    /// Releases template `key`: destroyed in the node now, or when its last call in
+    /// flight ends (destroying under a running call is a use-after-free in the node).
     pub(crate) fn release(self: &Rc<Self>, key: u64) {
         let destroy_now = match self.templates.borrow_mut().get_mut(&key) {
             Some(t) => {
                 t.released = true;
-                t.pending_waits == 0
+                t.in_flight == 0
             }
             None => false,
         };
@@ -254,7 +286,7 @@ impl Session {
             .templates
             .borrow()
             .iter()
-            .map(|(k, t)| (*k, t.client.clone(), t.pending_waits))
+            .map(|(k, t)| (*k, t.client.clone(), t.in_flight))
             .collect();
         for (key, client, pending) in keys {
             if pending > 0 {

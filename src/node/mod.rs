@@ -12,6 +12,7 @@ pub mod schema;
 mod types;
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use bitcoin::consensus::{deserialize, serialize};
@@ -154,6 +155,26 @@ impl NodeClient {
             .await
     }
 
+    /// Submits a whole block (`Mining.submitBlock`, 31.99 and later) — for a solution
+    /// whose template died with an earlier connection. UNIMPLEMENTED on v31.0.
+    pub async fn submit_block(&self, block: &Block) -> Result<SubmitVerdict, NodeError> {
+        let bytes = serialize(block);
+        self.jobs
+            .run(move |s| async move {
+                let worker = s.worker();
+                let mut request = s.mining.submit_block_request();
+                let mut p = request.get();
+                p.reborrow().init_context().set_thread(worker.thread());
+                p.set_block(&bytes);
+                let response = timed("submitBlock", request.send().promise).await?;
+                let r = response
+                    .get()
+                    .map_err(|e| NodeError::from_capnp("submitBlock", e))?;
+                Ok(verdict(r.get_result(), r.get_reason()))
+            })
+            .await
+    }
+
     /// Asks the node for a new template and reads what its messages need — in one
     /// round trip (the reads are pipelined on the template promise). Blocks while the
     /// node is in IBD. `Err(ShuttingDown)` when interrupted.
@@ -268,14 +289,14 @@ impl Template {
                 o.set_fee_threshold(
                     i64::try_from(options.fee_threshold.to_sat()).unwrap_or(i64::MAX),
                 );
-                s.begin_wait(key);
+                s.begin_call(key);
                 let call = request.send();
                 let template = call.pipeline.get_result();
                 let (response, data) = futures::join!(
                     timed("waitNext", call.promise),
                     s.read_template(&template, &worker)
                 );
-                s.end_wait(key);
+                s.end_call(key);
                 let results = response?;
                 let results = results
                     .get()
@@ -313,18 +334,7 @@ impl Template {
         self.jobs()
             .run(move |s| async move {
                 let client = s.template(key)?;
-                let worker = s.worker();
-                let mut request = client.get_block_request();
-                request.get().init_context().set_thread(worker.thread());
-                let response = timed("getBlock", request.send().promise).await?;
-                let bytes = response
-                    .get()
-                    .and_then(|r| r.get_result())
-                    .map_err(|e| NodeError::from_capnp("getBlock", e))?;
-                deserialize(bytes).map_err(|e| NodeError::Malformed {
-                    what: "block",
-                    detail: e.to_string(),
-                })
+                s.exclusive_call(key, get_block(&s, client)).await
             })
             .await
     }
@@ -341,61 +351,103 @@ impl Template {
         coinbase: &Transaction,
     ) -> Result<SubmitVerdict, NodeError> {
         let key = self.key();
-        let coinbase = serialize(coinbase);
+        let solution = Solution {
+            version,
+            timestamp,
+            nonce,
+            coinbase: serialize(coinbase),
+        };
         self.jobs()
             .run(move |s| async move {
                 let client = s.template(key)?;
-                let worker = s.worker();
-                if s.submit_v32() != Some(false) {
-                    let mut request = client.submit_solution_v32_request();
-                    let mut p = request.get();
-                    p.reborrow().init_context().set_thread(worker.thread());
-                    p.set_version(version);
-                    p.set_timestamp(timestamp);
-                    p.set_nonce(nonce);
-                    p.set_coinbase(&coinbase);
-                    match request.send().promise.await {
-                        Err(e) if is_unimplemented(&e) => s.learn_submit_v32(false),
-                        Err(e) => return Err(NodeError::from_capnp("submitSolution", e)),
-                        Ok(response) => {
-                            s.learn_submit_v32(true);
-                            let r = response
-                                .get()
-                                .map_err(|e| NodeError::from_capnp("submitSolution", e))?;
-                            let reason = r
-                                .get_reason()
-                                .ok()
-                                .and_then(|t| t.to_str().ok())
-                                .unwrap_or_default()
-                                .to_string();
-                            return Ok(SubmitVerdict {
-                                accepted: r.get_result(),
-                                reason,
-                            });
-                        }
-                    }
-                }
-                let mut request = client.submit_solution_request();
-                let mut p = request.get();
-                p.reborrow().init_context().set_thread(worker.thread());
-                p.set_version(version);
-                p.set_timestamp(timestamp);
-                p.set_nonce(nonce);
-                p.set_coinbase(&coinbase);
-                let response = timed("submitSolution", request.send().promise).await?;
-                let accepted = response
-                    .get()
-                    .map(|r| r.get_result())
-                    .map_err(|e| NodeError::from_capnp("submitSolution", e))?;
-                Ok(SubmitVerdict {
-                    accepted,
-                    reason: if accepted {
-                        String::new()
-                    } else {
-                        "rejected".into()
-                    },
-                })
+                s.exclusive_call(key, submit(&s, client, solution)).await
             })
             .await
+    }
+}
+
+/// The header fields and coinbase of a solution, as `submitSolution` takes them.
+struct Solution {
+    version: u32,
+    timestamp: u32,
+    nonce: u32,
+    coinbase: Vec<u8>,
+}
+
+async fn get_block(
+    s: &Rc<ipc::Session>,
+    client: schema::mining_capnp::block_template::Client,
+) -> Result<Block, NodeError> {
+    let worker = s.worker();
+    let mut request = client.get_block_request();
+    request.get().init_context().set_thread(worker.thread());
+    let response = timed("getBlock", request.send().promise).await?;
+    let bytes = response
+        .get()
+        .and_then(|r| r.get_result())
+        .map_err(|e| NodeError::from_capnp("getBlock", e))?;
+    deserialize(bytes).map_err(|e| NodeError::Malformed {
+        what: "block",
+        detail: e.to_string(),
+    })
+}
+
+async fn submit(
+    s: &Rc<ipc::Session>,
+    client: schema::mining_capnp::block_template::Client,
+    solution: Solution,
+) -> Result<SubmitVerdict, NodeError> {
+    let worker = s.worker();
+    if s.submit_v32() != Some(false) {
+        let mut request = client.submit_solution_v32_request();
+        let mut p = request.get();
+        p.reborrow().init_context().set_thread(worker.thread());
+        p.set_version(solution.version);
+        p.set_timestamp(solution.timestamp);
+        p.set_nonce(solution.nonce);
+        p.set_coinbase(&solution.coinbase);
+        match request.send().promise.await {
+            Err(e) if is_unimplemented(&e) => s.learn_submit_v32(false),
+            Err(e) => return Err(NodeError::from_capnp("submitSolution", e)),
+            Ok(response) => {
+                s.learn_submit_v32(true);
+                let r = response
+                    .get()
+                    .map_err(|e| NodeError::from_capnp("submitSolution", e))?;
+                return Ok(verdict(r.get_result(), r.get_reason()));
+            }
+        }
+    }
+    let mut request = client.submit_solution_request();
+    let mut p = request.get();
+    p.reborrow().init_context().set_thread(worker.thread());
+    p.set_version(solution.version);
+    p.set_timestamp(solution.timestamp);
+    p.set_nonce(solution.nonce);
+    p.set_coinbase(&solution.coinbase);
+    let response = timed("submitSolution", request.send().promise).await?;
+    let accepted = response
+        .get()
+        .map(|r| r.get_result())
+        .map_err(|e| NodeError::from_capnp("submitSolution", e))?;
+    Ok(SubmitVerdict {
+        accepted,
+        reason: if accepted {
+            String::new()
+        } else {
+            "rejected".into()
+        },
+    })
+}
+
+/// A verdict from a `(reason, debug, result)` answer.
+fn verdict(accepted: bool, reason: capnp::Result<capnp::text::Reader<'_>>) -> SubmitVerdict {
+    SubmitVerdict {
+        accepted,
+        reason: reason
+            .ok()
+            .and_then(|t| t.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bitcoin::consensus::serialize;
 use bitcoin::hashes::Hash;
 use bitcoin::{Amount, Block, BlockHash};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
@@ -68,10 +68,14 @@ const STANDING_GROUP: Constraints = Constraints {
     max_additional_sigops: 0,
 };
 
-/// Templates of the current tip kept per group. Each one holds a whole block in the node's
-/// memory, and a tip can last hours on test networks; solutions for anything but the
-/// newest few are not expected.
+/// Templates of the current tip kept per group beyond those younger than the grace
+/// period. Each one holds a whole block in the node's memory, and a tip can last hours on
+/// test networks; solutions for anything but the newest few are not expected.
 const MAX_TEMPLATES_PER_GROUP: usize = 16;
+
+/// Templates per group whose block we keep in memory (for transaction data, and to save
+/// a solution without asking the node).
+const BLOCKS_CACHED_PER_GROUP: usize = 3;
 
 /// Pause before a group the node refused (e.g. constraints it cannot satisfy) is tried again.
 const GROUP_RETRY: Duration = Duration::from_secs(5);
@@ -99,6 +103,8 @@ pub fn spawn(
         next_id: 1,
         tip: None,
         previous_tip: None,
+        current_node: watch::channel(None).0,
+        next_group_serial: 1,
         internal_tx,
         shutdown,
     };
@@ -132,6 +138,8 @@ struct Subscriber {
 struct Group {
     cancel: CancellationToken,
     current: Option<u64>,
+    /// Tells this group's reports from those of an earlier task for the same constraints.
+    serial: u64,
 }
 
 /// A template handed out to clients.
@@ -139,6 +147,7 @@ struct Held {
     template: Template,
     group: Constraints,
     prev_hash: BlockHash,
+    made: Instant,
     new_template: Arc<stratum_core::template_distribution_sv2::NewTemplateOwned>,
     prev_hash_msg: Arc<stratum_core::template_distribution_sv2::SetNewPrevHashOwned>,
     block: Option<Arc<Block>>,
@@ -155,9 +164,13 @@ struct Engine {
     subscribers: Vec<Subscriber>,
     templates: BTreeMap<u64, Held>,
     next_id: u64,
-    tip: Option<BlockHash>,
+    /// The newest tip templates were published for, with its height.
+    tip: Option<(BlockHash, u32)>,
     /// The tip before `tip`, and when it was replaced.
     previous_tip: Option<(BlockHash, Instant)>,
+    /// The live connection, for solutions whose template died with an earlier one.
+    current_node: watch::Sender<Option<NodeClient>>,
+    next_group_serial: u64,
     internal_tx: mpsc::Sender<Internal>,
     shutdown: CancellationToken,
 }
@@ -290,6 +303,7 @@ impl Engine {
             watcher.closed().await;
             let _ = tx.send(Internal::Disconnected { generation }).await;
         });
+        self.current_node.send_replace(Some(node.clone()));
         self.node = Some(node);
         // After a reconnect the first templates stand for the node's (possibly new) tip.
         let reason = if self.generation > 1 {
@@ -311,9 +325,12 @@ impl Engine {
             group.cancel.cancel();
         }
         self.groups.clear();
-        // The node's templates died with its connection.
-        self.templates.clear();
+        // The templates stay: their capabilities died with the connection, but pools keep
+        // mining them while the tip has not moved, and a solution for one is still saved
+        // and handed to the node over the next connection (see `submit`). They go when
+        // the tip moves, as always.
         self.node = None;
+        self.current_node.send_replace(None);
         self.status.node_connected.store(false, Ordering::Relaxed);
         self.status.has_template.store(false, Ordering::Relaxed);
         // `templates_held` is not zeroed here: the old connection's templates are counted
@@ -346,6 +363,7 @@ impl Engine {
                     fee_delta: self.config.fee_delta,
                     interval: self.config.template_interval,
                     generation: self.generation,
+                    serial: self.next_group_serial,
                 },
                 self.internal_tx.clone(),
                 cancel.clone(),
@@ -357,29 +375,39 @@ impl Engine {
             Group {
                 cancel,
                 current: None,
+                serial: self.next_group_serial,
             },
         );
+        self.next_group_serial += 1;
+    }
+
+    /// Whether `serial` is the running task of the group for `constraints`.
+    fn is_live_group(&self, constraints: Constraints, serial: u64) -> bool {
+        self.groups
+            .get(&constraints)
+            .is_some_and(|g| g.serial == serial)
     }
 
     fn on_group_report(&mut self, report: GroupReport) {
         match report {
             GroupReport::Publish {
-                generation,
+                serial,
                 constraints,
                 template,
                 reason,
                 received_at,
             } => {
-                if generation == self.generation && self.groups.contains_key(&constraints) {
+                if self.is_live_group(constraints, serial) {
                     self.publish(constraints, template, reason, received_at);
                 }
             }
             GroupReport::Failed {
+                serial,
                 generation,
                 constraints,
                 error,
             } => {
-                if generation != self.generation {
+                if !self.is_live_group(constraints, serial) {
                     return;
                 }
                 if error.is_disconnect() {
@@ -423,6 +451,15 @@ impl Engine {
     ) {
         let data = template.data().clone();
         let prev_hash = data.header.prev_blockhash;
+        let tip_height = data.height().saturating_sub(1);
+        // A group can report a template built on a tip another group has already moved
+        // past; the tip only moves forward (a same-height reorg still counts).
+        if let Some((tip, height)) = self.tip {
+            if tip != prev_hash && tip_height < height {
+                debug!(%prev_hash, tip_height, "template on an older tip; its group will catch up");
+                return;
+            }
+        }
         let future = reason != Reason::Fees;
         let id = self.next_id;
         let (new_tmpl, snph) = match (
@@ -437,11 +474,11 @@ impl Engine {
         };
         self.next_id += 1;
         let _span = info_span!("template", template_id = id).entered();
-        if self.tip != Some(prev_hash) {
-            if let Some(old) = self.tip.replace(prev_hash) {
+        if self.tip.map(|(hash, _)| hash) != Some(prev_hash) {
+            if let Some((old, _)) = self.tip.replace((prev_hash, tip_height)) {
                 self.previous_tip = Some((old, Instant::now()));
             }
-            info!(tip = %prev_hash, height = data.height() - 1, "new chain tip");
+            info!(tip = %prev_hash, height = tip_height, "new chain tip");
         }
         info!(
             reason = reason.label(),
@@ -454,12 +491,17 @@ impl Engine {
             .with_label_values(&[reason.label()])
             .inc();
 
-        // Older templates of this group lose their cached blocks; solutions for them are rare.
-        if let Some(previous) = self.groups.get(&constraints).and_then(|g| g.current) {
-            if let Some(held) = self.templates.get_mut(&previous) {
-                held.block = None;
-                held.tx_data = None;
-            }
+        // Only the newest few templates of a group keep their block in our memory;
+        // solutions for older ones are rare and fetch it from the node.
+        for held in self
+            .templates
+            .values_mut()
+            .rev()
+            .filter(|h| h.group == constraints)
+            .skip(BLOCKS_CACHED_PER_GROUP - 1)
+        {
+            held.block = None;
+            held.tx_data = None;
         }
         if let Some(group) = self.groups.get_mut(&constraints) {
             group.current = Some(id);
@@ -470,6 +512,7 @@ impl Engine {
                 template: template.clone(),
                 group: constraints,
                 prev_hash,
+                made: Instant::now(),
                 new_template: new_tmpl.clone(),
                 prev_hash_msg: snph.clone(),
                 block: None,
@@ -521,15 +564,17 @@ impl Engine {
         let grace_over = self
             .previous_tip
             .is_none_or(|(_, since)| since.elapsed() >= self.config.stale_grace);
-        let tip = self.tip;
+        let tip = self.tip.map(|(hash, _)| hash);
         let previous = self.previous_tip.map(|(h, _)| h);
+        let grace = self.config.stale_grace;
         let current_ids: Vec<u64> = self.groups.values().filter_map(|g| g.current).collect();
         // Newest first, so the per-group cap keeps the latest.
         let mut per_group: HashMap<Constraints, usize> = HashMap::new();
         let mut keep = std::collections::HashSet::new();
         for (id, held) in self.templates.iter().rev() {
             let kept = per_group.entry(held.group).or_default();
-            let recent = Some(held.prev_hash) == tip && *kept < MAX_TEMPLATES_PER_GROUP;
+            let recent = Some(held.prev_hash) == tip
+                && (*kept < MAX_TEMPLATES_PER_GROUP || held.made.elapsed() < grace);
             if current_ids.contains(id)
                 || recent
                 || (!grace_over && Some(held.prev_hash) == previous)
@@ -605,7 +650,7 @@ impl Engine {
             let _ = reply.send(Err(TxDataError::TemplateIdNotFound));
             return;
         };
-        if Some(held.prev_hash) != self.tip {
+        if Some(held.prev_hash) != self.tip.map(|(hash, _)| hash) {
             let _ = reply.send(Err(TxDataError::StaleTemplateId));
             return;
         }
@@ -670,10 +715,11 @@ impl Engine {
         let template = held.template.clone();
         let cached_block = held.block.clone();
         let dir = self.config.solutions_dir.clone();
+        let nodes = self.current_node.subscribe();
         let span = info_span!("solution", template_id);
         tokio::spawn(
             async move {
-                let outcome = submit(template, cached_block, solution, dir).await;
+                let outcome = submit(template, cached_block, solution, dir, nodes).await;
                 let _ = reply.send(outcome);
             }
             .instrument(span),
@@ -719,6 +765,7 @@ async fn submit(
     cached_block: Option<Arc<Block>>,
     solution: SubmitSolutionOwned,
     dir: PathBuf,
+    nodes: watch::Receiver<Option<NodeClient>>,
 ) -> SolutionOutcome {
     let m = metrics();
     let solved = match SolvedBlock::new(template.data(), &solution) {
@@ -733,26 +780,37 @@ async fn submit(
         }
     };
     let block_hash = solved.header.block_hash();
-    let template_block = match cached_block {
-        Some(b) => Some(b),
-        None => template.block().await.ok().map(Arc::new),
+    let height = template.data().height();
+    let to_node = template.submit_solution(
+        solved.header.version.to_consensus() as u32,
+        solved.header.time,
+        solved.header.nonce,
+        &solved.coinbase,
+    );
+    // The block goes to disk and to the node at once: neither waits for the other (a
+    // slow disk must not delay a block). Without a cached template block, the node is
+    // asked for it only after the submit (a getBlock may not overlap a submit).
+    let (verdict, template_block) = match cached_block {
+        Some(block) => {
+            let (verdict, ()) =
+                tokio::join!(to_node, save_solution(&dir, height, &solved, Some(&block)));
+            (verdict, Some(block))
+        }
+        None => {
+            let verdict = to_node.await;
+            let block = template.block().await.ok().map(Arc::new);
+            save_solution(&dir, height, &solved, block.as_deref()).await;
+            (verdict, block)
+        }
     };
-    save_solution(
-        &dir,
-        template.data().height(),
-        &solved,
-        template_block.as_deref(),
-    )
-    .await;
-
-    let verdict = template
-        .submit_solution(
-            solved.header.version.to_consensus() as u32,
-            solved.header.time,
-            solved.header.nonce,
-            &solved.coinbase,
-        )
-        .await;
+    let verdict = match (verdict, template_block) {
+        // The template died with an earlier connection: hand the whole block to the
+        // node over the current one.
+        (Err(e), Some(block)) if e.is_disconnect() => {
+            resubmit(solved.block(&block), nodes).await.map_err(|_| e)
+        }
+        (verdict, _) => verdict,
+    };
     match verdict {
         Ok(v) if v.accepted => {
             info!(%block_hash, "block accepted by the node");
@@ -774,6 +832,33 @@ async fn submit(
             SolutionOutcome::NodeUnavailable(e.to_string())
         }
     }
+}
+
+/// How long a solution whose connection died waits for the node to be back.
+const RESUBMIT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Submits `block` with `submitBlock` over the first live connection within
+/// [`RESUBMIT_PATIENCE`].
+async fn resubmit(
+    block: Block,
+    mut nodes: watch::Receiver<Option<NodeClient>>,
+) -> Result<crate::node::SubmitVerdict, NodeError> {
+    info!(block_hash = %block.block_hash(), "the template's connection is gone; submitting the whole block once the node is back");
+    let node = tokio::time::timeout(RESUBMIT_PATIENCE, async {
+        loop {
+            if let Some(node) = nodes.borrow_and_update().clone().filter(|n| !n.is_closed()) {
+                return Some(node);
+            }
+            if nodes.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+    .ok_or(NodeError::Disconnected)?;
+    node.submit_block(&block).await
 }
 
 /// Saves the solved block as hex (ready for `bitcoin-cli submitblock`), or, when the

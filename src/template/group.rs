@@ -38,13 +38,14 @@ impl Reason {
 /// What a group task tells the engine.
 pub(crate) enum GroupReport {
     Publish {
-        generation: u64,
+        serial: u64,
         constraints: Constraints,
         template: Template,
         reason: Reason,
         received_at: Instant,
     },
     Failed {
+        serial: u64,
         generation: u64,
         constraints: Constraints,
         error: NodeError,
@@ -80,6 +81,8 @@ pub(crate) struct GroupSpec {
     pub interval: Duration,
     /// The connection generation its reports belong to.
     pub generation: u64,
+    /// Which task of the engine's for these constraints this is.
+    pub serial: u64,
 }
 
 /// Pause after a `waitNext` that returned null early (a node shutting down).
@@ -104,6 +107,7 @@ pub(crate) async fn run_group(
         fee_delta,
         interval,
         generation,
+        serial,
     } = spec;
     let report = |r| {
         let engine = engine.clone();
@@ -112,12 +116,13 @@ pub(crate) async fn run_group(
         }
     };
     let fail = |error| GroupReport::Failed {
+        serial,
         generation,
         constraints,
         error,
     };
     let publish = |template, reason| GroupReport::Publish {
-        generation,
+        serial,
         constraints,
         template,
         reason,
