@@ -434,3 +434,46 @@ async fn a_block_found_while_the_node_is_away_is_saved_and_submitted_when_it_is_
     assert_eq!(node.tip().0, hash, "the saved block became the tip");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_constraints_beyond_the_cap_share_a_larger_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(&dir);
+    let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
+    // 32 distinct constraint sets, the largest 10 000 bytes.
+    let mut clients = Vec::new();
+    for i in 0..32u32 {
+        let mut c = client(&daemon, 100 + i * 320, 10).await;
+        next_tip(&mut c).await;
+        clients.push(c);
+    }
+    let ids = template_ids_after_mine(&node, &mut clients).await;
+    // A 33rd set is served by the smallest group reserving at least as much: 9 060 bytes
+    // (client 28) for 9 000.
+    let mut extra = client(&daemon, 9_000, 5).await;
+    let (t, _) = next_tip(&mut extra).await;
+    assert_eq!(
+        t.template_id, ids[28],
+        "shares the 9 060-byte group's template"
+    );
+    // ...and one no group covers is refused.
+    let mut greedy = client(&daemon, 50_000, 5).await;
+    let refused = tokio::time::timeout(PATIENCE, greedy.recv())
+        .await
+        .expect("answer");
+    assert!(refused.is_err(), "refused and closed, got {refused:?}");
+    daemon.stop().await;
+}
+
+/// Mines a block and returns the template id each client got.
+async fn template_ids_after_mine(
+    node: &MockNode,
+    clients: &mut [sv2_tpd::sv2::TdpClient],
+) -> Vec<u64> {
+    node.mine_block();
+    let mut ids = Vec::new();
+    for c in clients.iter_mut() {
+        ids.push(next_tip(c).await.0.template_id);
+    }
+    ids
+}

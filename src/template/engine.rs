@@ -77,6 +77,10 @@ const MAX_TEMPLATES_PER_GROUP: usize = 16;
 /// a solution without asking the node).
 const BLOCKS_CACHED_PER_GROUP: usize = 3;
 
+/// Distinct constraint sets served with their own group (each is a `waitNext` loop and up
+/// to [`MAX_TEMPLATES_PER_GROUP`] blocks in the node); more clients share a larger group.
+const MAX_GROUPS: usize = 32;
+
 /// Pause before a group the node refused (e.g. constraints it cannot satisfy) is tried again.
 const GROUP_RETRY: Duration = Duration::from_secs(5);
 
@@ -436,6 +440,31 @@ impl Engine {
         }
     }
 
+    /// The group a client asking for `requested` joins: its own, or — once
+    /// [`MAX_GROUPS`] distinct ones run — the smallest that reserves at least as much
+    /// (a little less block space for that client, instead of another template loop in
+    /// the node). `None` when no such group exists.
+    fn group_for(&self, requested: Constraints) -> Option<Constraints> {
+        let mut distinct: Vec<Constraints> =
+            self.subscribers.iter().map(|s| s.constraints).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if requested == STANDING_GROUP
+            || distinct.contains(&requested)
+            || distinct.len() < MAX_GROUPS
+        {
+            return Some(requested);
+        }
+        distinct
+            .into_iter()
+            .chain([STANDING_GROUP])
+            .filter(|c| {
+                c.max_additional_size >= requested.max_additional_size
+                    && c.max_additional_sigops >= requested.max_additional_sigops
+            })
+            .min_by_key(|c| (c.max_additional_size, c.max_additional_sigops))
+    }
+
     fn wanted(&self, constraints: Constraints) -> bool {
         self.subscribers
             .iter()
@@ -610,6 +639,15 @@ impl Engine {
                 events,
             } => {
                 self.forget_gone_subscribers();
+                let Some(constraints) = self.group_for(constraints) else {
+                    warn!(
+                        size = constraints.max_additional_size,
+                        sigops = constraints.max_additional_sigops,
+                        "too many distinct coinbase constraints ({MAX_GROUPS}) and none \
+                         larger to share; refusing this client"
+                    );
+                    return;
+                };
                 let sub = Subscriber {
                     constraints,
                     events,
