@@ -15,6 +15,15 @@ fn mock(dir: &tempfile::TempDir) -> MockNode {
     MockNode::start(&dir.path().join("node.sock"), MockOptions::default()).expect("mock starts")
 }
 
+/// A mock that, like regtest with an old tip, offers a same-tip template every second.
+fn ticking_mock(dir: &tempfile::TempDir) -> MockNode {
+    let options = MockOptions {
+        old_tip_ticks: true,
+        ..MockOptions::default()
+    };
+    MockNode::start(&dir.path().join("node.sock"), options).expect("mock starts")
+}
+
 fn payout() -> ScriptBuf {
     ScriptBuf::new_p2wsh(&bitcoin::WScriptHash::from_raw_hash(
         bitcoin::hashes::Hash::from_byte_array([7u8; 32]),
@@ -256,14 +265,7 @@ async fn fee_templates_wait_for_the_interval_but_tips_do_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_tip_ticks_without_a_fee_rise_are_not_forwarded() {
     let dir = tempfile::tempdir().unwrap();
-    let node = MockNode::start(
-        &dir.path().join("node.sock"),
-        MockOptions {
-            old_tip_ticks: true,
-            ..MockOptions::default()
-        },
-    )
-    .unwrap();
+    let node = ticking_mock(&dir);
     let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
     let mut c = client(&daemon, 100, 10).await;
     next_tip(&mut c).await;
@@ -364,14 +366,7 @@ async fn constraints_the_node_refuses_do_not_spin_or_hurt_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_difficulty_on_the_same_tip_comes_with_its_own_set_new_prev_hash() {
     let dir = tempfile::tempdir().unwrap();
-    let node = MockNode::start(
-        &dir.path().join("node.sock"),
-        MockOptions {
-            old_tip_ticks: true,
-            ..MockOptions::default()
-        },
-    )
-    .unwrap();
+    let node = ticking_mock(&dir);
     let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
     let mut c = client(&daemon, 100, 10).await;
     let (_, p0) = next_tip(&mut c).await;
