@@ -87,6 +87,16 @@ fn waiting(timeout: Duration, fee_threshold: Amount) -> WaitOptions {
     }
 }
 
+/// Starts a `waitNext` on `template` in its own task, so the test can act meanwhile.
+fn spawn_wait(
+    template: &Template,
+    timeout: Duration,
+    fee_threshold: Amount,
+) -> tokio::task::JoinHandle<Result<Option<Template>, NodeError>> {
+    let waiter = template.clone();
+    tokio::spawn(async move { waiter.wait_next(waiting(timeout, fee_threshold)).await })
+}
+
 /// Solves `template` and submits it; returns the verdict's acceptance and the solution.
 async fn mine(template: &Template) -> (bool, grind::Solved) {
     let solved = grind::solve(template.data(), &payout());
@@ -181,12 +191,7 @@ async fn wait_next_delivers_a_richer_template_in_one_round_trip() {
     let template = new_template(&client).await;
     assert_eq!(template.data().total_fees(), Amount::ZERO);
 
-    let waiter = template.clone();
-    let next = tokio::spawn(async move {
-        waiter
-            .wait_next(waiting(Duration::from_secs(15), Amount::from_sat(1)))
-            .await
-    });
+    let next = spawn_wait(&template, Duration::from_secs(15), Amount::from_sat(1));
     let fee = Amount::from_sat(40_000);
     let txid = f.mock.add_mempool_tx(fee);
     let next = within("waitNext", next)
@@ -225,12 +230,7 @@ async fn wait_next_delivers_a_template_on_the_new_tip() {
     let client = f.connect().await;
     let template = new_template(&client).await;
 
-    let waiter = template.clone();
-    let next = tokio::spawn(async move {
-        waiter
-            .wait_next(waiting(Duration::from_secs(15), Amount::MAX_MONEY))
-            .await
-    });
+    let next = spawn_wait(&template, Duration::from_secs(15), Amount::MAX_MONEY);
     // Mining while the wait may not have reached the mock yet is fine: it compares the
     // tip with its template's parent.
     f.mock.mine_block();
@@ -458,12 +458,7 @@ async fn stopping_the_node_ends_a_pending_wait_next() {
     let client = f.connect().await;
     let template = new_template(&client).await;
 
-    let waiter = template.clone();
-    let pending = tokio::spawn(async move {
-        waiter
-            .wait_next(waiting(Duration::from_secs(60), Amount::MAX_MONEY))
-            .await
-    });
+    let pending = spawn_wait(&template, Duration::from_secs(60), Amount::MAX_MONEY);
     eventually("waitNext reaches the mock", || {
         f.mock.stats().calls.contains_key("waitNext")
     })
@@ -494,12 +489,7 @@ async fn submit_during_wait_next(same_template: bool) {
         new_template(&client).await
     };
 
-    let waiter = waited_on.clone();
-    let pending = tokio::spawn(async move {
-        waiter
-            .wait_next(waiting(Duration::from_secs(60), Amount::MAX_MONEY))
-            .await
-    });
+    let pending = spawn_wait(&waited_on, Duration::from_secs(60), Amount::MAX_MONEY);
     eventually("waitNext reaches the mock", || {
         f.mock.stats().calls.contains_key("waitNext")
     })
@@ -579,12 +569,7 @@ async fn one_round_trip_per_template_over_many_templates() {
     let mut template = new_template(&client).await;
     let rounds = 5;
     for round in 0..rounds {
-        let waiter = template.clone();
-        let next = tokio::spawn(async move {
-            waiter
-                .wait_next(waiting(Duration::from_secs(15), Amount::from_sat(1)))
-                .await
-        });
+        let next = spawn_wait(&template, Duration::from_secs(15), Amount::from_sat(1));
         if round % 2 == 0 {
             f.mock.add_mempool_tx(Amount::from_sat(1_000 * (round + 1)));
         } else {
@@ -615,12 +600,7 @@ async fn dropped_templates_are_released_in_the_node() {
     let first = new_template(&client).await;
     let copy = first.clone();
     let second = new_template(&client).await;
-    let waiter = second.clone();
-    let next = tokio::spawn(async move {
-        waiter
-            .wait_next(waiting(Duration::from_secs(15), Amount::MAX_MONEY))
-            .await
-    });
+    let next = spawn_wait(&second, Duration::from_secs(15), Amount::MAX_MONEY);
     f.mock.mine_block();
     let third = within("waitNext", next)
         .await
@@ -686,12 +666,7 @@ async fn an_abandoned_wait_defers_the_destroy_and_leaks_nothing() {
     let client = f.connect().await;
     let template = new_template(&client).await;
 
-    let waiter = template.clone();
-    let pending = tokio::spawn(async move {
-        waiter
-            .wait_next(waiting(Duration::from_secs(15), Amount::MAX_MONEY))
-            .await
-    });
+    let pending = spawn_wait(&template, Duration::from_secs(15), Amount::MAX_MONEY);
     eventually("waitNext reaches the mock", || {
         f.mock.stats().calls.contains_key("waitNext")
     })
