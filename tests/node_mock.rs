@@ -97,21 +97,9 @@ fn spawn_wait(
     tokio::spawn(async move { waiter.wait_next(waiting(timeout, fee_threshold)).await })
 }
 
-/// Solves `template` and submits it; returns the verdict's acceptance and the solution.
+/// Solves `template` and submits it; returns the node's acceptance and the solution.
 async fn mine(template: &Template) -> (bool, grind::Solved) {
-    let solved = grind::solve(template.data(), &payout());
-    let verdict = within(
-        "submitSolution",
-        template.submit_solution(
-            solved.version(),
-            solved.header.time,
-            solved.header.nonce,
-            &solved.coinbase,
-        ),
-    )
-    .await
-    .expect("submitSolution");
-    (verdict.accepted, solved)
+    within("submitSolution", grind::mine(template, &payout())).await
 }
 
 /// Gives the template-creating calls some latency, as a real node has. The mock counts a

@@ -82,22 +82,7 @@ fn best_block_hash(node: &BitcoinNode) -> BlockHash {
 
 /// Solves `template` and submits it; returns the node's acceptance and the solution.
 async fn mine(template: &Template) -> (bool, grind::Solved) {
-    let solved = grind::solve(template.data(), &payout());
-    let verdict = within(
-        "submitSolution",
-        template.submit_solution(
-            solved.version(),
-            solved.header.time,
-            solved.header.nonce,
-            &solved.coinbase,
-        ),
-    )
-    .await
-    .expect("submitSolution");
-    if !verdict.accepted {
-        eprintln!("the node refused the block: {:?}", verdict.reason);
-    }
-    (verdict.accepted, solved)
+    within("submitSolution", grind::mine(template, &payout())).await
 }
 
 /// A `wait_next` on `template` in its own task that only a new tip (or the node going

@@ -9,7 +9,7 @@ use bitcoin::transaction::Version;
 use bitcoin::{
     OutPoint, ScriptBuf, Sequence, Target, Transaction, TxIn, TxMerkleNode, TxOut, Witness,
 };
-use sv2_tpd::node::{CoinbaseTemplate, TemplateData};
+use sv2_tpd::node::{CoinbaseTemplate, Template, TemplateData};
 
 /// Bytes appended to the template's scriptSig prefix, standing in for a pool's extranonce.
 /// They keep the scriptSig within 2..=100 bytes even when the prefix is a single `OP_N`.
@@ -90,4 +90,23 @@ pub fn solve_with(data: &TemplateData, coinbase: Transaction) -> Solved {
 /// [`build_coinbase`] paying `payout`, then [`solve_with`].
 pub fn solve(data: &TemplateData, payout: &ScriptBuf) -> Solved {
     solve_with(data, build_coinbase(&data.coinbase, payout))
+}
+
+/// Solves `template` paying `payout` and submits it; returns the node's acceptance and
+/// the solution.
+pub async fn mine(template: &Template, payout: &ScriptBuf) -> (bool, Solved) {
+    let solved = solve(template.data(), payout);
+    let verdict = template
+        .submit_solution(
+            solved.version(),
+            solved.header.time,
+            solved.header.nonce,
+            &solved.coinbase,
+        )
+        .await
+        .expect("submitSolution");
+    if !verdict.accepted {
+        eprintln!("the node refused the block: {:?}", verdict.reason);
+    }
+    (verdict.accepted, solved)
 }
