@@ -451,7 +451,7 @@ fn malformed(what: &'static str, detail: impl std::fmt::Display) -> NodeError {
 }
 
 /// Decodes a `BlockRef`.
-pub(crate) fn block_ref(
+fn block_ref(
     r: super::schema::common_capnp::block_ref::Reader<'_>,
 ) -> Result<Tip, NodeError> {
     let hash: [u8; 32] = r
@@ -464,6 +464,18 @@ pub(crate) fn block_ref(
         hash: BlockHash::from_byte_array(hash),
         height,
     })
+}
+
+/// Decodes a `BlockRef` result that the node may leave null (`present` false).
+pub(crate) fn optional_block_ref(
+    method: &'static str,
+    present: bool,
+    result: capnp::Result<super::schema::common_capnp::block_ref::Reader<'_>>,
+) -> Result<Option<Tip>, NodeError> {
+    if !present {
+        return Ok(None);
+    }
+    block_ref(result.map_err(|e| NodeError::from_capnp(method, e))?).map(Some)
 }
 
 /// What [`connect`] hands back to the `Send` world.

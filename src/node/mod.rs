@@ -87,13 +87,7 @@ impl NodeClient {
                 let results = response
                     .get()
                     .map_err(|e| NodeError::from_capnp("getTip", e))?;
-                if !results.get_has_result() {
-                    return Ok(None);
-                }
-                let tip = results
-                    .get_result()
-                    .map_err(|e| NodeError::from_capnp("getTip", e))?;
-                ipc::block_ref(tip).map(Some)
+                ipc::optional_block_ref("getTip", results.get_has_result(), results.get_result())
             })
             .await
     }
@@ -133,13 +127,11 @@ impl NodeClient {
                 let results = response
                     .get()
                     .map_err(|e| NodeError::from_capnp("waitTipChanged", e))?;
-                if !results.has_result() {
-                    return Ok(None);
-                }
-                let tip = results
-                    .get_result()
-                    .map_err(|e| NodeError::from_capnp("waitTipChanged", e))?;
-                ipc::block_ref(tip).map(Some)
+                ipc::optional_block_ref(
+                    "waitTipChanged",
+                    results.has_result(),
+                    results.get_result(),
+                )
             })
             .await
     }
