@@ -187,48 +187,41 @@ async fn the_client_rejects_a_certificate_from_another_authority() {
     );
 }
 
-#[tokio::test]
-async fn another_protocol_gets_setup_connection_error_and_is_closed() {
+/// Sends `SetupConnection` for `protocol` with versions `min..=max`; expects
+/// `SetupConnection.Error` with `code`, then a closed connection.
+async fn setup_is_refused(protocol: Protocol, min: u16, max: u16, code: &str) {
     let server = start(|_| {}).await;
     let mut client = TdpClient::connect(server.addr, server.keys.authority_pubkey())
         .await
         .unwrap();
     client
-        .send_setup_connection(Protocol::MiningProtocol, 2, 2)
+        .send_setup_connection(protocol, min, max)
         .await
         .unwrap();
     match within("SetupConnection.Error", client.recv())
         .await
         .unwrap()
     {
-        TdpMessage::SetupConnectionError { error_code, .. } => {
-            assert_eq!(error_code, "unsupported-protocol")
-        }
+        TdpMessage::SetupConnectionError { error_code, .. } => assert_eq!(error_code, code),
         other => panic!("expected SetupConnection.Error, got {other:?}"),
     }
     expect_closed(&mut client).await;
 }
 
 #[tokio::test]
+async fn another_protocol_gets_setup_connection_error_and_is_closed() {
+    setup_is_refused(Protocol::MiningProtocol, 2, 2, "unsupported-protocol").await;
+}
+
+#[tokio::test]
 async fn a_version_range_without_2_gets_protocol_version_mismatch() {
-    let server = start(|_| {}).await;
-    let mut client = TdpClient::connect(server.addr, server.keys.authority_pubkey())
-        .await
-        .unwrap();
-    client
-        .send_setup_connection(Protocol::TemplateDistributionProtocol, 3, 4)
-        .await
-        .unwrap();
-    match within("SetupConnection.Error", client.recv())
-        .await
-        .unwrap()
-    {
-        TdpMessage::SetupConnectionError { error_code, .. } => {
-            assert_eq!(error_code, "protocol-version-mismatch")
-        }
-        other => panic!("expected SetupConnection.Error, got {other:?}"),
-    }
-    expect_closed(&mut client).await;
+    setup_is_refused(
+        Protocol::TemplateDistributionProtocol,
+        3,
+        4,
+        "protocol-version-mismatch",
+    )
+    .await;
 }
 
 #[tokio::test]

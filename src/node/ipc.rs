@@ -451,9 +451,7 @@ fn malformed(what: &'static str, detail: impl std::fmt::Display) -> NodeError {
 }
 
 /// Decodes a `BlockRef`.
-fn block_ref(
-    r: super::schema::common_capnp::block_ref::Reader<'_>,
-) -> Result<Tip, NodeError> {
+fn block_ref(r: super::schema::common_capnp::block_ref::Reader<'_>) -> Result<Tip, NodeError> {
     let hash: [u8; 32] = r
         .get_hash()
         .map_err(|e| malformed("block hash", e))?
