@@ -99,7 +99,6 @@ pub fn spawn(
     let engine = Engine {
         config,
         status: status.clone(),
-        node: None,
         generation: 0,
         groups: HashMap::new(),
         subscribers: Vec::new(),
@@ -161,7 +160,6 @@ struct Held {
 struct Engine {
     config: EngineConfig,
     status: Arc<EngineStatus>,
-    node: Option<NodeClient>,
     /// Bumped on every (re)connect; reports from older connections are ignored.
     generation: u64,
     groups: HashMap<Constraints, Group>,
@@ -172,7 +170,8 @@ struct Engine {
     tip: Option<(BlockHash, u32)>,
     /// The tip before `tip`, and when it was replaced.
     previous_tip: Option<(BlockHash, Instant)>,
-    /// The live connection, for solutions whose template died with an earlier one.
+    /// The live connection; `submit` also reads it, for solutions whose template died
+    /// with an earlier one.
     current_node: watch::Sender<Option<NodeClient>>,
     next_group_serial: u64,
     internal_tx: mpsc::Sender<Internal>,
@@ -209,7 +208,7 @@ impl Engine {
         }
         self.templates.clear();
         self.subscribers.clear();
-        if let Some(node) = self.node.take() {
+        if let Some(node) = self.current_node.send_replace(None) {
             // Let the group tasks interrupt their waits, then release the rest.
             tokio::time::sleep(Duration::from_millis(50)).await;
             node.release_all().await;
@@ -307,8 +306,7 @@ impl Engine {
             watcher.closed().await;
             let _ = tx.send(Internal::Disconnected { generation }).await;
         });
-        self.current_node.send_replace(Some(node.clone()));
-        self.node = Some(node);
+        self.current_node.send_replace(Some(node));
         // After a reconnect the first templates stand for the node's (possibly new) tip.
         let reason = if self.generation > 1 {
             Reason::Tip
@@ -333,7 +331,6 @@ impl Engine {
         // mining them while the tip has not moved, and a solution for one is still saved
         // and handed to the node over the next connection (see `submit`). They go when
         // the tip moves, as always.
-        self.node = None;
         self.current_node.send_replace(None);
         self.status.node_connected.store(false, Ordering::Relaxed);
         self.status.has_template.store(false, Ordering::Relaxed);
@@ -346,7 +343,7 @@ impl Engine {
 
     /// Starts a group for `constraints` unless one runs; `first` labels its first template.
     fn ensure_group(&mut self, constraints: Constraints, first: Reason) {
-        let Some(node) = self.node.clone() else {
+        let Some(node) = self.current_node.borrow().clone() else {
             return;
         };
         if self.groups.contains_key(&constraints) {
