@@ -8,6 +8,7 @@ pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_http;
+#[cfg(feature = "mock")]
 pub mod mock;
 pub mod node;
 pub mod sv2;

@@ -77,6 +77,7 @@ impl NodeClient {
     }
 
     /// The current chain tip, `None` before the node has one.
+    #[cfg(feature = "mock")]
     pub async fn tip(&self) -> Result<Option<Tip>, NodeError> {
         self.jobs
             .run(|s| async move {
@@ -110,6 +111,7 @@ impl NodeClient {
 
     /// Waits until the tip is no longer `current` or `timeout` passed; returns the tip
     /// then (the same one on timeout). `None` when interrupted or the node shuts down.
+    #[cfg(feature = "mock")]
     pub async fn wait_tip_changed(
         &self,
         current: BlockHash,
@@ -138,6 +140,7 @@ impl NodeClient {
 
     /// Cancels a pending `createNewBlock` / `waitTipChanged`; sticky: with none pending
     /// it cancels the next one.
+    #[cfg(feature = "mock")]
     pub async fn interrupt(&self) -> Result<(), NodeError> {
         self.jobs
             .run(|s| async move {

@@ -282,6 +282,7 @@ impl FrameWriter {
     }
 
     /// Writes bytes to the socket as they are, outside the encryption (for negative tests).
+    #[cfg(feature = "mock")]
     pub async fn write_unencrypted(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
         self.socket.write_all(bytes).await?;
         Ok(())
