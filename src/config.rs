@@ -895,4 +895,46 @@ mod tests {
         assert_eq!(table.len(), KEYS.len());
         assert_eq!(table["sv2_port"].as_integer(), Some(8442));
     }
+
+    #[test]
+    fn each_source_overrides_the_one_below() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sv2-tpd.toml");
+        std::fs::write(
+            &file,
+            "fee_delta = 2000\ntemplate_interval = 20\nmax_clients = 50\n",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            config: Some(file.clone()),
+            max_clients: Some("70".into()),
+            ..Default::default()
+        };
+        let vars = [
+            ("SV2TPD_TEMPLATE_INTERVAL", "25"),
+            ("SV2TPD_MAX_CLIENTS", "60"),
+        ];
+        let (config, provenance) = load(&args, &vars).unwrap();
+        let cases: [(&str, u64, Source); 4] = [
+            ("stale_template_grace", 60, Source::Default),
+            ("fee_delta", 2000, Source::File(file.clone())),
+            (
+                "template_interval",
+                25,
+                Source::Env("SV2TPD_TEMPLATE_INTERVAL".into()),
+            ),
+            ("max_clients", 70, Source::Flag("--max-clients")),
+        ];
+        for (key, value, source) in cases {
+            let got = match key {
+                "stale_template_grace" => config.stale_template_grace.as_secs(),
+                "fee_delta" => config.fee_delta,
+                "template_interval" => config.template_interval.as_secs(),
+                "max_clients" => config.max_clients as u64,
+                _ => unreachable!(),
+            };
+            assert_eq!(got, value, "{key}");
+            assert_eq!(provenance.source(key), Some(&source), "{key}");
+        }
+    }
 }
