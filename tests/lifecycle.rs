@@ -108,9 +108,9 @@ async fn stops_cleanly(socket: &std::path::Path, signal: &str, wait_pending: imp
         assert!(Instant::now() < deadline, "no waitNext reached the node");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Give the groups' waits time to be in the node, blocked.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(daemon.scrape().value("sv2_tpd_clients_connected", &[]), 2.0);
+    daemon.wait_for_metrics("both clients", |m| {
+        m.value("sv2_tpd_clients_connected", &[]) == 2.0
+    });
 
     let asked = Instant::now();
     daemon.signal(signal);

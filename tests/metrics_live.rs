@@ -257,8 +257,12 @@ async fn every_metric_moves_with_what_it_counts() {
             && m.value("sv2_tpd_node_connected", &[]) == 1.0
             && m.value(HELD, &[]) >= 1.0
     });
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let m10 = daemon.scrape();
+    // The standing group's template for the node's tip; a correct engine makes no
+    // other, so the count is checked once it is there.
+    let m10 = daemon.wait_for_metrics("the standing group's template", |m| {
+        m.value(CREATED, &[("reason", "tip")])
+            > before_reconnect.value(CREATED, &[("reason", "tip")])
+    });
     // Templates made after a reconnect count as reason="tip" (they stand for the tip
     // the node has now).
     assert_eq!(

@@ -75,6 +75,18 @@ pub async fn client_at(
     c
 }
 
+/// Waits until `condition` holds, failing the test after [`PATIENCE`] with `what`.
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The next message, failing the test after [`PATIENCE`].
 pub async fn recv(c: &mut TdpClient) -> TdpMessage {
     tokio::time::timeout(PATIENCE, c.recv())
