@@ -224,7 +224,7 @@ fn mutate(rng: &mut Rng, mut bytes: Vec<u8>) -> Vec<u8> {
 }
 
 /// A client frame: a known message (valid or mutated) or anything at all.
-fn any_frame(rng: &mut Rng) -> (u16, u8, Vec<u8>) {
+fn any_frame(rng: &mut Rng) -> RawMessage {
     let (msg_type, valid) = match rng.below(6) {
         0 => (0x00, setup_connection(rng)),
         1 => (0x70, constraints(rng)),
@@ -256,6 +256,9 @@ fn any_frame(rng: &mut Rng) -> (u16, u8, Vec<u8>) {
 }
 
 // --- (a) The frame decoder -----------------------------------------------------------------
+
+/// A decoded frame's extension type, message type and payload.
+type RawMessage = (u16, u8, Vec<u8>);
 
 /// A frame written exactly as given: a 6-byte header that may lie about the payload length.
 struct RawFrame(Vec<u8>);
@@ -324,7 +327,7 @@ impl Stream {
         &mut self,
         rng: &mut Rng,
         mut bytes: &[u8],
-    ) -> (Vec<(u16, u8, Vec<u8>)>, Option<TransportError>) {
+    ) -> (Vec<RawMessage>, Option<TransportError>) {
         let mut frames = Vec::new();
         loop {
             let buffer = self.decoder.buffer();
