@@ -140,8 +140,17 @@ pub struct Config {
     pub authority_key_path: PathBuf,
     /// Validity period of the certificates we issue for the static key.
     pub cert_validity: Duration,
-    /// Time a client has to complete the Noise handshake.
+    /// Time a client has for its whole setup: Noise, `SetupConnection` and its first
+    /// `CoinbaseOutputConstraints`.
     pub handshake_timeout: Duration,
+    /// Connections in their setup at once; the oldest is evicted for a newcomer.
+    pub max_pending_handshakes: usize,
+    /// Connections from one non-loopback IP address at once; 0 for no limit.
+    pub max_clients_per_ip: usize,
+    /// Unknown or out-of-order messages tolerated per session before it is disconnected.
+    pub max_bad_messages: u32,
+    /// Solutions of one session waiting for the node at once; more are dropped.
+    pub max_solutions_in_flight_per_client: usize,
 }
 
 impl Config {
@@ -212,6 +221,12 @@ impl Config {
                 "authority_key_path" => path(&self.authority_key_path),
                 "cert_validity" => secs(self.cert_validity),
                 "handshake_timeout" => secs(self.handshake_timeout),
+                "max_pending_handshakes" => self.max_pending_handshakes.to_string(),
+                "max_clients_per_ip" => self.max_clients_per_ip.to_string(),
+                "max_bad_messages" => self.max_bad_messages.to_string(),
+                "max_solutions_in_flight_per_client" => {
+                    self.max_solutions_in_flight_per_client.to_string()
+                }
                 _ => continue,
             };
             let source = provenance
@@ -378,6 +393,10 @@ config_keys!(
     authority_key_path,
     cert_validity,
     handshake_timeout,
+    max_pending_handshakes,
+    max_clients_per_ip,
+    max_bad_messages,
+    max_solutions_in_flight_per_client,
 );
 
 /// Command-line flags, one per configuration key plus `--config`.
@@ -434,14 +453,26 @@ pub struct ConfigArgs {
     /// Seconds our certificates stay valid [default: 31536000, one year]
     #[arg(long, global = true, value_name = "SECS")]
     pub cert_validity: Option<String>,
-    /// Seconds a client has to finish the Noise handshake [default: 10]
+    /// Seconds a client has for Noise, SetupConnection and its first constraints [default: 10]
     #[arg(long, global = true, value_name = "SECS")]
     pub handshake_timeout: Option<String>,
+    /// Connections in their setup at once; the oldest is evicted when full [default: 64]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_pending_handshakes: Option<String>,
+    /// Connections per non-loopback IP address, or 0 for no limit [default: 0]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_clients_per_ip: Option<String>,
+    /// Unknown or out-of-order messages tolerated per client [default: 16]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_bad_messages: Option<String>,
+    /// Solutions of one client waiting for the node at once [default: 4]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_solutions_in_flight_per_client: Option<String>,
 }
 
 impl ConfigArgs {
     fn values(&self) -> SourcedValues {
-        let flags: [(&'static str, &'static str, &Option<String>); 16] = [
+        let flags: [(&'static str, &'static str, &Option<String>); 20] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
             (
@@ -477,6 +508,26 @@ impl ConfigArgs {
                 "handshake_timeout",
                 "--handshake-timeout",
                 &self.handshake_timeout,
+            ),
+            (
+                "max_pending_handshakes",
+                "--max-pending-handshakes",
+                &self.max_pending_handshakes,
+            ),
+            (
+                "max_clients_per_ip",
+                "--max-clients-per-ip",
+                &self.max_clients_per_ip,
+            ),
+            (
+                "max_bad_messages",
+                "--max-bad-messages",
+                &self.max_bad_messages,
+            ),
+            (
+                "max_solutions_in_flight_per_client",
+                "--max-solutions-in-flight-per-client",
+                &self.max_solutions_in_flight_per_client,
             ),
         ];
         flags
@@ -751,6 +802,18 @@ impl Resolver<'_> {
             secs(DEFAULT_CERT_VALIDITY_SECS)
         })?;
         let handshake_timeout = self.get("handshake_timeout", seconds(1), || secs(10))?;
+        let max_pending_handshakes = self.get("max_pending_handshakes", count(1), || 64)?;
+        let max_clients_per_ip = self.get("max_clients_per_ip", count(0), || 0)?;
+        let max_bad_messages = self.get(
+            "max_bad_messages",
+            |s| {
+                s.parse::<u32>()
+                    .map_err(|_| "expected a whole number, 0 to 4294967295".into())
+            },
+            || 16,
+        )?;
+        let max_solutions_in_flight_per_client =
+            self.get("max_solutions_in_flight_per_client", count(1), || 4)?;
         let config = Config {
             chain,
             datadir,
@@ -768,6 +831,10 @@ impl Resolver<'_> {
             authority_key_path,
             cert_validity,
             handshake_timeout,
+            max_pending_handshakes,
+            max_clients_per_ip,
+            max_bad_messages,
+            max_solutions_in_flight_per_client,
         };
         Ok((config, self.provenance))
     }
@@ -775,6 +842,14 @@ impl Resolver<'_> {
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
+}
+
+/// A parser for a count, at least `min`.
+fn count(min: usize) -> impl FnOnce(&str) -> Result<usize, String> {
+    move |s| match s.parse::<usize>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(format!("expected a whole number of at least {min}")),
+    }
 }
 
 /// A parser for a whole number of seconds, at least `min`.

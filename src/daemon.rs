@@ -87,10 +87,14 @@ impl Daemon {
         };
 
         let server_config = ServerConfig {
-            bind: sv2_addr,
             cert_validity: config.cert_validity,
             handshake_timeout: config.handshake_timeout,
             max_clients: config.max_clients,
+            max_pending_handshakes: config.max_pending_handshakes,
+            max_clients_per_ip: config.max_clients_per_ip,
+            max_bad_messages: config.max_bad_messages,
+            max_solutions_in_flight_per_client: config.max_solutions_in_flight_per_client,
+            ..ServerConfig::new(sv2_addr)
         };
         let server = tokio::spawn(serve(
             listener,

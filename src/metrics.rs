@@ -35,6 +35,16 @@ pub struct Metrics {
     pub clients_connected: IntGauge,
     /// Failed Noise handshakes.
     pub handshake_failures: IntCounter,
+    /// Connections refused, evicted or failed before their setup was done, by reason
+    /// (`max_clients`, `per_ip`, `evicted`, `handshake_timeout`, `handshake_failed`).
+    pub connections_refused: IntCounterVec,
+    /// Connections in their setup (Noise, `SetupConnection`, first constraints).
+    pub handshakes_pending: IntGauge,
+    /// Set-up clients disconnected by a limit, by reason (`bad_messages`).
+    pub clients_disconnected: IntCounterVec,
+    /// Constraint changes from set-up sessions by result (`applied`, `deferred`,
+    /// `superseded`).
+    pub constraint_changes: IntCounterVec,
     /// `RequestTransactionData` by result (`success`, `template-id-not-found`, `stale-template-id`).
     pub tx_data_requests: IntCounterVec,
     /// Solutions by result (`accepted`, `rejected`, `unknown-template`, `node-unavailable`).
@@ -114,6 +124,35 @@ impl Metrics {
                 "Failed Noise handshakes",
             )
             .expect("metric"),
+            connections_refused: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_connections_refused_total",
+                    "Connections refused, evicted or failed before their setup was done",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
+            handshakes_pending: IntGauge::new(
+                "sv2_tpd_handshakes_pending",
+                "Connections in their setup (Noise, SetupConnection, first constraints)",
+            )
+            .expect("metric"),
+            clients_disconnected: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_clients_disconnected_total",
+                    "Set-up clients disconnected by a limit",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
+            constraint_changes: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_constraint_changes_total",
+                    "CoinbaseOutputConstraints subscriptions applied, deferred by the rate limit, or superseded while deferred",
+                ),
+                &["result"],
+            )
+            .expect("metric"),
             tx_data_requests: IntCounterVec::new(
                 Opts::new(
                     "sv2_tpd_tx_data_requests_total",
@@ -144,7 +183,7 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(m.node_connected.clone()),
             Box::new(m.node_info.clone()),
             Box::new(m.node_connects.clone()),
@@ -156,6 +195,10 @@ impl Metrics {
             Box::new(m.messages_unexpected.clone()),
             Box::new(m.clients_connected.clone()),
             Box::new(m.handshake_failures.clone()),
+            Box::new(m.connections_refused.clone()),
+            Box::new(m.handshakes_pending.clone()),
+            Box::new(m.clients_disconnected.clone()),
+            Box::new(m.constraint_changes.clone()),
             Box::new(m.tx_data_requests.clone()),
             Box::new(m.solutions.clone()),
             Box::new(m.blocks_found.clone()),
@@ -168,6 +211,13 @@ impl Metrics {
         for reason in ["tip", "fees", "constraints"] {
             m.templates_created.with_label_values(&[reason]);
         }
+        for reason in crate::sv2::admission::Refusal::ALL {
+            m.connections_refused.with_label_values(&[reason.label()]);
+        }
+        m.clients_disconnected.with_label_values(&["bad_messages"]);
+        for result in ["applied", "deferred", "superseded"] {
+            m.constraint_changes.with_label_values(&[result]);
+        }
         for result in ["success", "template-id-not-found", "stale-template-id"] {
             m.tx_data_requests.with_label_values(&[result]);
         }
@@ -176,6 +226,7 @@ impl Metrics {
             "rejected",
             "unknown-template",
             "node-unavailable",
+            "throttled",
         ] {
             m.solutions.with_label_values(&[result]);
         }

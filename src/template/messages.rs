@@ -131,6 +131,15 @@ impl SolvedBlock {
         Ok(Self { header, coinbase })
     }
 
+    /// Whether the header's hash meets the target its own `nBits` encode: the proof of work
+    /// every block needs, checked before a solution costs a disk write or a node call.
+    ///
+    /// `nBits` comes from the template (the solution cannot change it), so a header that
+    /// fails here can never become a block.
+    pub fn meets_target(&self) -> bool {
+        self.header.target().is_met_by(self.header.block_hash())
+    }
+
     /// The full block, given the template's block (whose coinbase is a placeholder).
     pub fn block(&self, template_block: &Block) -> Block {
         let mut txdata = Vec::with_capacity(template_block.txdata.len().max(1));
@@ -279,5 +288,88 @@ mod tests {
             SolvedBlock::new(&d, &bad),
             Err(SolutionError::BadCoinbase(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod pow_tests {
+    use super::*;
+    use bitcoin::block::{Header, Version};
+    use bitcoin::{BlockHash, CompactTarget};
+
+    /// Regtest's `nBits`: about every other hash meets it.
+    const REGTEST_BITS: u32 = 0x207f_ffff;
+
+    fn solved(bits: u32, nonce: u32) -> SolvedBlock {
+        SolvedBlock {
+            header: Header {
+                version: Version::from_consensus(0x2000_0000),
+                prev_blockhash: BlockHash::from_byte_array([0x11; 32]),
+                merkle_root: TxMerkleNode::from_byte_array([0x22; 32]),
+                time: 1_700_000_000,
+                bits: CompactTarget::from_consensus(bits),
+                nonce,
+            },
+            coinbase: Transaction {
+                version: bitcoin::transaction::Version::TWO,
+                lock_time: bitcoin::absolute::LockTime::ZERO,
+                input: vec![],
+                output: vec![],
+            },
+        }
+    }
+
+    /// The first nonce from 0 whose header meets (`want`) or misses the target.
+    fn first_nonce(bits: u32, want: bool) -> SolvedBlock {
+        (0..u32::MAX)
+            .map(|nonce| solved(bits, nonce))
+            .find(|block| {
+                let target = Target::from_compact(block.header.bits);
+                target.is_met_by(block.header.block_hash()) == want
+            })
+            .expect("a nonce within a few tries")
+    }
+
+    #[test]
+    fn a_header_that_meets_the_regtest_target_passes() {
+        let block = first_nonce(REGTEST_BITS, true);
+        assert!(block.meets_target());
+        // The hash, read as a little-endian number, is at most the target.
+        let hash = block.header.block_hash().to_byte_array();
+        let target = Target::from_compact(block.header.bits).to_le_bytes();
+        assert!(hash.iter().rev().le(target.iter().rev()));
+    }
+
+    #[test]
+    fn a_header_above_the_regtest_target_fails() {
+        let block = first_nonce(REGTEST_BITS, false);
+        assert!(!block.meets_target());
+    }
+
+    #[test]
+    fn a_mainnet_difficulty_header_with_an_arbitrary_nonce_fails() {
+        // Genesis-era difficulty 1: a random header meets it about once in 2^32 tries.
+        for nonce in 0..64 {
+            assert!(!solved(0x1d00_ffff, nonce).meets_target(), "nonce {nonce}");
+        }
+    }
+
+    #[test]
+    fn changing_the_nonce_of_a_solved_header_changes_the_verdict_somewhere() {
+        let block = first_nonce(REGTEST_BITS, true);
+        let misses = (1..64)
+            .map(|delta| solved(REGTEST_BITS, block.header.nonce.wrapping_add(delta)))
+            .any(|other| !other.meets_target());
+        assert!(misses, "the check depends on the header's hash");
+    }
+
+    #[test]
+    fn the_mainnet_genesis_header_meets_its_target() {
+        let genesis = bitcoin::blockdata::constants::genesis_block(bitcoin::Network::Bitcoin);
+        let block = SolvedBlock {
+            header: genesis.header,
+            coinbase: genesis.txdata[0].clone(),
+        };
+        assert!(block.meets_target());
     }
 }
