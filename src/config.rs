@@ -151,6 +151,16 @@ pub struct Config {
     pub max_bad_messages: u32,
     /// Solutions of one session waiting for the node at once; more are dropped.
     pub max_solutions_in_flight_per_client: usize,
+    /// Solutions whose header misses its target tolerated per session before it is disconnected.
+    pub max_bad_solutions: u32,
+    /// Solutions with valid proof of work on their way to the node at once, all clients together; more are refused.
+    pub max_solutions_in_flight: usize,
+    /// Node calls clients can cause at once, all together (a new constraint group's first template, block reads for transaction data).
+    pub max_node_calls: usize,
+    /// `RequestTransactionData` of one session answered at once; more are refused with "throttled".
+    pub max_tx_data_requests_per_client: usize,
+    /// Bytes of transaction-data answers encoded and not yet written, all clients together.
+    pub max_tx_data_bytes_in_flight: usize,
 }
 
 impl Config {
@@ -227,6 +237,13 @@ impl Config {
                 "max_solutions_in_flight_per_client" => {
                     self.max_solutions_in_flight_per_client.to_string()
                 }
+                "max_bad_solutions" => self.max_bad_solutions.to_string(),
+                "max_solutions_in_flight" => self.max_solutions_in_flight.to_string(),
+                "max_node_calls" => self.max_node_calls.to_string(),
+                "max_tx_data_requests_per_client" => {
+                    self.max_tx_data_requests_per_client.to_string()
+                }
+                "max_tx_data_bytes_in_flight" => self.max_tx_data_bytes_in_flight.to_string(),
                 _ => continue,
             };
             let source = provenance
@@ -397,6 +414,11 @@ config_keys!(
     max_clients_per_ip,
     max_bad_messages,
     max_solutions_in_flight_per_client,
+    max_bad_solutions,
+    max_solutions_in_flight,
+    max_node_calls,
+    max_tx_data_requests_per_client,
+    max_tx_data_bytes_in_flight,
 );
 
 /// Command-line flags, one per configuration key plus `--config`.
@@ -468,11 +490,26 @@ pub struct ConfigArgs {
     /// Solutions of one client waiting for the node at once [default: 4]
     #[arg(long, global = true, value_name = "N")]
     pub max_solutions_in_flight_per_client: Option<String>,
+    /// Solutions missing their target tolerated per client [default: 3]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_bad_solutions: Option<String>,
+    /// Solutions on their way to the node at once, all clients [default: 64]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_solutions_in_flight: Option<String>,
+    /// Node calls clients can cause at once, all together [default: 4]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_node_calls: Option<String>,
+    /// RequestTransactionData of one client answered at once [default: 4]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_tx_data_requests_per_client: Option<String>,
+    /// Bytes of transaction-data answers in flight, all clients [default: 67108864]
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub max_tx_data_bytes_in_flight: Option<String>,
 }
 
 impl ConfigArgs {
     fn values(&self) -> SourcedValues {
-        let flags: [(&'static str, &'static str, &Option<String>); 20] = [
+        let flags: [(&'static str, &'static str, &Option<String>); 25] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
             (
@@ -528,6 +565,27 @@ impl ConfigArgs {
                 "max_solutions_in_flight_per_client",
                 "--max-solutions-in-flight-per-client",
                 &self.max_solutions_in_flight_per_client,
+            ),
+            (
+                "max_bad_solutions",
+                "--max-bad-solutions",
+                &self.max_bad_solutions,
+            ),
+            (
+                "max_solutions_in_flight",
+                "--max-solutions-in-flight",
+                &self.max_solutions_in_flight,
+            ),
+            ("max_node_calls", "--max-node-calls", &self.max_node_calls),
+            (
+                "max_tx_data_requests_per_client",
+                "--max-tx-data-requests-per-client",
+                &self.max_tx_data_requests_per_client,
+            ),
+            (
+                "max_tx_data_bytes_in_flight",
+                "--max-tx-data-bytes-in-flight",
+                &self.max_tx_data_bytes_in_flight,
             ),
         ];
         flags
@@ -814,6 +872,20 @@ impl Resolver<'_> {
         )?;
         let max_solutions_in_flight_per_client =
             self.get("max_solutions_in_flight_per_client", count(1), || 4)?;
+        let max_bad_solutions = self.get(
+            "max_bad_solutions",
+            |s| {
+                s.parse::<u32>()
+                    .map_err(|_| "expected a whole number, 0 to 4294967295".into())
+            },
+            || 3,
+        )?;
+        let max_solutions_in_flight = self.get("max_solutions_in_flight", count(1), || 64)?;
+        let max_node_calls = self.get("max_node_calls", count(1), || 4)?;
+        let max_tx_data_requests_per_client =
+            self.get("max_tx_data_requests_per_client", count(1), || 4)?;
+        let max_tx_data_bytes_in_flight =
+            self.get("max_tx_data_bytes_in_flight", count(1), || 64 << 20)?;
         let config = Config {
             chain,
             datadir,
@@ -835,6 +907,11 @@ impl Resolver<'_> {
             max_clients_per_ip,
             max_bad_messages,
             max_solutions_in_flight_per_client,
+            max_bad_solutions,
+            max_solutions_in_flight,
+            max_node_calls,
+            max_tx_data_requests_per_client,
+            max_tx_data_bytes_in_flight,
         };
         Ok((config, self.provenance))
     }

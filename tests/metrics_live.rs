@@ -203,8 +203,9 @@ async fn every_metric_moves_with_what_it_counts() {
         .unwrap();
     let m6 = daemon.wait_for_metrics("the refused solutions", |m| {
         m.value(SOLUTIONS, &[("result", "unknown-template")]) == 1.0
-            && m.value(SOLUTIONS, &[("result", "rejected")]) == 1.0
+            && m.value(SOLUTIONS, &[("result", "bad-pow")]) == 1.0
     });
+    assert_eq!(m6.value(SOLUTIONS, &[("result", "rejected")]), 0.0);
     assert_eq!(m6.value(SOLUTIONS, &[("result", "accepted")]), 0.0);
     assert_eq!(m6.value("sv2_tpd_blocks_found_total", &[]), 0.0);
     assert!(node.accepted_blocks().is_empty());
@@ -218,7 +219,12 @@ async fn every_metric_moves_with_what_it_counts() {
     });
     assert_eq!(m7.value("sv2_tpd_blocks_found_total", &[]), 1.0);
     assert_eq!(m7.value(RECEIVED, &[("type", "SubmitSolution")]), 3.0);
-    assert!(m7.histogram_count(IPC, &[("method", "submitSolution")]) >= 2.0);
+    // Only the real block reached the node: the bad nonce was refused before it.
+    assert_eq!(
+        m7.histogram_count(IPC, &[("method", "submitSolution")])
+            - m6.histogram_count(IPC, &[("method", "submitSolution")]),
+        1.0
+    );
     assert_eq!(m7.value(SOLUTIONS, &[("result", "node-unavailable")]), 0.0);
 
     // A message a Template Distribution client never sends is counted as unexpected.
