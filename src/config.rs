@@ -161,6 +161,9 @@ pub struct Config {
     pub max_tx_data_requests_per_client: usize,
     /// Bytes of transaction-data answers encoded and not yet written, all clients together.
     pub max_tx_data_bytes_in_flight: usize,
+    /// Least time between two applied `CoinbaseOutputConstraints` of one session; changes
+    /// in between are coalesced, the latest winning.
+    pub constraints_interval: Duration,
 }
 
 impl Config {
@@ -244,6 +247,7 @@ impl Config {
                     self.max_tx_data_requests_per_client.to_string()
                 }
                 "max_tx_data_bytes_in_flight" => self.max_tx_data_bytes_in_flight.to_string(),
+                "constraints_interval" => secs(self.constraints_interval),
                 _ => continue,
             };
             let source = provenance
@@ -419,6 +423,7 @@ config_keys!(
     max_node_calls,
     max_tx_data_requests_per_client,
     max_tx_data_bytes_in_flight,
+    constraints_interval,
 );
 
 /// Command-line flags, one per configuration key plus `--config`.
@@ -505,11 +510,14 @@ pub struct ConfigArgs {
     /// Bytes of transaction-data answers in flight, all clients [default: 67108864]
     #[arg(long, global = true, value_name = "BYTES")]
     pub max_tx_data_bytes_in_flight: Option<String>,
+    /// Least seconds between two applied constraint changes of one client [default: 1]
+    #[arg(long, global = true, value_name = "SECS")]
+    pub constraints_interval: Option<String>,
 }
 
 impl ConfigArgs {
     fn values(&self) -> SourcedValues {
-        let flags: [(&'static str, &'static str, &Option<String>); 25] = [
+        let flags: [(&'static str, &'static str, &Option<String>); 26] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
             (
@@ -586,6 +594,11 @@ impl ConfigArgs {
                 "max_tx_data_bytes_in_flight",
                 "--max-tx-data-bytes-in-flight",
                 &self.max_tx_data_bytes_in_flight,
+            ),
+            (
+                "constraints_interval",
+                "--constraints-interval",
+                &self.constraints_interval,
             ),
         ];
         flags
@@ -886,6 +899,7 @@ impl Resolver<'_> {
             self.get("max_tx_data_requests_per_client", count(1), || 4)?;
         let max_tx_data_bytes_in_flight =
             self.get("max_tx_data_bytes_in_flight", count(1), || 64 << 20)?;
+        let constraints_interval = self.get("constraints_interval", seconds(0), || secs(1))?;
         let config = Config {
             chain,
             datadir,
@@ -912,6 +926,7 @@ impl Resolver<'_> {
             max_node_calls,
             max_tx_data_requests_per_client,
             max_tx_data_bytes_in_flight,
+            constraints_interval,
         };
         Ok((config, self.provenance))
     }

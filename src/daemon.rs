@@ -99,6 +99,7 @@ impl Daemon {
             max_bad_solutions: config.max_bad_solutions,
             max_tx_data_requests_per_client: config.max_tx_data_requests_per_client,
             tx_data_bytes: ByteBudget::new(config.max_tx_data_bytes_in_flight),
+            constraints_interval: config.constraints_interval,
             ..ServerConfig::new(sv2_addr)
         };
         let server = tokio::spawn(serve(
