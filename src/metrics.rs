@@ -10,6 +10,16 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// Labels of `sv2_tpd_connections_refused_total` (the SV2 listener's refusal reasons),
+/// listed here so every series exists from the first scrape.
+pub const REFUSAL_REASONS: [&str; 5] = [
+    "max_clients",
+    "per_ip",
+    "evicted",
+    "handshake_timeout",
+    "handshake_failed",
+];
+
 /// All of the daemon's metrics, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -223,8 +233,8 @@ impl Metrics {
         for reason in ["tip", "fees", "constraints"] {
             m.templates_created.with_label_values(&[reason]);
         }
-        for reason in crate::sv2::admission::Refusal::ALL {
-            m.connections_refused.with_label_values(&[reason.label()]);
+        for reason in REFUSAL_REASONS {
+            m.connections_refused.with_label_values(&[reason]);
         }
         for reason in ["bad_messages", "bad_solutions"] {
             m.clients_disconnected.with_label_values(&[reason]);

@@ -22,7 +22,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::metrics;
+use crate::metrics::{metrics, REFUSAL_REASONS};
 
 /// The limits [`Admission`] applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,15 +60,9 @@ impl Refusal {
         Refusal::HandshakeFailed,
     ];
 
-    /// The metric label and log field name.
+    /// The metric label and log field name (one of [`REFUSAL_REASONS`], in order).
     pub fn label(self) -> &'static str {
-        match self {
-            Refusal::MaxClients => "max_clients",
-            Refusal::PerIp => "per_ip",
-            Refusal::Evicted => "evicted",
-            Refusal::HandshakeTimeout => "handshake_timeout",
-            Refusal::HandshakeFailed => "handshake_failed",
-        }
+        REFUSAL_REASONS[self as usize]
     }
 }
 
@@ -257,6 +251,15 @@ impl Drop for Ticket {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn each_refusal_has_its_own_label_in_order() {
+        for (i, reason) in Refusal::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i);
+            assert_eq!(reason.label(), REFUSAL_REASONS[i]);
+        }
+    }
+
     use super::*;
 
     fn limits(max_clients: usize, max_pending: usize, max_per_ip: usize) -> AdmissionLimits {
