@@ -20,16 +20,6 @@ use sv2_tpd::sv2::TdpClient;
 /// far below what keeping the attack's input would cost.
 const RSS_BOUND_KIB: u64 = 64 * 1024;
 
-/// The daemon's resident set size in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 fn payout() -> ScriptBuf {
     ScriptBuf::new_p2wsh(&bitcoin::WScriptHash::from_raw_hash(
         bitcoin::hashes::Hash::from_byte_array([5u8; 32]),
@@ -86,7 +76,7 @@ async fn solutions_that_miss_their_target_cost_nothing_and_a_real_block_goes_thr
         ) >= 2.0
     });
     let submits_before = node_calls(&node, "submitSolution");
-    let rss_before = rss_kib(daemon.pid());
+    let rss_before = daemon.rss_kib();
 
     // 2,000 solutions whose header misses the target, from attackers that reconnect each
     // time they are thrown out (after max_bad_solutions).
@@ -116,7 +106,7 @@ async fn solutions_that_miss_their_target_cost_nothing_and_a_real_block_goes_thr
         ) >= thrown_out
             && m.value("sv2_tpd_solutions_total", &[("result", "bad-pow")]) >= 4.0 * thrown_out
     });
-    let rss_after = rss_kib(daemon.pid());
+    let rss_after = daemon.rss_kib();
     println!(
         "2,000 bogus solutions over {connections} connections in {:?}: bad-pow {}, \
          throttled {}, attackers disconnected {}; RSS {rss_before} -> {rss_after} KiB",
@@ -166,7 +156,7 @@ async fn constraint_changes_are_coalesced_and_node_work_stays_bounded() {
     let mut pool = connect(&daemon, 100).await;
     next_tip(&mut pool).await;
     let creates_before = node_calls(&node, "createNewBlock");
-    let rss_before = rss_kib(daemon.pid());
+    let rss_before = daemon.rss_kib();
 
     let mut attacker = connect(&daemon, 200).await;
     let mut max_threads = 0;
@@ -190,7 +180,7 @@ async fn constraint_changes_are_coalesced_and_node_work_stays_bounded() {
         max_threads = max_threads.max(node.stats().threads_alive);
     }
     let creates = node_calls(&node, "createNewBlock") - creates_before;
-    let rss_after = rss_kib(daemon.pid());
+    let rss_after = daemon.rss_kib();
     println!(
         "500 constraint changes in {:?}: applied {}, superseded {}; createNewBlock {creates}; \
          node threads at most {max_threads}; RSS {rss_before} -> {rss_after} KiB",
@@ -227,7 +217,7 @@ async fn transaction_data_for_clients_that_never_read_stays_within_its_budget() 
     }
     let mut pool = connect(&daemon, 100).await;
     let (t, _) = next_tip(&mut pool).await;
-    let rss_before = rss_kib(daemon.pid());
+    let rss_before = daemon.rss_kib();
 
     // 10 clients × 100 requests, none of them ever reads.
     let mut readers = Vec::new();
@@ -247,7 +237,7 @@ async fn transaction_data_for_clients_that_never_read_stays_within_its_budget() 
         m.value("sv2_tpd_tx_data_requests_total", &[("result", "success")]) >= 1.0
     });
     pool_gets_the_next_tip(&node, &mut pool).await;
-    let rss_after = rss_kib(daemon.pid());
+    let rss_after = daemon.rss_kib();
     println!(
         "1,000 RequestTransactionData from 10 clients that never read: throttled {}, \
          RSS {rss_before} -> {rss_after} KiB (budget {} KiB)",

@@ -95,6 +95,17 @@ impl DaemonProcess {
         self.child.id()
     }
 
+    /// The daemon's resident set size in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
     /// Every stderr line so far, joined.
     pub fn log_text(&self) -> String {
         self.lines().join("\n")

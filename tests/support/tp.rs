@@ -87,6 +87,14 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// Reads (and drops) what `c` is sent until the server closes it; false if it is still
+/// open after [`PATIENCE`].
+pub async fn closed_by_server(c: &mut TdpClient) -> bool {
+    tokio::time::timeout(PATIENCE, async { while c.recv().await.is_ok() {} })
+        .await
+        .is_ok()
+}
+
 /// The next message, failing the test after [`PATIENCE`].
 pub async fn recv(c: &mut TdpClient) -> TdpMessage {
     tokio::time::timeout(PATIENCE, c.recv())
