@@ -62,6 +62,9 @@ pub struct Metrics {
     pub tx_data_requests: IntCounterVec,
     /// Solutions by result (`accepted`, `rejected`, `unknown-template`, `node-unavailable`).
     pub solutions: IntCounterVec,
+    /// Solutions handed to the engine without awaiting their verdict (a client beyond
+    /// `max_solutions_in_flight_per_client`).
+    pub solutions_unawaited: IntCounter,
     /// Blocks found (solutions the node accepted).
     pub blocks_found: IntCounter,
     /// From the node reporting a new tip to `SetNewPrevHash` being queued to clients.
@@ -187,6 +190,11 @@ impl Metrics {
                 &["result"],
             )
             .expect("metric"),
+            solutions_unawaited: IntCounter::new(
+                "sv2_tpd_solutions_unawaited_total",
+                "Solutions handed on without awaiting their verdict (max_solutions_in_flight_per_client)",
+            )
+            .expect("metric"),
             blocks_found: IntCounter::new(
                 "sv2_tpd_blocks_found_total",
                 "Solutions the node accepted as blocks",
@@ -204,7 +212,8 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
+            Box::new(m.solutions_unawaited.clone()),
             Box::new(m.limit_waits.clone()),
             Box::new(m.node_connected.clone()),
             Box::new(m.node_info.clone()),
@@ -260,6 +269,8 @@ impl Metrics {
             "node-unavailable",
             "throttled",
             "bad-pow",
+            "duplicate",
+            "malformed",
         ] {
             m.solutions.with_label_values(&[result]);
         }

@@ -12,9 +12,11 @@ use std::time::Instant;
 use bitcoin::{Amount, ScriptBuf};
 use stratum_core::template_distribution_sv2::{NewTemplateOwned, SetNewPrevHashOwned};
 use support::daemon_proc::DaemonProcess;
-use support::tp::{bad_nonce_solution, build_coinbase, client_at, next_tip, prev_hash, solve};
+use support::tp::{
+    bad_nonce_solution, build_coinbase, client_at, next_tip, prev_hash, recv, solve,
+};
 use sv2_tpd::mock::{MockNode, MockOptions};
-use sv2_tpd::sv2::TdpClient;
+use sv2_tpd::sv2::{TdpClient, TdpMessage};
 
 /// Memory an attack below may add to the daemon: far above what a bounded daemon needs,
 /// far below what keeping the attack's input would cost.
@@ -140,12 +142,27 @@ async fn solutions_that_miss_their_target_cost_nothing_and_a_real_block_goes_thr
     let (t, p) = pool_gets_the_next_tip(&node, &mut pool).await;
     let (block, hash) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
     let submitted = Instant::now();
-    pool.submit_solution(block).await.unwrap();
+    pool.submit_solution(block.clone()).await.unwrap();
     let (_, p) = next_tip(&mut pool).await;
     assert_eq!(prev_hash(&p), hash, "the real block was not accepted");
     println!(
         "real block right after: accepted and its tip out in {:?}",
         submitted.elapsed()
+    );
+
+    // Replaying that block (anyone can, once it is public) costs no node call.
+    let submits = node_calls(&node, "submitSolution");
+    let mut replayer = connect(&daemon, 100).await;
+    for _ in 0..20 {
+        replayer.submit_solution(block.clone()).await.unwrap();
+    }
+    daemon.wait_for_metrics("the replays refused", |m| {
+        m.value("sv2_tpd_solutions_total", &[("result", "duplicate")]) >= 20.0
+    });
+    assert_eq!(
+        node_calls(&node, "submitSolution"),
+        submits,
+        "a replay reached the node"
     );
 }
 
@@ -236,6 +253,20 @@ async fn transaction_data_for_clients_that_never_read_stays_within_its_budget() 
     let m = daemon.wait_for_metrics("answers going out", |m| {
         m.value("sv2_tpd_tx_data_requests_total", &[("result", "success")]) >= 1.0
     });
+    // A client that reads still gets its transaction data, and the pool its tips.
+    let mut reading = connect(&daemon, 100).await;
+    let (current, _) = next_tip(&mut reading).await;
+    reading.request_tx_data(current.template_id).await.unwrap();
+    loop {
+        match recv(&mut reading).await {
+            TdpMessage::RequestTransactionDataSuccess(s) => {
+                assert_eq!(s.template_id, current.template_id);
+                break;
+            }
+            TdpMessage::NewTemplate(_) | TdpMessage::SetNewPrevHash(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
     pool_gets_the_next_tip(&node, &mut pool).await;
     let rss_after = daemon.rss_kib();
     println!(

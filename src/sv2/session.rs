@@ -9,10 +9,11 @@
 //!   the first constraints take one of the `max_clients` places;
 //! - bad messages are counted, logged a few at a time with a periodic summary, and more than
 //!   `max_bad_messages` close the connection;
-//! - at most `max_solutions_in_flight_per_client` solutions wait for the node at once; more
-//!   are dropped and counted as `sv2_tpd_solutions_total{result="throttled"}`;
-//! - a solution whose header misses its target is refused by the engine before it costs
-//!   anything; more than `max_bad_solutions` of them close the connection;
+//! - at most `max_solutions_in_flight_per_client` solutions have their verdict awaited at
+//!   once; more still go to the engine, unawaited (`sv2_tpd_solutions_unawaited_total`);
+//! - a solution whose header misses its target, whose coinbase does not decode or whose
+//!   template is unknown is refused by the engine before it costs anything; more than
+//!   `max_bad_solutions` of them within ten minutes close the connection;
 //! - at most `max_tx_data_requests_per_client` `RequestTransactionData` are answered at
 //!   once (more get `RequestTransactionData.Error` "throttled"); answers are built off the
 //!   main loop, so a slow block read never delays a template, and their bytes count
@@ -59,6 +60,10 @@ use crate::{
 /// Largest frame (encrypted bytes, header included) accepted from a client. The largest valid
 /// client message, `SubmitSolution` with a 64 KiB coinbase, is about 65.6 KB encrypted.
 pub const MAX_CLIENT_FRAME_BYTES: usize = 128 * 1024;
+
+/// How long bogus solutions count against `max_bad_solutions`: a pool that now and then
+/// sends a solution for a template already gone is not thrown out for it over weeks.
+const BAD_SOLUTION_WINDOW: Duration = Duration::from_secs(600);
 
 /// Full log lines per kind of misbehaviour per [`LOG_PERIOD`]; the rest are summed up.
 const LOG_BURST: u32 = 3;
@@ -183,12 +188,12 @@ pub async fn run(
             solution_slots: Arc::new(Semaphore::new(limits.max_solutions_in_flight)),
             verdicts_tx,
             verdicts,
-            bad_solutions: 0,
+            bad_solutions: (Instant::now(), 0),
             tx_answers_tx,
             tx_answers,
             tx_data_pending: 0,
+            tx_budget_turn: Arc::new(Semaphore::new(1)),
             bad_log: LogBudget::new(LOG_BURST, LOG_PERIOD),
-            throttle_log: LogBudget::new(LOG_BURST, LOG_PERIOD),
             machine: protocol::Machine::new(limits.max_bad_messages),
             limits,
         };
@@ -231,15 +236,17 @@ struct Session {
     next_subscribe: tokio::time::Instant,
     solution_slots: Arc<Semaphore>,
     // The node's verdicts on this session's solutions, and how many missed their target.
-    verdicts_tx: mpsc::Sender<SolutionOutcome>,
-    verdicts: mpsc::Receiver<SolutionOutcome>,
-    bad_solutions: u32,
+    verdicts_tx: mpsc::Sender<(u64, SolutionOutcome)>,
+    verdicts: mpsc::Receiver<(u64, SolutionOutcome)>,
+    /// Since when bogus solutions are counted, and how many.
+    bad_solutions: (Instant, u32),
     // Transaction-data answers built off the main loop, and how many are on their way.
     tx_answers_tx: mpsc::Sender<Result<TxDataAnswer, SessionError>>,
     tx_answers: mpsc::Receiver<Result<TxDataAnswer, SessionError>>,
     tx_data_pending: usize,
+    /// One permit: the answer of this session that may hold transaction-data budget.
+    tx_budget_turn: Arc<Semaphore>,
     bad_log: LogBudget,
-    throttle_log: LogBudget,
 }
 
 /// What the main loop woke up for.
@@ -250,7 +257,7 @@ enum Wake {
     Frame(Result<Frame, TransportError>),
     Event(Option<TemplateEvent>),
     TxData(Result<TxDataAnswer, SessionError>),
-    Verdict(SolutionOutcome),
+    Verdict((u64, SolutionOutcome)),
 }
 
 /// A `RequestTransactionData` answer, encoded and waiting to be written.
@@ -261,6 +268,8 @@ struct TxDataAnswer {
     result: &'static str,
     /// Its place within `max_tx_data_bytes_in_flight`, freed once written.
     _bytes: Option<OwnedSemaphorePermit>,
+    /// This session's one turn to hold such a place, freed with it.
+    _turn: Option<OwnedSemaphorePermit>,
 }
 
 impl Session {
@@ -302,17 +311,7 @@ impl Session {
                         .with_label_values(&[answer.result])
                         .inc();
                 }
-                Wake::Verdict(SolutionOutcome::BadProofOfWork { .. }) => {
-                    self.bad_solutions += 1;
-                    if self.bad_solutions > self.limits.max_bad_solutions {
-                        metrics()
-                            .clients_disconnected
-                            .with_label_values(&["bad_solutions"])
-                            .inc();
-                        return Err(SessionError::BadSolutions(self.bad_solutions));
-                    }
-                }
-                Wake::Verdict(_) => {}
+                Wake::Verdict((template_id, outcome)) => self.on_verdict(template_id, outcome)?,
             }
         }
     }
@@ -347,10 +346,7 @@ impl Session {
                 first: false,
             } => self.change_constraints(constraints).await,
             Action::TransactionData { template_id } => self.transaction_data(template_id).await,
-            Action::SubmitSolution(solution) => {
-                self.submit_solution(solution);
-                Ok(())
-            }
+            Action::SubmitSolution(solution) => self.submit_solution(solution).await,
             Action::Ignore(bad) => {
                 self.log_bad_message(bad);
                 Ok(())
@@ -399,9 +395,6 @@ impl Session {
     fn flush_logs(&mut self) {
         if let Some(suppressed) = self.bad_log.finish() {
             warn!(suppressed, "more unexpected messages ignored");
-        }
-        if let Some(suppressed) = self.throttle_log.finish() {
-            warn!(suppressed, "more solutions dropped: too many in flight");
         }
     }
 
@@ -477,10 +470,11 @@ impl Session {
         self.tx_data_pending += 1;
         let engine = self.engine.clone();
         let bytes = self.limits.tx_data_bytes.clone();
+        let turn = self.tx_budget_turn.clone();
         let answers = self.tx_answers_tx.clone();
         tokio::spawn(
             async move {
-                let answer = answer_tx_data(engine, template_id, bytes).await;
+                let answer = answer_tx_data(engine, template_id, bytes, turn).await;
                 let _ = answers.send(answer).await;
             }
             .in_current_span(),
@@ -488,54 +482,76 @@ impl Session {
         Ok(())
     }
 
-    // The node's verdict can take a while; the session keeps forwarding templates meanwhile.
-    fn submit_solution(&mut self, solution: SubmitSolutionOwned) {
+    /// Hands a solution to the engine. The node's verdict can take a while: it is
+    /// awaited in a task of its own (at most `max_solutions_in_flight` of them) and comes
+    /// back to the main loop ([`Wake::Verdict`]), so the session keeps forwarding
+    /// templates meanwhile. Beyond that many, solutions still go to the engine (which
+    /// refuses bogus ones at once), only their verdict is not awaited: a client's real
+    /// block is never dropped here.
+    async fn submit_solution(&mut self, solution: SubmitSolutionOwned) -> Result<(), SessionError> {
         let template_id = solution.template_id;
+        debug!(template_id, "SubmitSolution received");
         let Ok(slot) = self.solution_slots.clone().try_acquire_owned() else {
-            metrics().solutions.with_label_values(&["throttled"]).inc();
-            let verdict = self.throttle_log.hit(Instant::now());
-            if let Some(suppressed) = verdict.suppressed {
-                warn!(suppressed, "more solutions dropped: too many in flight");
-            }
-            if verdict.log {
-                warn!(
-                    template_id,
-                    limit = self.limits.max_solutions_in_flight,
-                    "solution dropped: too many in flight"
-                );
-            }
-            return;
+            metrics().solutions_unawaited.inc();
+            return self
+                .engine
+                .submit_solution_unawaited(solution)
+                .await
+                .map_err(|_| SessionError::EngineGone);
         };
-        info!(template_id, "SubmitSolution received");
         let engine = self.engine.clone();
         let verdicts = self.verdicts_tx.clone();
         tokio::spawn(
             async move {
                 let outcome = engine.submit_solution(solution).await;
-                match &outcome {
-                    Ok(SolutionOutcome::Accepted { block_hash }) => {
-                        info!(template_id, %block_hash, "solution accepted by the node")
-                    }
-                    Ok(SolutionOutcome::Rejected { block_hash, reason }) => {
-                        warn!(template_id, %block_hash, %reason, "solution rejected by the node")
-                    }
-                    Ok(SolutionOutcome::UnknownTemplate) => {
-                        warn!(template_id, "solution for an unknown template")
-                    }
-                    Ok(SolutionOutcome::NodeUnavailable(reason)) => {
-                        warn!(template_id, %reason, "solution could not reach the node")
-                    }
-                    // Logged by the engine, at a limited rate.
-                    Ok(SolutionOutcome::BadProofOfWork { .. } | SolutionOutcome::Throttled) => {}
-                    Err(e) => warn!(template_id, error = %e, "solution not handed to the engine"),
-                }
                 drop(slot);
                 if let Ok(outcome) = outcome {
-                    let _ = verdicts.send(outcome).await;
+                    let _ = verdicts.send((template_id, outcome)).await;
                 }
             }
             .in_current_span(),
         );
+        Ok(())
+    }
+
+    /// Logs the node's verdict on one of this session's solutions (refusals within the
+    /// log budget) and counts the bogus ones; more than `max_bad_solutions` within
+    /// [`BAD_SOLUTION_WINDOW`] close the connection.
+    fn on_verdict(
+        &mut self,
+        template_id: u64,
+        outcome: SolutionOutcome,
+    ) -> Result<(), SessionError> {
+        match &outcome {
+            SolutionOutcome::Accepted { block_hash } => {
+                info!(template_id, %block_hash, "solution accepted by the node")
+            }
+            SolutionOutcome::Rejected { block_hash, reason } => {
+                warn!(template_id, %block_hash, %reason, "solution rejected by the node")
+            }
+            SolutionOutcome::NodeUnavailable(reason) => {
+                warn!(template_id, %reason, "solution could not reach the node yet; it is saved")
+            }
+            // The engine logs its refusals (within its own budget).
+            _ => {}
+        }
+        if !outcome.is_bogus() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(self.bad_solutions.0) > BAD_SOLUTION_WINDOW {
+            self.bad_solutions = (now, 0);
+        }
+        self.bad_solutions.1 += 1;
+        let count = self.bad_solutions.1;
+        if count > self.limits.max_bad_solutions {
+            metrics()
+                .clients_disconnected
+                .with_label_values(&["bad_solutions"])
+                .inc();
+            return Err(SessionError::BadSolutions(count));
+        }
+        Ok(())
     }
 
     async fn forward(&mut self, event: TemplateEvent) -> Result<(), SessionError> {
@@ -608,11 +624,13 @@ const TX_DATA_SUCCESS: &str = "RequestTransactionDataSuccess";
 const TX_DATA_ERROR: &str = "RequestTransactionDataError";
 
 /// Asks the engine for template `template_id`'s transactions and encodes the answer,
-/// holding its size in `bytes` until it is written.
+/// holding its size in `bytes` until it is written. A session holds budget for one
+/// answer at a time (`turn`), so clients that never read cannot take it all between them.
 async fn answer_tx_data(
     engine: EngineHandle,
     template_id: u64,
     bytes: ByteBudget,
+    turn: Arc<Semaphore>,
 ) -> Result<TxDataAnswer, SessionError> {
     let answer = engine
         .transaction_data(template_id)
@@ -631,6 +649,7 @@ async fn answer_tx_data(
                 name: TX_DATA_ERROR,
                 result: e.code(),
                 _bytes: None,
+                _turn: None,
             });
         }
     };
@@ -646,12 +665,14 @@ async fn answer_tx_data(
         .sum::<usize>()
         + data.excess_data.len()
         + 64;
+    let turn = turn.acquire_owned().await.ok();
     let place = bytes.reserve(size).await;
     Ok(TxDataAnswer {
         frame: encode_transaction_data(template_id, &data)?,
         name: TX_DATA_SUCCESS,
         result: "success",
         _bytes: place,
+        _turn: turn,
     })
 }
 

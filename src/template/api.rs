@@ -139,10 +139,44 @@ pub enum SolutionOutcome {
     },
     /// Too many solutions are on their way to the node already (`max_solutions_in_flight`).
     Throttled,
+    /// The same block was handed to the node already.
+    Duplicate {
+        /// Hash of the block.
+        block_hash: bitcoin::BlockHash,
+    },
+    /// `coinbase_tx` is not a transaction: nothing to build a block from.
+    Malformed(String),
     /// No held template has this id.
     UnknownTemplate,
     /// The solution could not reach the node (it is kept on disk).
     NodeUnavailable(String),
+}
+
+impl SolutionOutcome {
+    /// Label for `sv2_tpd_solutions_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SolutionOutcome::Accepted { .. } => "accepted",
+            SolutionOutcome::Rejected { .. } => "rejected",
+            SolutionOutcome::BadProofOfWork { .. } => "bad-pow",
+            SolutionOutcome::Throttled => "throttled",
+            SolutionOutcome::Duplicate { .. } => "duplicate",
+            SolutionOutcome::Malformed(_) => "malformed",
+            SolutionOutcome::UnknownTemplate => "unknown-template",
+            SolutionOutcome::NodeUnavailable(_) => "node-unavailable",
+        }
+    }
+
+    /// Whether this says the client sent something that is not a block it could have
+    /// found: it counts against `max_bad_solutions`.
+    pub fn is_bogus(&self) -> bool {
+        matches!(
+            self,
+            SolutionOutcome::BadProofOfWork { .. }
+                | SolutionOutcome::Malformed(_)
+                | SolutionOutcome::UnknownTemplate
+        )
+    }
 }
 
 /// A request from a session to the engine.
@@ -225,6 +259,17 @@ impl EngineHandle {
         self.send(EngineRequest::SubmitSolution { solution, reply })
             .await?;
         answer.await.map_err(|_| EngineStopped)
+    }
+
+    /// Hands a solution to the engine without waiting for the verdict (the engine logs
+    /// and counts it).
+    pub async fn submit_solution_unawaited(
+        &self,
+        solution: SubmitSolutionOwned,
+    ) -> Result<(), EngineStopped> {
+        let (reply, _) = oneshot::channel();
+        self.send(EngineRequest::SubmitSolution { solution, reply })
+            .await
     }
 
     async fn send(&self, request: EngineRequest) -> Result<(), EngineStopped> {

@@ -15,15 +15,21 @@ use tracing::{debug, warn};
 
 use super::api::{TransactionData, TxDataError};
 use super::group::take_client_call;
+use super::store::transactions;
 use crate::node::Template;
+
+/// A template's non-coinbase transactions, serialized with witness: one list per
+/// template, shared by every answer.
+pub(crate) type TxList = Arc<Vec<Vec<u8>>>;
 
 /// A block read from the node (or why not), for the store's cache.
 #[derive(Debug)]
 pub(crate) struct FetchedBlock {
     /// The template it belongs to.
     pub template_id: u64,
-    /// The node's block, with a placeholder coinbase.
-    pub block: Option<Arc<Block>>,
+    /// The node's block (with a placeholder coinbase) and its non-coinbase transactions,
+    /// serialized by the read task (not by the engine).
+    pub block: Option<(Arc<Block>, TxList)>,
 }
 
 /// Someone waiting for a template's transactions.
@@ -96,7 +102,10 @@ impl BlockReads {
                 None => None,
             };
             let block = match template.block().await {
-                Ok(block) => Some(Arc::new(block)),
+                Ok(block) => {
+                    let txs = Arc::new(transactions(&block));
+                    Some((Arc::new(block), txs))
+                }
                 Err(e) => {
                     warn!(template_id, error = %e, "cannot read the template's block");
                     None

@@ -23,7 +23,7 @@ use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
 use super::group::{FeePolicy, GroupReport, Groups, Reason};
 use super::messages::announce;
 use super::solutions::{self, Gate, Submission};
-use super::store::{transactions, Held, TemplateStore, TxLookup};
+use super::store::{Held, TemplateStore, TxLookup};
 use super::supervisor::{supervise, NodeEvent};
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
@@ -112,7 +112,8 @@ impl Engine {
         let mut prune = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
             // What the daemon learnt comes before what clients ask: a session's request
-            // then always sees the node's latest news (its tip, a cached block).
+            // then always sees the node's latest news (its tip, a cached block). The prune
+            // tick comes before requests too, so a busy request stream cannot starve it.
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break Ok(()),
@@ -126,8 +127,8 @@ impl Engine {
                 },
                 Some(fetched) = inbox.fetched.recv() => self.on_block_read(fetched),
                 Some(report) = inbox.reports.recv() => self.on_group_report(report),
-                Some(request) = inbox.requests.recv() => self.on_request(request),
                 _ = prune.tick() => self.prune(),
+                Some(request) = inbox.requests.recv() => self.on_request(request),
             }
         };
         self.stop().await;
@@ -166,7 +167,7 @@ impl Engine {
         self.connected_before = true;
         self.fanout.forget_gone();
         for constraints in [STANDING_GROUP].into_iter().chain(self.fanout.groups()) {
-            self.ensure_group(constraints, reason);
+            self.ensure_group(constraints, reason, false);
         }
     }
 
@@ -187,11 +188,11 @@ impl Engine {
     }
 
     /// Starts a group for `constraints` on the live connection unless one runs.
-    fn ensure_group(&mut self, constraints: Constraints, first: Reason) {
+    fn ensure_group(&mut self, constraints: Constraints, first: Reason, client_caused: bool) {
         let Some(node) = self.current_node.borrow().clone() else {
             return;
         };
-        self.groups.ensure(&node, constraints, first);
+        self.groups.ensure(&node, constraints, first, client_caused);
     }
 
     fn on_group_report(&mut self, report: GroupReport) {
@@ -292,12 +293,11 @@ impl Engine {
     }
 
     fn on_block_read(&mut self, FetchedBlock { template_id, block }: FetchedBlock) {
-        let transactions = block.map(|block| {
-            self.store.set_block(template_id, block.clone());
-            // A template pruned meanwhile still answers those who waited for it.
-            self.store
-                .transactions(template_id)
-                .unwrap_or_else(|| Arc::new(transactions(&block)))
+        // Those who waited get the read's list even if the template is not cached (pruned
+        // meanwhile, or too old to be worth keeping).
+        let transactions = block.map(|(block, txs)| {
+            self.store.set_block(template_id, block, txs.clone());
+            txs
         });
         self.reads.done(template_id, transactions);
     }
@@ -342,7 +342,11 @@ impl Engine {
                 // A session that changed its constraints left its old group: stop that
                 // one now, so the group count is what clients use, not what they used.
                 self.stop_unwanted_groups();
-                self.ensure_group(constraints, Reason::Constraints);
+                self.ensure_group(
+                    constraints,
+                    Reason::Constraints,
+                    constraints != STANDING_GROUP,
+                );
             }
             EngineRequest::TransactionData { template_id, reply } => {
                 match self.store.transaction_data(template_id) {
@@ -373,7 +377,8 @@ impl Engine {
         reply: oneshot::Sender<SolutionOutcome>,
     ) {
         let Some(held) = self.store.get(solution.template_id) else {
-            return solutions::refuse_unknown(solution.template_id, reply);
+            let _ = reply.send(self.gate.refuse_unknown(solution.template_id));
+            return;
         };
         match self.gate.admit(held.payload.template.data(), &solution) {
             Ok((solved, slot)) => {

@@ -99,8 +99,9 @@ struct GroupSpec {
     fees: FeePolicy,
     /// Which task for these constraints this is.
     serial: u64,
-    /// Places for node calls clients cause (see [`Groups::new`]).
-    client_calls: Arc<Semaphore>,
+    /// Places for node calls clients cause (see [`Groups::new`]), when a client caused
+    /// this group.
+    client_calls: Option<Arc<Semaphore>>,
 }
 
 /// A running group task.
@@ -145,8 +146,15 @@ impl Groups {
     }
 
     /// Starts a task for `constraints` on `node` unless one runs; `first` labels its
-    /// first template.
-    pub fn ensure(&mut self, node: &NodeClient, constraints: Constraints, first: Reason) {
+    /// first template. A group a client caused (not the standing group, nor the restarts
+    /// after a reconnect) takes a client-call place for its first template.
+    pub fn ensure(
+        &mut self,
+        node: &NodeClient,
+        constraints: Constraints,
+        first: Reason,
+        client_caused: bool,
+    ) {
         if self.running.contains_key(&constraints) {
             return;
         }
@@ -163,7 +171,7 @@ impl Groups {
             first_reason: first,
             fees: self.fees,
             serial,
-            client_calls: self.client_calls.clone(),
+            client_calls: client_caused.then(|| self.client_calls.clone()),
         };
         tokio::spawn(
             run_group(node.clone(), spec, self.reports.clone(), cancel.clone()).instrument(span),
@@ -314,9 +322,12 @@ async fn follow(
     // Not `Mining.interrupt()` on cancel: it is node-wide and sticky, so it would cancel
     // another group's next `createNewBlock`. A template made after we left is released
     // by the IPC side as soon as its reply finds no one waiting.
-    let place = tokio::select! {
-        _ = cancel.cancelled() => return Ok(()),
-        place = take_client_call(client_calls) => place,
+    let place = match client_calls {
+        Some(places) => tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            place = take_client_call(places) => place.ok(),
+        },
+        None => None,
     };
     let first = {
         let node = node.clone();
@@ -327,7 +338,11 @@ async fn follow(
     };
     let mut current = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
-        r = first => r.map_err(|_| NodeError::Disconnected)??,
+        // A task that died (a panic) is a failure to report and retry, not a lost node.
+        r = first => r.map_err(|e| NodeError::Call {
+            method: "createNewBlock",
+            message: format!("the call's task failed: {e}"),
+        })??,
     };
     publish(current.clone(), first_reason).await;
     let mut sent_fees = current.data().total_fees();

@@ -2,11 +2,11 @@
 //! handed to the node at once; a block whose template died with an earlier connection is
 //! submitted whole over the next one.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bitcoin::hashes::Hash;
 use bitcoin::{Block, BlockHash};
 use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -39,12 +39,18 @@ const REFUSAL_LOG_BURST: u32 = 5;
 /// Period of the refusal log budget.
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
 
+/// Block hashes remembered to answer a repeated solution without work.
+const RECENT_BLOCKS: usize = 256;
+
 /// What a solution must pass before it costs anything: a rebuildable header whose hash
-/// meets its target, and a free place among the solutions in flight.
+/// meets its target and has not been seen before, and a free place among the solutions
+/// in flight.
 #[derive(Debug)]
 pub(crate) struct Gate {
     slots: Arc<Semaphore>,
     log: LogBudget,
+    /// The newest [`RECENT_BLOCKS`] block hashes admitted, oldest first.
+    recent: VecDeque<BlockHash>,
 }
 
 impl Gate {
@@ -53,41 +59,62 @@ impl Gate {
         Self {
             slots: Arc::new(Semaphore::new(max_in_flight)),
             log: LogBudget::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PERIOD),
+            recent: VecDeque::with_capacity(RECENT_BLOCKS),
         }
     }
 
     /// Rebuilds the header of `solution` on `data` and checks its proof of work. What fails
     /// costs no disk write, no node call and no task: a client cannot turn cheap bogus
-    /// solutions into work, and a real block never queues behind them. Refusals are
-    /// counted, and logged at a limited rate.
+    /// solutions (or replays of a block already handed over) into work, and a real block
+    /// never queues behind them. Refusals are counted, and logged at a limited rate — all
+    /// but a real block refused for want of a place, which is an error every time.
     pub fn admit(
         &mut self,
         data: &TemplateData,
         solution: &SubmitSolutionOwned,
     ) -> Result<(SolvedBlock, OwnedSemaphorePermit), SolutionOutcome> {
-        let refused = |label: &str, outcome: SolutionOutcome| {
-            metrics().solutions.with_label_values(&[label]).inc();
-            outcome
+        let template_id = solution.template_id;
+        let solved = match SolvedBlock::new(data, solution) {
+            Ok(solved) => solved,
+            Err(e) => {
+                return Err(self.refuse(template_id, SolutionOutcome::Malformed(e.to_string())))
+            }
         };
-        let result = match SolvedBlock::new(data, solution) {
-            Err(e) => Err(refused(
-                "rejected",
-                SolutionOutcome::Rejected {
-                    block_hash: BlockHash::all_zeros(),
-                    reason: e.to_string(),
-                },
-            )),
-            Ok(solved) if !solved.meets_target() => Err(refused(
-                "bad-pow",
-                SolutionOutcome::BadProofOfWork {
-                    block_hash: solved.header.block_hash(),
-                },
-            )),
-            Ok(solved) => match self.slots.clone().try_acquire_owned() {
-                Ok(slot) => return Ok((solved, slot)),
-                Err(_) => Err(refused("throttled", SolutionOutcome::Throttled)),
-            },
+        let block_hash = solved.header.block_hash();
+        if !solved.meets_target() {
+            return Err(self.refuse(template_id, SolutionOutcome::BadProofOfWork { block_hash }));
+        }
+        if self.recent.contains(&block_hash) {
+            return Err(self.refuse(template_id, SolutionOutcome::Duplicate { block_hash }));
+        }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            metrics().solutions.with_label_values(&["throttled"]).inc();
+            error!(
+                template_id,
+                %block_hash,
+                "a solution that meets its target was refused: max_solutions_in_flight \
+                 solutions are on their way to the node already"
+            );
+            return Err(SolutionOutcome::Throttled);
         };
+        if self.recent.len() == RECENT_BLOCKS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(block_hash);
+        Ok((solved, slot))
+    }
+
+    /// Answers a solution whose template is not held.
+    pub fn refuse_unknown(&mut self, template_id: u64) -> SolutionOutcome {
+        self.refuse(template_id, SolutionOutcome::UnknownTemplate)
+    }
+
+    /// Counts and (within the log budget) logs a refusal.
+    fn refuse(&mut self, template_id: u64, outcome: SolutionOutcome) -> SolutionOutcome {
+        metrics()
+            .solutions
+            .with_label_values(&[outcome.label()])
+            .inc();
         let verdict = self.log.hit(Instant::now());
         if let Some(suppressed) = verdict.suppressed {
             warn!(
@@ -96,9 +123,13 @@ impl Gate {
             );
         }
         if verdict.log {
-            warn!(template_id = solution.template_id, outcome = ?result.as_ref().err(), "solution refused before reaching the node");
+            warn!(
+                template_id,
+                ?outcome,
+                "solution refused before reaching the node"
+            );
         }
-        result
+        outcome
     }
 }
 
@@ -111,16 +142,6 @@ pub(crate) fn spawn(job: Submission, reply: oneshot::Sender<SolutionOutcome>) {
         }
         .instrument(span),
     );
-}
-
-/// Answers a solution whose template is not held.
-pub(crate) fn refuse_unknown(template_id: u64, reply: oneshot::Sender<SolutionOutcome>) {
-    warn!(template_id, "solution for an unknown template");
-    metrics()
-        .solutions
-        .with_label_values(&["unknown-template"])
-        .inc();
-    let _ = reply.send(SolutionOutcome::UnknownTemplate);
 }
 
 /// Writes the block to disk, then hands the solution to the node.

@@ -151,10 +151,24 @@ impl<T: Clone> TemplateStore<T> {
         self.templates.get(&id)
     }
 
-    /// Caches the node's block for template `id`, if still held.
-    pub fn set_block(&mut self, id: u64, block: Arc<Block>) {
-        if let Some(held) = self.templates.get_mut(&id) {
+    /// Caches the node's block for template `id` with its serialized `transactions`,
+    /// if the template is held and among the newest [`BLOCKS_CACHED_PER_GROUP`] of its
+    /// group: a client asking about an older one gets its answer, but cannot make the
+    /// daemon keep a block for every template it names.
+    pub fn set_block(&mut self, id: u64, block: Arc<Block>, transactions: Arc<Vec<Vec<u8>>>) {
+        let Some(group) = self.templates.get(&id).map(|h| h.group) else {
+            return;
+        };
+        let newest = self
+            .templates
+            .iter()
+            .rev()
+            .filter(|(_, h)| h.group == group)
+            .take(BLOCKS_CACHED_PER_GROUP)
+            .any(|(newer, _)| *newer == id);
+        if let (true, Some(held)) = (newest, self.templates.get_mut(&id)) {
             held.block = Some(block);
+            held.tx_data = Some(transactions);
         }
     }
 
@@ -182,14 +196,10 @@ impl<T: Clone> TemplateStore<T> {
         })
     }
 
-    /// Template `id`'s non-coinbase transactions, serialized once from its cached block
-    /// and shared from then on.
-    pub fn transactions(&mut self, id: u64) -> Option<Arc<Vec<Vec<u8>>>> {
-        let held = self.templates.get_mut(&id)?;
-        if held.tx_data.is_none() {
-            held.tx_data = held.block.as_deref().map(|b| Arc::new(transactions(b)));
-        }
-        held.tx_data.clone()
+    /// Template `id`'s non-coinbase transactions, serialized once (when its block was
+    /// read) and shared from then on.
+    pub fn transactions(&self, id: u64) -> Option<Arc<Vec<Vec<u8>>>> {
+        self.templates.get(&id)?.tx_data.clone()
     }
 
     /// Drops templates of tips before the previous one, of the previous tip once its
@@ -259,6 +269,10 @@ mod tests {
 
     fn ids(store: &TemplateStore<&'static str>) -> Vec<u64> {
         store.templates.keys().copied().collect()
+    }
+
+    fn cache(store: &mut TemplateStore<&'static str>, id: u64, block: &Arc<Block>) {
+        store.set_block(id, block.clone(), Arc::new(transactions(block)));
     }
 
     /// A block with a coinbase and one other transaction.
@@ -365,11 +379,11 @@ mod tests {
         let mut all = Vec::new();
         for _ in 0..BLOCKS_CACHED_PER_GROUP + 2 {
             let (id, _) = store.insert(held(A, 1, t0), 10);
-            store.set_block(id, block.clone());
+            cache(&mut store, id, &block);
             all.push(id);
         }
         let (other, _) = store.insert(held(B, 1, t0), 10);
-        store.set_block(other, block.clone());
+        cache(&mut store, other, &block);
         let cached: Vec<u64> = all
             .iter()
             .copied()
@@ -377,6 +391,9 @@ mod tests {
             .collect();
         assert_eq!(cached, all[all.len() - BLOCKS_CACHED_PER_GROUP..].to_vec());
         assert!(store.get(other).is_some_and(|h| h.block.is_some()));
+        // A read for an old template answers its client but is not kept.
+        cache(&mut store, all[0], &block);
+        assert!(store.get(all[0]).is_some_and(|h| h.block.is_none()));
     }
 
     #[test]
@@ -397,7 +414,7 @@ mod tests {
             Ok(TxLookup::Fetch { excess_data, .. }) => assert_eq!(excess_data, vec![0; 32]),
             other => panic!("expected a fetch, got {other:?}"),
         }
-        store.set_block(new, Arc::new(one_tx_block()));
+        cache(&mut store, new, &Arc::new(one_tx_block()));
         let Ok(TxLookup::Ready(first)) = store.transaction_data(new) else {
             panic!("cached block not served");
         };
