@@ -10,6 +10,8 @@ pub mod metrics;
 pub mod metrics_http;
 pub mod mock;
 pub mod node;
+pub mod status;
+pub mod status_client;
 pub mod sv2;
 pub mod template;
 pub mod watch;

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use crate::{
     keys::ServerKeys,
     metrics::metrics,
+    status::StatusBoard,
     sv2::{session, transport},
     template::EngineHandle,
 };
@@ -52,16 +53,20 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Connections (handshaking or set up) served at once; more are closed on accept.
     pub max_clients: usize,
+    /// Where sessions are listed for `/status`.
+    pub board: Arc<StatusBoard>,
 }
 
 impl ServerConfig {
-    /// Defaults for `bind`: certificates valid one hour, 10 s handshake timeout, 100 clients.
+    /// Defaults for `bind`: certificates valid one hour, 10 s handshake timeout, 100 clients,
+    /// a status board of its own.
     pub fn new(bind: SocketAddr) -> Self {
         ServerConfig {
             bind,
             cert_validity: Duration::from_secs(3600),
             handshake_timeout: Duration::from_secs(10),
             max_clients: 100,
+            board: StatusBoard::new("unknown", "unknown"),
         }
     }
 }
@@ -177,6 +182,7 @@ impl Client {
             },
         };
         debug!(%peer, "noise handshake done");
+        let entry = self.cfg.board.session_opened(peer);
         session::run(
             peer,
             reader,
@@ -184,6 +190,7 @@ impl Client {
             self.engine,
             self.cfg.handshake_timeout,
             self.shutdown,
+            entry,
         )
         .await;
     }

@@ -37,6 +37,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::{
     metrics::metrics,
+    status::SessionEntry,
     sv2::transport::{Frame, FrameReader, FrameWriter, TransportError},
     template::{Constraints, EngineHandle, SolutionOutcome, TemplateEvent, TransactionData},
 };
@@ -90,6 +91,7 @@ pub enum SessionError {
 }
 
 /// Serves one client until it leaves, misbehaves, or `shutdown` fires. Logs how it ended.
+/// `entry` is its line on the status board, removed when the session ends.
 pub async fn run(
     peer: SocketAddr,
     reader: FrameReader,
@@ -97,6 +99,7 @@ pub async fn run(
     engine: EngineHandle,
     setup_timeout: Duration,
     shutdown: CancellationToken,
+    entry: SessionEntry,
 ) {
     let span = tracing::info_span!("sv2_session", %peer);
     async move {
@@ -106,6 +109,7 @@ pub async fn run(
             writer,
             engine,
             events: None,
+            entry,
         };
         match session.serve(setup_timeout, &shutdown).await {
             Ok(()) => info!("session ended"),
@@ -123,6 +127,7 @@ struct Session {
     writer: FrameWriter,
     engine: EngineHandle,
     events: Option<mpsc::Receiver<TemplateEvent>>,
+    entry: SessionEntry,
 }
 
 /// What the main loop woke up for.
@@ -274,6 +279,7 @@ impl Session {
             .await
             .map_err(|_| SessionError::EngineGone)?;
         self.events = Some(events);
+        self.entry.set_constraints(constraints);
         Ok(())
     }
 

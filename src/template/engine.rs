@@ -298,6 +298,7 @@ impl Engine {
         m.node_connects.inc();
         m.node_info.reset();
         m.node_info.with_label_values(&[line]).set(1);
+        crate::status::node_facts().connected(line);
         self.status.node_connected.store(true, Ordering::Relaxed);
         let watcher = node.clone();
         let tx = self.internal_tx.clone();
@@ -338,6 +339,7 @@ impl Engine {
         // down as their handles drop (the IPC thread releases each one once), and zeroing
         // first would drive the gauge negative.
         metrics().node_connected.set(0);
+        crate::status::node_facts().lost();
         self.spawn_connect(Duration::from_millis(100));
     }
 
@@ -546,6 +548,7 @@ impl Engine {
             },
         );
         self.status.has_template.store(true, Ordering::Relaxed);
+        crate::status::node_facts().template_made(prev_hash, tip_height);
 
         // A subscriber that is gone, or too slow to take this update, is dropped: a
         // client that silently missed templates would mine on a stale tip.
