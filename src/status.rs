@@ -319,7 +319,7 @@ impl Status {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let mut line = |name: &str, value: String| {
-            out.push_str(&format!("{:<20}{value}\n", format!("{name}:")));
+            out.push_str(&format!("{:<23}{value}\n", format!("{name}:")));
         };
         line(
             "status",
