@@ -258,3 +258,56 @@ fn systemd_analyze_verifies_the_unit_and_the_bitcoind_drop_in() {
         .arg(dir.path().join("bitcoind.service"));
     run_clean(command, "systemd-analyze verify");
 }
+
+#[test]
+fn the_docker_context_holds_what_the_dockerfile_copies_and_no_more() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let context = tempfile::tempdir().unwrap();
+    let output = Command::new("bash")
+        .arg(root.join("tests/docker-context.sh"))
+        .arg(context.path())
+        .output()
+        .expect("bash runs");
+    assert!(
+        output.status.success(),
+        "docker-context.sh: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let copied: BTreeSet<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+
+    // Every source of the build stage's COPY lines (not `COPY --from=`) is in the context.
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let mut sources = Vec::new();
+    for line in dockerfile.lines() {
+        let Some(args) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        if args.starts_with("--from=") {
+            continue;
+        }
+        let words: Vec<&str> = args.split_whitespace().collect();
+        sources.extend(words[..words.len() - 1].iter().map(|w| w.to_string()));
+    }
+    assert!(!sources.is_empty(), "no COPY in the Dockerfile");
+    for source in &sources {
+        assert!(
+            copied
+                .iter()
+                .any(|path| path == source || path.starts_with(&format!("{source}/"))),
+            "the Dockerfile copies {source}, which .dockerignore keeps out"
+        );
+    }
+    // ... and nothing the image does not need (tests, docs, the target directory).
+    for path in &copied {
+        assert!(
+            sources
+                .iter()
+                .any(|source| path == source || path.starts_with(&format!("{source}/"))),
+            "{path} is sent to docker build but never copied"
+        );
+    }
+    assert!(copied.contains("src/main.rs") && copied.contains("Cargo.lock"));
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copies the Docker build context into DEST as `docker build .` would send it: the
-# repository's files (tracked and untracked, minus .gitignore'd build output) filtered by
-# .dockerignore. Prints the copied paths.
+# repository's files (tracked and untracked, minus .gitignore'd build output; outside a
+# git checkout, all files but target/) filtered by .dockerignore. Prints the copied paths.
 #
 #   bash tests/docker-context.sh DEST
 #
@@ -65,8 +65,17 @@ excluded() {
     return "$verdict"
 }
 
+# The candidate files: from git when this is a checkout, else everything but target/.
+list_files() {
+    if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git ls-files --cached --others --exclude-standard -z
+    else
+        find . \( -path ./target -o -path ./.git \) -prune -o -type f -printf '%P\0'
+    fi
+}
+
 mkdir -p "$dest"
-git ls-files --cached --others --exclude-standard -z | while IFS= read -r -d '' path; do
+list_files | while IFS= read -r -d '' path; do
     [ -e "$path" ] || continue # deleted but still tracked
     if ! excluded "$path"; then
         mkdir -p "$dest/$(dirname "$path")"
