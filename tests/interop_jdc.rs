@@ -1,7 +1,7 @@
 //! Solo mining with SRI's job-declaration client: `jd_client_sv2` 0.6 in `SOLOMINING`
 //! mode takes its templates from `sv2-tpd run` on a real regtest `bitcoin-node`, and SRI's
-//! CPU miner (`mining_device`) mines through the JDC. Blocks must reach the node, each
-//! paying the JDC's `coinbase_reward_script`.
+//! CPU miner (`mining_device`) mines through the JDC. Blocks must reach the node through
+//! sv2-tpd's submission, each paying the JDC's `coinbase_reward_script`.
 //!
 //! The JDC's configuration is the one in README.md ("Solo mining with SRI's JDC"), read
 //! from there; only the ports and sv2-tpd's key are filled in.
@@ -173,8 +173,18 @@ fn jdc_solo_mines_blocks_on_sv2_tpd_templates() -> anyhow::Result<()> {
         jdc.blocks_found()
     );
 
+    let tpd_log = tpd.process.log_text();
     for h in start_height + 1..=height {
-        let block = node.get_block(&node.block_hash(h)?)?;
+        let hash = node.block_hash(h)?;
+        // The JDC has no other way to the node: sv2-tpd submitted every block.
+        assert!(
+            tpd_log
+                .lines()
+                .any(|l| l.contains("block accepted by the node") && l.contains(&hash.to_string())),
+            "sv2-tpd did not log block {h} ({hash}) as accepted\n{}",
+            tpd.process.log_tail()
+        );
+        let block = node.get_block(&hash)?;
         let coinbase = block
             .txdata
             .first()
