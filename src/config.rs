@@ -140,8 +140,27 @@ pub struct Config {
     pub authority_key_path: PathBuf,
     /// Validity period of the certificates we issue for the static key.
     pub cert_validity: Duration,
-    /// Time a client has to complete the Noise handshake.
+    /// Time a client has for its whole setup: Noise, `SetupConnection` and its first
+    /// `CoinbaseOutputConstraints`.
     pub handshake_timeout: Duration,
+    /// Connections in their setup at once; the oldest is evicted for a newcomer.
+    pub max_pending_handshakes: usize,
+    /// Connections from one non-loopback IP address at once; 0 for no limit.
+    pub max_clients_per_ip: usize,
+    /// Unknown or out-of-order messages tolerated per session before it is disconnected.
+    pub max_bad_messages: u32,
+    /// Solutions of one session waiting for the node at once; more are dropped.
+    pub max_solutions_in_flight_per_client: usize,
+    /// Solutions whose header misses its target tolerated per session before it is disconnected.
+    pub max_bad_solutions: u32,
+    /// Solutions with valid proof of work on their way to the node at once, all clients together; more are refused.
+    pub max_solutions_in_flight: usize,
+    /// Node calls clients can cause at once, all together (a new constraint group's first template, block reads for transaction data).
+    pub max_node_calls: usize,
+    /// `RequestTransactionData` of one session answered at once; more are refused with "throttled".
+    pub max_tx_data_requests_per_client: usize,
+    /// Bytes of transaction-data answers encoded and not yet written, all clients together.
+    pub max_tx_data_bytes_in_flight: usize,
 }
 
 impl Config {
@@ -212,6 +231,19 @@ impl Config {
                 "authority_key_path" => path(&self.authority_key_path),
                 "cert_validity" => secs(self.cert_validity),
                 "handshake_timeout" => secs(self.handshake_timeout),
+                "max_pending_handshakes" => self.max_pending_handshakes.to_string(),
+                "max_clients_per_ip" => self.max_clients_per_ip.to_string(),
+                "max_bad_messages" => self.max_bad_messages.to_string(),
+                "max_solutions_in_flight_per_client" => {
+                    self.max_solutions_in_flight_per_client.to_string()
+                }
+                "max_bad_solutions" => self.max_bad_solutions.to_string(),
+                "max_solutions_in_flight" => self.max_solutions_in_flight.to_string(),
+                "max_node_calls" => self.max_node_calls.to_string(),
+                "max_tx_data_requests_per_client" => {
+                    self.max_tx_data_requests_per_client.to_string()
+                }
+                "max_tx_data_bytes_in_flight" => self.max_tx_data_bytes_in_flight.to_string(),
                 _ => continue,
             };
             let source = provenance
@@ -378,6 +410,15 @@ config_keys!(
     authority_key_path,
     cert_validity,
     handshake_timeout,
+    max_pending_handshakes,
+    max_clients_per_ip,
+    max_bad_messages,
+    max_solutions_in_flight_per_client,
+    max_bad_solutions,
+    max_solutions_in_flight,
+    max_node_calls,
+    max_tx_data_requests_per_client,
+    max_tx_data_bytes_in_flight,
 );
 
 /// Command-line flags, one per configuration key plus `--config`.
@@ -434,14 +475,41 @@ pub struct ConfigArgs {
     /// Seconds our certificates stay valid [default: 31536000, one year]
     #[arg(long, global = true, value_name = "SECS")]
     pub cert_validity: Option<String>,
-    /// Seconds a client has to finish the Noise handshake [default: 10]
+    /// Seconds a client has for Noise, SetupConnection and its first constraints [default: 10]
     #[arg(long, global = true, value_name = "SECS")]
     pub handshake_timeout: Option<String>,
+    /// Connections in their setup at once; the oldest is evicted when full [default: 64]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_pending_handshakes: Option<String>,
+    /// Connections per non-loopback IP address, or 0 for no limit [default: 0]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_clients_per_ip: Option<String>,
+    /// Unknown or out-of-order messages tolerated per client [default: 16]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_bad_messages: Option<String>,
+    /// Solutions of one client waiting for the node at once [default: 4]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_solutions_in_flight_per_client: Option<String>,
+    /// Solutions missing their target tolerated per client [default: 3]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_bad_solutions: Option<String>,
+    /// Solutions on their way to the node at once, all clients [default: 64]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_solutions_in_flight: Option<String>,
+    /// Node calls clients can cause at once, all together [default: 4]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_node_calls: Option<String>,
+    /// RequestTransactionData of one client answered at once [default: 4]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_tx_data_requests_per_client: Option<String>,
+    /// Bytes of transaction-data answers in flight, all clients [default: 67108864]
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub max_tx_data_bytes_in_flight: Option<String>,
 }
 
 impl ConfigArgs {
     fn values(&self) -> SourcedValues {
-        let flags: [(&'static str, &'static str, &Option<String>); 16] = [
+        let flags: [(&'static str, &'static str, &Option<String>); 25] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
             (
@@ -477,6 +545,47 @@ impl ConfigArgs {
                 "handshake_timeout",
                 "--handshake-timeout",
                 &self.handshake_timeout,
+            ),
+            (
+                "max_pending_handshakes",
+                "--max-pending-handshakes",
+                &self.max_pending_handshakes,
+            ),
+            (
+                "max_clients_per_ip",
+                "--max-clients-per-ip",
+                &self.max_clients_per_ip,
+            ),
+            (
+                "max_bad_messages",
+                "--max-bad-messages",
+                &self.max_bad_messages,
+            ),
+            (
+                "max_solutions_in_flight_per_client",
+                "--max-solutions-in-flight-per-client",
+                &self.max_solutions_in_flight_per_client,
+            ),
+            (
+                "max_bad_solutions",
+                "--max-bad-solutions",
+                &self.max_bad_solutions,
+            ),
+            (
+                "max_solutions_in_flight",
+                "--max-solutions-in-flight",
+                &self.max_solutions_in_flight,
+            ),
+            ("max_node_calls", "--max-node-calls", &self.max_node_calls),
+            (
+                "max_tx_data_requests_per_client",
+                "--max-tx-data-requests-per-client",
+                &self.max_tx_data_requests_per_client,
+            ),
+            (
+                "max_tx_data_bytes_in_flight",
+                "--max-tx-data-bytes-in-flight",
+                &self.max_tx_data_bytes_in_flight,
             ),
         ];
         flags
@@ -751,6 +860,32 @@ impl Resolver<'_> {
             secs(DEFAULT_CERT_VALIDITY_SECS)
         })?;
         let handshake_timeout = self.get("handshake_timeout", seconds(1), || secs(10))?;
+        let max_pending_handshakes = self.get("max_pending_handshakes", count(1), || 64)?;
+        let max_clients_per_ip = self.get("max_clients_per_ip", count(0), || 0)?;
+        let max_bad_messages = self.get(
+            "max_bad_messages",
+            |s| {
+                s.parse::<u32>()
+                    .map_err(|_| "expected a whole number, 0 to 4294967295".into())
+            },
+            || 16,
+        )?;
+        let max_solutions_in_flight_per_client =
+            self.get("max_solutions_in_flight_per_client", count(1), || 4)?;
+        let max_bad_solutions = self.get(
+            "max_bad_solutions",
+            |s| {
+                s.parse::<u32>()
+                    .map_err(|_| "expected a whole number, 0 to 4294967295".into())
+            },
+            || 3,
+        )?;
+        let max_solutions_in_flight = self.get("max_solutions_in_flight", count(1), || 64)?;
+        let max_node_calls = self.get("max_node_calls", count(1), || 4)?;
+        let max_tx_data_requests_per_client =
+            self.get("max_tx_data_requests_per_client", count(1), || 4)?;
+        let max_tx_data_bytes_in_flight =
+            self.get("max_tx_data_bytes_in_flight", count(1), || 64 << 20)?;
         let config = Config {
             chain,
             datadir,
@@ -768,6 +903,15 @@ impl Resolver<'_> {
             authority_key_path,
             cert_validity,
             handshake_timeout,
+            max_pending_handshakes,
+            max_clients_per_ip,
+            max_bad_messages,
+            max_solutions_in_flight_per_client,
+            max_bad_solutions,
+            max_solutions_in_flight,
+            max_node_calls,
+            max_tx_data_requests_per_client,
+            max_tx_data_bytes_in_flight,
         };
         Ok((config, self.provenance))
     }
@@ -775,6 +919,14 @@ impl Resolver<'_> {
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
+}
+
+/// A parser for a count, at least `min`.
+fn count(min: usize) -> impl FnOnce(&str) -> Result<usize, String> {
+    move |s| match s.parse::<usize>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(format!("expected a whole number of at least {min}")),
+    }
 }
 
 /// A parser for a whole number of seconds, at least `min`.
@@ -894,5 +1046,47 @@ mod tests {
         let table: toml::Table = text.parse().unwrap();
         assert_eq!(table.len(), KEYS.len());
         assert_eq!(table["sv2_port"].as_integer(), Some(8442));
+    }
+
+    #[test]
+    fn each_source_overrides_the_one_below() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sv2-tpd.toml");
+        std::fs::write(
+            &file,
+            "fee_delta = 2000\ntemplate_interval = 20\nmax_clients = 50\n",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            config: Some(file.clone()),
+            max_clients: Some("70".into()),
+            ..Default::default()
+        };
+        let vars = [
+            ("SV2TPD_TEMPLATE_INTERVAL", "25"),
+            ("SV2TPD_MAX_CLIENTS", "60"),
+        ];
+        let (config, provenance) = load(&args, &vars).unwrap();
+        let cases: [(&str, u64, Source); 4] = [
+            ("stale_template_grace", 60, Source::Default),
+            ("fee_delta", 2000, Source::File(file.clone())),
+            (
+                "template_interval",
+                25,
+                Source::Env("SV2TPD_TEMPLATE_INTERVAL".into()),
+            ),
+            ("max_clients", 70, Source::Flag("--max-clients")),
+        ];
+        for (key, value, source) in cases {
+            let got = match key {
+                "stale_template_grace" => config.stale_template_grace.as_secs(),
+                "fee_delta" => config.fee_delta,
+                "template_interval" => config.template_interval.as_secs(),
+                "max_clients" => config.max_clients as u64,
+                _ => unreachable!(),
+            };
+            assert_eq!(got, value, "{key}");
+            assert_eq!(provenance.source(key), Some(&source), "{key}");
+        }
     }
 }

@@ -8,8 +8,10 @@ pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_http;
+#[cfg(feature = "mock")]
 pub mod mock;
 pub mod node;
+pub mod ratelog;
 pub mod status;
 pub mod status_client;
 pub mod sv2;

@@ -36,6 +36,19 @@ pub struct Metrics {
     pub clients_connected: IntGauge,
     /// Failed Noise handshakes.
     pub handshake_failures: IntCounter,
+    /// Connections refused, evicted or failed before their setup was done, by reason
+    /// (`max_clients`, `per_ip`, `evicted`, `handshake_timeout`, `handshake_failed`).
+    pub connections_refused: IntCounterVec,
+    /// Connections in their setup (Noise, `SetupConnection`, first constraints).
+    pub handshakes_pending: IntGauge,
+    /// Set-up clients disconnected by a limit, by reason (`bad_messages`).
+    pub clients_disconnected: IntCounterVec,
+    /// Times a client-caused piece of work had to wait for a limit (`max_node_calls`,
+    /// `max_tx_data_bytes_in_flight`).
+    pub limit_waits: IntCounterVec,
+    /// Constraint changes from set-up sessions by result (`applied`, `deferred`,
+    /// `superseded`).
+    pub constraint_changes: IntCounterVec,
     /// `RequestTransactionData` by result (`success`, `template-id-not-found`, `stale-template-id`).
     pub tx_data_requests: IntCounterVec,
     /// Solutions by result (`accepted`, `rejected`, `unknown-template`, `node-unavailable`).
@@ -117,6 +130,43 @@ impl Metrics {
                 "Failed Noise handshakes",
             )
             .expect("metric"),
+            connections_refused: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_connections_refused_total",
+                    "Connections refused, evicted or failed before their setup was done",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
+            handshakes_pending: IntGauge::new(
+                "sv2_tpd_handshakes_pending",
+                "Connections in their setup (Noise, SetupConnection, first constraints)",
+            )
+            .expect("metric"),
+            clients_disconnected: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_clients_disconnected_total",
+                    "Set-up clients disconnected by a limit",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
+            limit_waits: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_limit_waits_total",
+                    "Client-caused work that waited for a limit to free up",
+                ),
+                &["limit"],
+            )
+            .expect("metric"),
+            constraint_changes: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_constraint_changes_total",
+                    "CoinbaseOutputConstraints subscriptions applied, deferred by the rate limit, or superseded while deferred",
+                ),
+                &["result"],
+            )
+            .expect("metric"),
             tx_data_requests: IntCounterVec::new(
                 Opts::new(
                     "sv2_tpd_tx_data_requests_total",
@@ -155,7 +205,8 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
+            Box::new(m.limit_waits.clone()),
             Box::new(m.node_connected.clone()),
             Box::new(m.node_info.clone()),
             Box::new(m.node_connects.clone()),
@@ -167,6 +218,10 @@ impl Metrics {
             Box::new(m.messages_unexpected.clone()),
             Box::new(m.clients_connected.clone()),
             Box::new(m.handshake_failures.clone()),
+            Box::new(m.connections_refused.clone()),
+            Box::new(m.handshakes_pending.clone()),
+            Box::new(m.clients_disconnected.clone()),
+            Box::new(m.constraint_changes.clone()),
             Box::new(m.tx_data_requests.clone()),
             Box::new(m.solutions.clone()),
             Box::new(m.blocks_found.clone()),
@@ -191,7 +246,24 @@ impl Metrics {
         for reason in ["tip", "fees", "constraints"] {
             m.templates_created.with_label_values(&[reason]);
         }
-        for result in ["success", "template-id-not-found", "stale-template-id"] {
+        for reason in crate::sv2::admission::Refusal::ALL {
+            m.connections_refused.with_label_values(&[reason.label()]);
+        }
+        for reason in ["bad_messages", "bad_solutions"] {
+            m.clients_disconnected.with_label_values(&[reason]);
+        }
+        for limit in ["max_node_calls", "max_tx_data_bytes_in_flight"] {
+            m.limit_waits.with_label_values(&[limit]);
+        }
+        for result in ["applied", "deferred", "superseded"] {
+            m.constraint_changes.with_label_values(&[result]);
+        }
+        for result in [
+            "success",
+            "template-id-not-found",
+            "stale-template-id",
+            "throttled",
+        ] {
             m.tx_data_requests.with_label_values(&[result]);
         }
         for result in [
@@ -199,6 +271,8 @@ impl Metrics {
             "rejected",
             "unknown-template",
             "node-unavailable",
+            "throttled",
+            "bad-pow",
         ] {
             m.solutions.with_label_values(&[result]);
         }

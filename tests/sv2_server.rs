@@ -477,10 +477,189 @@ async fn an_undecodable_known_message_drops_that_client_only() {
 
 #[tokio::test]
 async fn connections_over_max_clients_are_refused() {
-    let server = start(|cfg| cfg.max_clients = 1).await;
-    let _first = server.client().await;
+    let mut server = start(|cfg| cfg.max_clients = 1).await;
+    let refused_before = refused("max_clients");
+    let (_first, _events) = server.subscribed_client().await;
     let second = TdpClient::connect(server.addr, server.keys.authority_pubkey()).await;
     assert!(second.is_err(), "second client was served");
+    assert!(refused("max_clients") > refused_before);
+}
+
+fn refused(reason: &str) -> u64 {
+    metrics()
+        .connections_refused
+        .with_label_values(&[reason])
+        .get()
+}
+
+#[tokio::test]
+async fn clients_in_their_setup_do_not_take_pool_places() {
+    let mut server = start(|cfg| cfg.max_clients = 1).await;
+    // Set up but not subscribed: still pending, so the pool below gets the one place.
+    let mut waiting = server.client().await;
+    let (mut pool, events) = server.subscribed_client().await;
+    send_template(&events, 21).await;
+    expect_template(&mut pool, 21).await;
+    // The waiting client's setup now finds no place left and is closed.
+    waiting.send_constraints(10, 1).await.unwrap();
+    expect_closed(&mut waiting).await;
+}
+
+#[tokio::test]
+async fn a_full_handshake_set_evicts_its_oldest_for_a_newcomer() {
+    let mut server = start(|cfg| cfg.max_pending_handshakes = 4).await;
+    let evicted_before = refused("evicted");
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    // However many silent sockets came first, a pool still gets through.
+    let (mut pool, events) = server.subscribed_client().await;
+    send_template(&events, 5).await;
+    expect_template(&mut pool, 5).await;
+    assert!(refused("evicted") >= evicted_before + 6);
+    // The evicted sockets were closed by the server.
+    let mut buf = [0u8; 1];
+    let read = within("an evicted socket to close", silent[0].read(&mut buf)).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+#[tokio::test]
+async fn the_whole_setup_must_finish_within_handshake_timeout() {
+    let server = start(|cfg| cfg.handshake_timeout = Duration::from_millis(400)).await;
+    let timeouts_before = refused("handshake_timeout");
+    // Noise and SetupConnection in time, but no CoinbaseOutputConstraints.
+    let mut idle = server.client().await;
+    expect_closed(&mut idle).await;
+    assert!(refused("handshake_timeout") > timeouts_before);
+}
+
+#[tokio::test]
+async fn too_many_bad_messages_disconnect_a_client() {
+    let mut server = start(|cfg| cfg.max_bad_messages = 3).await;
+    let (mut bad, _events) = server.subscribed_client().await;
+    let (mut good, good_events) = server.subscribed_client().await;
+    let disconnected_before = metrics()
+        .clients_disconnected
+        .with_label_values(&["bad_messages"])
+        .get();
+    for _ in 0..3 {
+        bad.send_raw_frame(0, 0x7f, &[]).await.unwrap();
+    }
+    bad.request_tx_data(1).await.unwrap();
+    match server.request().await {
+        EngineRequest::TransactionData { reply, .. } => {
+            reply.send(Err(TxDataError::TemplateIdNotFound)).unwrap()
+        }
+        other => panic!("expected TransactionData, got {other:?}"),
+    }
+    assert!(matches!(
+        within("RequestTransactionData.Error", bad.recv()).await,
+        Ok(TdpMessage::RequestTransactionDataError { .. })
+    ));
+    // Three are tolerated; the fourth closes the connection.
+    bad.send_raw_frame(0, 0x7f, &[]).await.unwrap();
+    expect_closed(&mut bad).await;
+    assert!(
+        metrics()
+            .clients_disconnected
+            .with_label_values(&["bad_messages"])
+            .get()
+            > disconnected_before
+    );
+    send_template(&good_events, 3).await;
+    expect_template(&mut good, 3).await;
+}
+
+#[tokio::test]
+async fn solutions_beyond_the_in_flight_cap_are_dropped() {
+    let mut server = start(|cfg| cfg.max_solutions_in_flight_per_client = 2).await;
+    let (mut client, _events) = server.subscribed_client().await;
+    let throttled_before = metrics().solutions.with_label_values(&["throttled"]).get();
+    let solution = |nonce| SubmitSolutionOwned {
+        template_id: 3,
+        version: 0x2000_0000,
+        header_timestamp: 1_700_000_123,
+        header_nonce: nonce,
+        coinbase_tx: B064KOwned::new(vec![0x01; 60]).unwrap(),
+    };
+    for nonce in 0..5 {
+        client.submit_solution(solution(nonce)).await.unwrap();
+    }
+    // Two reach the engine and are held unanswered; the other three were dropped.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        match server.request().await {
+            EngineRequest::SubmitSolution { reply, .. } => held.push(reply),
+            other => panic!("expected SubmitSolution, got {other:?}"),
+        }
+    }
+    // A request sent after them shows the session has read all five.
+    client.request_tx_data(8).await.unwrap();
+    match server.request().await {
+        EngineRequest::TransactionData { reply, .. } => {
+            reply.send(Err(TxDataError::TemplateIdNotFound)).unwrap()
+        }
+        other => panic!("expected TransactionData (the rest were dropped), got {other:?}"),
+    }
+    assert_eq!(
+        metrics().solutions.with_label_values(&["throttled"]).get(),
+        throttled_before + 3
+    );
+    // Answering frees the slots: a later solution goes through again.
+    for reply in held {
+        reply.send(SolutionOutcome::UnknownTemplate).unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        client.submit_solution(solution(99)).await.unwrap();
+        client.request_tx_data(9).await.unwrap();
+        match server.request().await {
+            EngineRequest::SubmitSolution { solution: got, .. } => {
+                assert_eq!(got.header_nonce, 99);
+                break;
+            }
+            // Still throttled: the slots are given back once the engine's answers are read.
+            EngineRequest::TransactionData { reply, .. } => {
+                reply.send(Err(TxDataError::TemplateIdNotFound)).unwrap();
+                assert!(tokio::time::Instant::now() < deadline, "slots never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn constraint_changes_are_coalesced_and_rate_limited() {
+    let mut server = start(|cfg| cfg.constraints_interval = Duration::from_millis(300)).await;
+    let (mut client, _events) = server.subscribed_client().await;
+    // Within one interval of the first subscription: only the last value is applied.
+    for size in 1..=20 {
+        client.send_constraints(size, 1).await.unwrap();
+    }
+    let (constraints, mut events) = server.subscription().await;
+    if constraints.max_additional_size != 20 {
+        // The first change may land after the interval; the rest then coalesce behind it.
+        let (last, last_events) = server.subscription().await;
+        assert_eq!(last.max_additional_size, 20);
+        events = last_events;
+    }
+    // Nothing else was subscribed: the next request the engine sees is this one.
+    client.request_tx_data(4).await.unwrap();
+    match server.request().await {
+        EngineRequest::TransactionData { template_id, reply } => {
+            assert_eq!(template_id, 4);
+            reply.send(Err(TxDataError::TemplateIdNotFound)).unwrap();
+        }
+        other => panic!("expected TransactionData, got {other:?}"),
+    }
+    assert!(matches!(
+        within("RequestTransactionData.Error", client.recv()).await,
+        Ok(TdpMessage::RequestTransactionDataError { template_id: 4, .. })
+    ));
+    send_template(&events, 6).await;
+    expect_template(&mut client, 6).await;
 }
 
 #[tokio::test]

@@ -16,8 +16,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bitcoin::consensus::{deserialize, serialize};
-use bitcoin::hashes::Hash;
-use bitcoin::{Block, BlockHash, Transaction};
+use bitcoin::{Block, Transaction};
 use tokio::sync::watch;
 
 pub use error::NodeError;
@@ -77,6 +76,7 @@ impl NodeClient {
     }
 
     /// The current chain tip, `None` before the node has one.
+    #[cfg(feature = "mock")]
     pub async fn tip(&self) -> Result<Option<Tip>, NodeError> {
         self.jobs
             .run(|s| async move {
@@ -110,9 +110,10 @@ impl NodeClient {
 
     /// Waits until the tip is no longer `current` or `timeout` passed; returns the tip
     /// then (the same one on timeout). `None` when interrupted or the node shuts down.
+    #[cfg(feature = "mock")]
     pub async fn wait_tip_changed(
         &self,
-        current: BlockHash,
+        current: bitcoin::BlockHash,
         timeout: std::time::Duration,
     ) -> Result<Option<Tip>, NodeError> {
         self.jobs
@@ -121,7 +122,7 @@ impl NodeClient {
                 let mut request = s.mining.wait_tip_changed_request();
                 let mut params = request.get();
                 params.reborrow().init_context().set_thread(worker.thread());
-                params.set_current_tip(current.as_byte_array());
+                params.set_current_tip(bitcoin::hashes::Hash::as_byte_array(&current));
                 params.set_timeout(timeout.as_secs_f64() * 1000.0);
                 let response = timed("waitTipChanged", request.send().promise).await?;
                 let results = response
@@ -138,6 +139,7 @@ impl NodeClient {
 
     /// Cancels a pending `createNewBlock` / `waitTipChanged`; sticky: with none pending
     /// it cancels the next one.
+    #[cfg(feature = "mock")]
     pub async fn interrupt(&self) -> Result<(), NodeError> {
         self.jobs
             .run(|s| async move {

@@ -290,6 +290,7 @@ impl TdpClient {
     }
 
     /// Writes bytes to the socket unencrypted (negative tests).
+    #[cfg(feature = "mock")]
     pub async fn send_raw_bytes(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.writer.write_unencrypted(bytes).await?;
         Ok(())

@@ -1,12 +1,13 @@
-//! Accepts TCP connections, runs the Noise handshake, and starts one session task per client.
+//! Accepts TCP connections, admits them (see [`crate::sv2::admission`]), runs the Noise
+//! handshake, and starts one session task per client.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use stratum_core::noise_sv2::Responder;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
     task::JoinSet,
+    time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -15,9 +16,30 @@ use crate::{
     keys::ServerKeys,
     metrics::metrics,
     status::StatusBoard,
-    sv2::{session, transport},
+    sv2::{
+        admission::{Admission, AdmissionLimits, Refusal, Ticket},
+        session::{self, ByteBudget, SessionLimits},
+        transport::{self, TransportError},
+    },
     template::EngineHandle,
 };
+
+/// Default `max_pending_handshakes`.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 64;
+/// Default `max_bad_messages`.
+pub const DEFAULT_MAX_BAD_MESSAGES: u32 = 16;
+/// Default `max_solutions_in_flight_per_client`.
+pub const DEFAULT_MAX_SOLUTIONS_IN_FLIGHT: usize = 4;
+/// Default `max_bad_solutions`.
+pub const DEFAULT_MAX_BAD_SOLUTIONS: u32 = 3;
+/// Default `max_tx_data_requests_per_client`.
+pub const DEFAULT_MAX_TX_DATA_REQUESTS: usize = 4;
+/// Default `max_tx_data_bytes_in_flight`.
+pub const DEFAULT_MAX_TX_DATA_BYTES: usize = 64 << 20;
+/// Least time between two subscriptions of one session.
+pub const CONSTRAINTS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often refused and failed connections are summed up in the log.
+pub const REFUSAL_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Default Template Distribution port on mainnet.
 pub const DEFAULT_PORT_MAIN: u16 = 8442;
@@ -48,18 +70,36 @@ pub struct ServerConfig {
     pub bind: SocketAddr,
     /// Validity of the Noise certificate issued in each handshake.
     pub cert_validity: Duration,
-    /// Time a client gets to finish the Noise handshake, and then again to send
-    /// `SetupConnection`.
+    /// Time a client gets for its whole setup: Noise, `SetupConnection` and its first
+    /// `CoinbaseOutputConstraints`, counted from TCP accept.
     pub handshake_timeout: Duration,
-    /// Connections (handshaking or set up) served at once; more are closed on accept.
+    /// Set-up clients served at once; connections in their setup do not count.
     pub max_clients: usize,
     /// Where sessions are listed for `/status`.
     pub board: Arc<StatusBoard>,
+    /// Connections in their setup at once; when full, the oldest is evicted for a newcomer.
+    pub max_pending_handshakes: usize,
+    /// Connections from one non-loopback IP address at once; 0 for no limit.
+    pub max_clients_per_ip: usize,
+    /// Unknown or out-of-order messages tolerated per session; one more disconnects.
+    pub max_bad_messages: u32,
+    /// Solutions of one session waiting for the node at once; more are dropped.
+    pub max_solutions_in_flight_per_client: usize,
+    /// Least time between two subscriptions of one session (constraint changes coalesce).
+    pub constraints_interval: Duration,
+    /// Solutions missing their target tolerated per session; one more disconnects.
+    pub max_bad_solutions: u32,
+    /// `RequestTransactionData` of one session answered at once.
+    pub max_tx_data_requests_per_client: usize,
+    /// Bytes of transaction-data answers in flight, every session together.
+    pub tx_data_bytes: ByteBudget,
+    /// How often refused and failed connections are summed up in one log line.
+    pub refusal_summary_interval: Duration,
 }
 
 impl ServerConfig {
     /// Defaults for `bind`: certificates valid one hour, 10 s handshake timeout, 100 clients,
-    /// a status board of its own.
+    /// the default admission limits and a status board of its own.
     pub fn new(bind: SocketAddr) -> Self {
         ServerConfig {
             bind,
@@ -67,6 +107,15 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_clients: 100,
             board: StatusBoard::new("unknown", "unknown"),
+            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
+            max_clients_per_ip: 0,
+            max_bad_messages: DEFAULT_MAX_BAD_MESSAGES,
+            max_solutions_in_flight_per_client: DEFAULT_MAX_SOLUTIONS_IN_FLIGHT,
+            constraints_interval: CONSTRAINTS_INTERVAL,
+            refusal_summary_interval: REFUSAL_SUMMARY_INTERVAL,
+            max_bad_solutions: DEFAULT_MAX_BAD_SOLUTIONS,
+            max_tx_data_requests_per_client: DEFAULT_MAX_TX_DATA_REQUESTS,
+            tx_data_bytes: ByteBudget::new(DEFAULT_MAX_TX_DATA_BYTES),
         }
     }
 }
@@ -104,12 +153,21 @@ pub async fn serve(
         authority_pubkey = %keys.authority_pubkey_string(),
         "SV2 Template Distribution server listening"
     );
-    let slots = Arc::new(Semaphore::new(cfg.max_clients));
+    let admission = Admission::new(AdmissionLimits {
+        max_clients: cfg.max_clients,
+        max_pending: cfg.max_pending_handshakes,
+        max_per_ip: cfg.max_clients_per_ip,
+    });
+    let mut summary = tokio::time::interval_at(
+        Instant::now() + cfg.refusal_summary_interval,
+        cfg.refusal_summary_interval,
+    );
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = summary.tick() => log_summary(&admission, cfg.refusal_summary_interval),
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
@@ -120,8 +178,9 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    warn!(%peer, max_clients = cfg.max_clients, "refusing connection: too many clients");
+                let accepted_at = Instant::now();
+                let Ok(ticket) = admission.admit(peer.ip(), &shutdown) else {
+                    // Counted for the summary; closing the socket is the whole answer.
                     drop(stream);
                     continue;
                 };
@@ -132,18 +191,37 @@ pub async fn serve(
                     secret,
                     cfg: cfg.clone(),
                     engine: engine.clone(),
-                    shutdown: shutdown.child_token(),
+                    ticket,
+                    deadline: accepted_at + cfg.handshake_timeout,
                 };
-                tasks.spawn(async move {
-                    client.run().await;
-                    drop(slot);
-                });
+                tasks.spawn(client.run());
             }
         }
     }
     info!(sessions = tasks.len(), "SV2 server shutting down");
     while tasks.join_next().await.is_some() {}
+    log_summary(&admission, cfg.refusal_summary_interval);
     Ok(())
+}
+
+/// One log line with the connections refused or failed since the last one, if any.
+fn log_summary(admission: &Admission, period: Duration) {
+    let counts = admission.take_summary();
+    if counts.is_empty() {
+        return;
+    }
+    let count = |r: Refusal| counts.get(&r).copied().unwrap_or(0);
+    warn!(
+        period_secs = period.as_secs(),
+        max_clients = count(Refusal::MaxClients),
+        per_ip = count(Refusal::PerIp),
+        evicted = count(Refusal::Evicted),
+        handshake_timeout = count(Refusal::HandshakeTimeout),
+        handshake_failed = count(Refusal::HandshakeFailed),
+        pending = admission.pending(),
+        established = admission.established(),
+        "connections refused or dropped before their setup was done"
+    );
 }
 
 struct Client {
@@ -153,7 +231,8 @@ struct Client {
     secret: [u8; 32],
     cfg: ServerConfig,
     engine: EngineHandle,
-    shutdown: CancellationToken,
+    ticket: Ticket,
+    deadline: Instant,
 }
 
 impl Client {
@@ -167,29 +246,45 @@ impl Client {
             self.public,
             self.secret,
             self.cfg.cert_validity,
-            self.cfg.handshake_timeout,
+            self.deadline.saturating_duration_since(Instant::now()),
             session::MAX_CLIENT_FRAME_BYTES,
         );
+        let cancel = self.ticket.token().clone();
         let (reader, writer) = tokio::select! {
-            _ = self.shutdown.cancelled() => return,
+            // Shutdown or eviction (counted when it happened).
+            _ = cancel.cancelled() => return,
             result = handshake => match result {
                 Ok(halves) => halves,
                 Err(e) => {
+                    let refusal = match e {
+                        TransportError::HandshakeTimeout(_) => Refusal::HandshakeTimeout,
+                        _ => Refusal::HandshakeFailed,
+                    };
                     metrics().handshake_failures.inc();
-                    warn!(%peer, error = %e, "noise handshake failed");
+                    self.ticket.record(refusal);
+                    debug!(%peer, error = %e, "noise handshake failed");
                     return;
                 }
             },
         };
         debug!(%peer, "noise handshake done");
+        let limits = SessionLimits {
+            setup_deadline: self.deadline,
+            max_bad_messages: self.cfg.max_bad_messages,
+            max_solutions_in_flight: self.cfg.max_solutions_in_flight_per_client,
+            constraints_interval: self.cfg.constraints_interval,
+            max_bad_solutions: self.cfg.max_bad_solutions,
+            max_tx_data_requests: self.cfg.max_tx_data_requests_per_client,
+            tx_data_bytes: self.cfg.tx_data_bytes.clone(),
+        };
         let entry = self.cfg.board.session_opened(peer);
         session::run(
             peer,
             reader,
             writer,
             self.engine,
-            self.cfg.handshake_timeout,
-            self.shutdown,
+            limits,
+            self.ticket,
             entry,
         )
         .await;

@@ -1,53 +1,125 @@
-//! One connected Template Distribution client, after its Noise handshake.
+//! One Template Distribution client, from the end of its Noise handshake until it leaves.
 //!
-//! The session waits for `SetupConnection`, then serves `CoinbaseOutputConstraints`,
-//! `RequestTransactionData` and `SubmitSolution` while forwarding the engine's template events
-//! in the order the engine sent them. What it does with input it does not expect:
-//! - anything but `SetupConnection` as the first message: logged, counted, connection closed
-//!   (the spec requires `SetupConnection` first);
-//! - later, a message with a non-zero `extension_type`, an unknown message type, or a known
-//!   message that a client has no business sending: logged, counted, ignored (the spec's rule
-//!   for unknown extension messages processed locally);
-//! - a frame that fails to decrypt, a known client message whose payload does not decode, or a
-//!   frame over [`MAX_CLIENT_FRAME_BYTES`]: logged, counted, connection closed.
+//! The session reads frames and acts on what [`protocol::Machine`] decides (see
+//! [`crate::sv2::protocol`] for the rules), while forwarding the engine's template events in
+//! the order the engine sent them. Its own limits, so that one client cannot make the daemon
+//! do unbounded work:
+//! - the setup (`SetupConnection` and the first `CoinbaseOutputConstraints`) must be done by
+//!   the deadline the listener set when it accepted the connection (`handshake_timeout`);
+//!   the first constraints take one of the `max_clients` places;
+//! - bad messages are counted, logged a few at a time with a periodic summary, and more than
+//!   `max_bad_messages` close the connection;
+//! - at most `max_solutions_in_flight_per_client` solutions wait for the node at once; more
+//!   are dropped and counted as `sv2_tpd_solutions_total{result="throttled"}`;
+//! - a solution whose header misses its target is refused by the engine before it costs
+//!   anything; more than `max_bad_solutions` of them close the connection;
+//! - at most `max_tx_data_requests_per_client` `RequestTransactionData` are answered at
+//!   once (more get `RequestTransactionData.Error` "throttled"); answers are built off the
+//!   main loop, so a slow block read never delays a template, and their bytes count
+//!   against `max_tx_data_bytes_in_flight` (all clients together) until written;
+//! - constraint changes are applied at most once per [`SessionLimits::constraints_interval`];
+//!   changes within that window are coalesced, the latest winning when it ends;
+//! - a frame that fails to decrypt or is over [`MAX_CLIENT_FRAME_BYTES`] closes the
+//!   connection.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use stratum_core::{
     binary_sv2::{Seq064K, Str0255Owned, B016M, B064K},
     codec_sv2::MessageFrame,
-    common_messages_sv2::{
-        Protocol, SetupConnection, SetupConnectionErrorOwned, SetupConnectionSuccess,
-        ERROR_CODE_SETUP_CONNECTION_PROTOCOL_VERSION_MISMATCH,
-        ERROR_CODE_SETUP_CONNECTION_UNSUPPORTED_PROTOCOL, MESSAGE_TYPE_SETUP_CONNECTION,
-        SV2_TEMPLATE_DISTRIBUTION_PROTOCOL_DISCRIMINANT,
-    },
+    common_messages_sv2::{SetupConnectionErrorOwned, SetupConnectionSuccess},
+    framing_sv2::framing::{EncodableFrame, SerializedFrame},
     parsers_sv2::{
         message_type_to_name, CommonMessagesOwned, TemplateDistribution, TemplateDistributionOwned,
     },
     template_distribution_sv2::{
-        CoinbaseOutputConstraints, RequestTransactionData, RequestTransactionDataErrorOwned,
-        RequestTransactionDataSuccess, SubmitSolution, MESSAGE_TYPE_COINBASE_OUTPUT_CONSTRAINTS,
-        MESSAGE_TYPE_REQUEST_TRANSACTION_DATA, MESSAGE_TYPE_SUBMIT_SOLUTION,
+        RequestTransactionDataErrorOwned, RequestTransactionDataSuccess, SubmitSolutionOwned,
     },
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+pub use crate::sv2::protocol::PROTOCOL_VERSION;
 use crate::{
     metrics::metrics,
+    ratelog::LogBudget,
     status::SessionEntry,
-    sv2::transport::{Frame, FrameReader, FrameWriter, TransportError},
+    sv2::{
+        admission::{Refusal, Ticket},
+        protocol::{self, Action, BadMessage, CloseReason, SetupInfo},
+        transport::{Frame, FrameReader, FrameWriter, TransportError},
+    },
     template::{Constraints, EngineHandle, SolutionOutcome, TemplateEvent, TransactionData},
 };
-
-/// The Template Distribution protocol version this server speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame (encrypted bytes, header included) accepted from a client. The largest valid
 /// client message, `SubmitSolution` with a 64 KiB coinbase, is about 65.6 KB encrypted.
 pub const MAX_CLIENT_FRAME_BYTES: usize = 128 * 1024;
+
+/// Full log lines per kind of misbehaviour per [`LOG_PERIOD`]; the rest are summed up.
+const LOG_BURST: u32 = 3;
+/// Period of the per-session log budget.
+const LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// What one session may make the daemon do.
+#[derive(Clone, Debug)]
+pub struct SessionLimits {
+    /// When the setup (through the first `CoinbaseOutputConstraints`) must be done.
+    pub setup_deadline: tokio::time::Instant,
+    /// Bad messages tolerated; one more closes the connection.
+    pub max_bad_messages: u32,
+    /// Solutions waiting for the node at once.
+    pub max_solutions_in_flight: usize,
+    /// Least time between two subscriptions of this session.
+    pub constraints_interval: Duration,
+    /// Solutions whose header misses its target tolerated; one more closes the connection.
+    pub max_bad_solutions: u32,
+    /// `RequestTransactionData` answered at once.
+    pub max_tx_data_requests: usize,
+    /// Bytes of transaction-data answers in flight, shared by every session.
+    pub tx_data_bytes: ByteBudget,
+}
+
+/// A number of bytes shared by every session, taken while an answer is on its way.
+#[derive(Clone, Debug)]
+pub struct ByteBudget {
+    places: Arc<Semaphore>,
+    total: usize,
+}
+
+impl ByteBudget {
+    /// A budget of `total` bytes (at least one).
+    pub fn new(total: usize) -> Self {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            places: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// Waits until `bytes` are free and takes them; an answer larger than the whole
+    /// budget takes all of it, so it still goes out, alone.
+    pub async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let want = u32::try_from(bytes.min(self.total)).unwrap_or(u32::MAX);
+        if self.places.available_permits() < want as usize {
+            metrics()
+                .limit_waits
+                .with_label_values(&["max_tx_data_bytes_in_flight"])
+                .inc();
+        }
+        self.places.clone().acquire_many_owned(want).await.ok()
+    }
+
+    /// Bytes taken now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.places.available_permits()
+    }
+}
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -55,28 +127,18 @@ pub enum SessionError {
     /// The connection failed or the client sent something that ends it.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The first message was not `SetupConnection`.
-    #[error("expected SetupConnection, got message type {msg_type:#04x} (extension {extension_type:#06x})")]
-    NotSetupConnection {
-        /// The frame's message type.
-        msg_type: u8,
-        /// The frame's extension type.
-        extension_type: u16,
-    },
-    /// `SetupConnection` did not arrive in time.
-    #[error("no SetupConnection within {0:?}")]
-    SetupTimeout(Duration),
+    /// The client broke the protocol.
+    #[error(transparent)]
+    Protocol(#[from] CloseReason),
+    /// The setup was not done in time.
+    #[error("setup not done within handshake_timeout")]
+    SetupTimeout,
     /// The client's `SetupConnection` was refused with this error code.
     #[error("SetupConnection refused: {0}")]
     SetupRefused(&'static str),
-    /// A known message's payload did not decode.
-    #[error("undecodable {name} payload: {reason}")]
-    Undecodable {
-        /// The message name.
-        name: &'static str,
-        /// What the decoder said.
-        reason: String,
-    },
+    /// All `max_clients` places were taken when the setup finished.
+    #[error("no client place left (max_clients)")]
+    NoPlace(Refusal),
     /// A message could not be encoded (a bug or an out-of-range value from the engine).
     #[error("could not encode {name}: {reason}")]
     Encode {
@@ -88,33 +150,70 @@ pub enum SessionError {
     /// The engine dropped this session's event stream (it fell too far behind) or stopped.
     #[error("template engine ended the subscription")]
     EngineGone,
+    /// The client sent more solutions whose header misses its target than tolerated.
+    #[error("{0} solutions that miss their target")]
+    BadSolutions(u32),
 }
 
-/// Serves one client until it leaves, misbehaves, or `shutdown` fires. Logs how it ended.
+/// Serves one client until it leaves, misbehaves, is evicted or the ticket's token fires.
+/// Connections that end before their setup is done are counted in the admission summary
+/// and logged at debug level only; set-up sessions log how they ended.
 /// `entry` is its line on the status board, removed when the session ends.
 pub async fn run(
     peer: SocketAddr,
     reader: FrameReader,
     writer: FrameWriter,
     engine: EngineHandle,
-    setup_timeout: Duration,
-    shutdown: CancellationToken,
+    limits: SessionLimits,
+    ticket: Ticket,
     entry: SessionEntry,
 ) {
     let span = tracing::info_span!("sv2_session", %peer);
     async move {
         metrics().clients_connected.inc();
+        let cancel = ticket.token().clone();
+        let (verdicts_tx, verdicts) = mpsc::channel(limits.max_solutions_in_flight.max(1));
+        let (tx_answers_tx, tx_answers) = mpsc::channel(limits.max_tx_data_requests.max(1));
         let mut session = Session {
             reader,
             writer,
             engine,
             events: None,
             entry,
+            ticket,
+            constraints: None,
+            deferred: None,
+            next_subscribe: tokio::time::Instant::now(),
+            solution_slots: Arc::new(Semaphore::new(limits.max_solutions_in_flight)),
+            verdicts_tx,
+            verdicts,
+            bad_solutions: 0,
+            tx_answers_tx,
+            tx_answers,
+            tx_data_pending: 0,
+            bad_log: LogBudget::new(LOG_BURST, LOG_PERIOD),
+            throttle_log: LogBudget::new(LOG_BURST, LOG_PERIOD),
+            machine: protocol::Machine::new(limits.max_bad_messages),
+            limits,
         };
-        match session.serve(setup_timeout, &shutdown).await {
-            Ok(()) => info!("session ended"),
-            Err(SessionError::Transport(TransportError::Closed)) => info!("client disconnected"),
-            Err(e) => warn!(error = %e, "session closed"),
+        let result = session.serve(&cancel).await;
+        session.flush_logs();
+        if session.ticket.is_established() {
+            match result {
+                Ok(()) => info!("session ended"),
+                Err(SessionError::Transport(TransportError::Closed)) => {
+                    info!("client disconnected")
+                }
+                Err(e) => warn!(error = %e, "session closed"),
+            }
+        } else {
+            // Counted for the listener's periodic summary instead of a line each.
+            match &result {
+                Ok(()) | Err(SessionError::NoPlace(_)) => {}
+                Err(SessionError::SetupTimeout) => session.ticket.record(Refusal::HandshakeTimeout),
+                Err(_) => session.ticket.record(Refusal::HandshakeFailed),
+            }
+            debug!(result = ?result.err(), "connection closed before its setup was done");
         }
         metrics().clients_connected.dec();
     }
@@ -127,77 +226,157 @@ struct Session {
     writer: FrameWriter,
     engine: EngineHandle,
     events: Option<mpsc::Receiver<TemplateEvent>>,
+    machine: protocol::Machine,
+    limits: SessionLimits,
+    ticket: Ticket,
+    // The constraints subscribed with, and a newer value waiting for `next_subscribe`.
+    constraints: Option<Constraints>,
+    deferred: Option<Constraints>,
+    next_subscribe: tokio::time::Instant,
+    solution_slots: Arc<Semaphore>,
+    // The node's verdicts on this session's solutions, and how many missed their target.
+    verdicts_tx: mpsc::Sender<SolutionOutcome>,
+    verdicts: mpsc::Receiver<SolutionOutcome>,
+    bad_solutions: u32,
+    // Transaction-data answers built off the main loop, and how many are on their way.
+    tx_answers_tx: mpsc::Sender<Result<TxDataAnswer, SessionError>>,
+    tx_answers: mpsc::Receiver<Result<TxDataAnswer, SessionError>>,
+    tx_data_pending: usize,
+    bad_log: LogBudget,
+    throttle_log: LogBudget,
     entry: SessionEntry,
 }
 
 /// What the main loop woke up for.
 enum Wake {
     Shutdown,
+    SetupTimeout,
+    DeferredConstraints,
     Frame(Result<Frame, TransportError>),
     Event(Option<TemplateEvent>),
+    TxData(Result<TxDataAnswer, SessionError>),
+    Verdict(SolutionOutcome),
+}
+
+/// A `RequestTransactionData` answer, encoded and waiting to be written.
+struct TxDataAnswer {
+    frame: SerializedFrame<Vec<u8>>,
+    name: &'static str,
+    /// Label for `sv2_tpd_tx_data_requests_total`, counted once written.
+    result: &'static str,
+    /// Its place within `max_tx_data_bytes_in_flight`, freed once written.
+    _bytes: Option<OwnedSemaphorePermit>,
 }
 
 impl Session {
-    async fn serve(
-        &mut self,
-        setup_timeout: Duration,
-        shutdown: &CancellationToken,
-    ) -> Result<(), SessionError> {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            frame = tokio::time::timeout(setup_timeout, self.reader.read_frame()) => {
-                frame.map_err(|_| SessionError::SetupTimeout(setup_timeout))?
-            }
-        };
-        self.setup_connection(first.map_err(count_bad_frame)?)
-            .await?;
+    async fn serve(&mut self, cancel: &CancellationToken) -> Result<(), SessionError> {
         loop {
+            let established = self.ticket.is_established();
             let wake = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => Wake::Shutdown,
+                _ = cancel.cancelled() => Wake::Shutdown,
+                _ = tokio::time::sleep_until(self.limits.setup_deadline), if !established => {
+                    Wake::SetupTimeout
+                }
                 event = next_event(&mut self.events) => Wake::Event(event),
+                Some(answer) = self.tx_answers.recv() => Wake::TxData(answer),
+                Some(verdict) = self.verdicts.recv() => Wake::Verdict(verdict),
+                _ = tokio::time::sleep_until(self.next_subscribe), if self.deferred.is_some() => {
+                    Wake::DeferredConstraints
+                }
                 frame = self.reader.read_frame() => Wake::Frame(frame),
             };
             match wake {
                 Wake::Shutdown => return Ok(()),
+                Wake::SetupTimeout => return Err(SessionError::SetupTimeout),
                 Wake::Event(Some(event)) => self.forward(event).await?,
                 Wake::Event(None) => return Err(SessionError::EngineGone),
+                Wake::DeferredConstraints => {
+                    if let Some(constraints) = self.deferred.take() {
+                        self.subscribe(constraints).await?;
+                    }
+                }
                 Wake::Frame(frame) => self.handle(frame.map_err(count_bad_frame)?).await?,
+                Wake::TxData(answer) => {
+                    self.tx_data_pending -= 1;
+                    let answer = answer?;
+                    self.writer.write_frame(answer.frame).await?;
+                    count_sent(answer.name);
+                    metrics()
+                        .tx_data_requests
+                        .with_label_values(&[answer.result])
+                        .inc();
+                }
+                Wake::Verdict(SolutionOutcome::BadProofOfWork { .. }) => {
+                    self.bad_solutions += 1;
+                    if self.bad_solutions > self.limits.max_bad_solutions {
+                        metrics()
+                            .clients_disconnected
+                            .with_label_values(&["bad_solutions"])
+                            .inc();
+                        return Err(SessionError::BadSolutions(self.bad_solutions));
+                    }
+                }
+                Wake::Verdict(_) => {}
             }
         }
     }
 
-    async fn setup_connection(&mut self, mut frame: Frame) -> Result<(), SessionError> {
+    async fn handle(&mut self, mut frame: Frame) -> Result<(), SessionError> {
         let header = frame.header();
-        count_received(header.msg_type(), header.ext_type_without_channel_msg());
-        if header.ext_type_without_channel_msg() != 0
-            || header.msg_type() != MESSAGE_TYPE_SETUP_CONNECTION
-        {
+        let (msg_type, extension_type) = (header.msg_type(), header.ext_type_without_channel_msg());
+        count_received(msg_type, extension_type);
+        let action = self
+            .machine
+            .on_frame(extension_type, msg_type, frame.payload());
+        if action.is_unexpected() {
             metrics().messages_unexpected.inc();
-            return Err(SessionError::NotSetupConnection {
-                msg_type: header.msg_type(),
-                extension_type: header.ext_type(),
-            });
         }
-        let payload = frame.payload();
-        // Checked before decoding so that a protocol number this library does not know still
-        // gets the spec's answer rather than a decode failure.
-        if payload.first() != Some(&SV2_TEMPLATE_DISTRIBUTION_PROTOCOL_DISCRIMINANT) {
-            return self
-                .refuse_setup(ERROR_CODE_SETUP_CONNECTION_UNSUPPORTED_PROTOCOL)
-                .await;
+        match action {
+            Action::AcceptSetup(info) => self.accept_setup(info).await,
+            Action::RefuseSetup(code) => self.refuse_setup(code).await,
+            Action::Subscribe {
+                constraints,
+                first: true,
+            } => {
+                self.ticket.establish().map_err(SessionError::NoPlace)?;
+                info!(
+                    max_additional_size = constraints.max_additional_size,
+                    max_additional_sigops = constraints.max_additional_sigops,
+                    "setup done: CoinbaseOutputConstraints"
+                );
+                self.subscribe(constraints).await
+            }
+            Action::Subscribe {
+                constraints,
+                first: false,
+            } => self.change_constraints(constraints).await,
+            Action::TransactionData { template_id } => self.transaction_data(template_id).await,
+            Action::SubmitSolution(solution) => {
+                self.submit_solution(solution);
+                Ok(())
+            }
+            Action::Ignore(bad) => {
+                self.log_bad_message(bad);
+                Ok(())
+            }
+            Action::Close(reason) => {
+                if matches!(reason, CloseReason::TooManyBadMessages { .. }) {
+                    metrics()
+                        .clients_disconnected
+                        .with_label_values(&["bad_messages"])
+                        .inc();
+                }
+                Err(reason.into())
+            }
         }
-        let setup: SetupConnection = decode(payload, "SetupConnection")?;
-        debug_assert_eq!(setup.protocol, Protocol::TemplateDistributionProtocol);
-        if setup.min_version > PROTOCOL_VERSION || setup.max_version < PROTOCOL_VERSION {
-            return self
-                .refuse_setup(ERROR_CODE_SETUP_CONNECTION_PROTOCOL_VERSION_MISMATCH)
-                .await;
-        }
-        info!(
-            vendor = %setup.vendor.as_utf8_or_hex(),
-            hardware = %setup.hardware_version.as_utf8_or_hex(),
-            firmware = %setup.firmware.as_utf8_or_hex(),
+    }
+
+    async fn accept_setup(&mut self, setup: SetupInfo) -> Result<(), SessionError> {
+        debug!(
+            vendor = %setup.vendor,
+            hardware = %setup.hardware_version,
+            firmware = %setup.firmware,
             "SetupConnection accepted"
         );
         let success = CommonMessagesOwned::SetupConnectionSuccess(SetupConnectionSuccess {
@@ -205,6 +384,72 @@ impl Session {
             flags: 0,
         });
         self.send(success, "SetupConnectionSuccess").await
+    }
+
+    fn log_bad_message(&mut self, bad: BadMessage) {
+        let verdict = self.bad_log.hit(Instant::now());
+        if let Some(suppressed) = verdict.suppressed {
+            warn!(suppressed, "more unexpected messages ignored");
+        }
+        if verdict.log {
+            warn!(
+                message = ?bad,
+                count = self.machine.bad_messages(),
+                limit = self.limits.max_bad_messages,
+                "ignoring an unexpected message"
+            );
+        }
+    }
+
+    fn flush_logs(&mut self) {
+        if let Some(suppressed) = self.bad_log.finish() {
+            warn!(suppressed, "more unexpected messages ignored");
+        }
+        if let Some(suppressed) = self.throttle_log.finish() {
+            warn!(suppressed, "more solutions dropped: too many in flight");
+        }
+    }
+
+    /// A later `CoinbaseOutputConstraints`: applied at once if the session's last
+    /// subscription is old enough, else kept (replacing any value already waiting) until
+    /// it is.
+    async fn change_constraints(&mut self, constraints: Constraints) -> Result<(), SessionError> {
+        if self.constraints == Some(constraints) {
+            // Back to what is subscribed: nothing to change, nothing waiting.
+            if self.deferred.take().is_some() {
+                count_constraints("superseded");
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= self.next_subscribe {
+            return self.subscribe(constraints).await;
+        }
+        match self.deferred.replace(constraints) {
+            Some(_) => count_constraints("superseded"),
+            None => count_constraints("deferred"),
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, constraints: Constraints) -> Result<(), SessionError> {
+        debug!(
+            max_additional_size = constraints.max_additional_size,
+            max_additional_sigops = constraints.max_additional_sigops,
+            "subscribing"
+        );
+        count_constraints("applied");
+        self.constraints = Some(constraints);
+        self.next_subscribe = tokio::time::Instant::now() + self.limits.constraints_interval;
+        // Dropping the old receiver ends the old subscription.
+        self.events = None;
+        let events = self
+            .engine
+            .subscribe(constraints)
+            .await
+            .map_err(|_| SessionError::EngineGone)?;
+        self.events = Some(events);
+        self.entry.set_constraints(constraints);
+        Ok(())
     }
 
     async fn refuse_setup(&mut self, code: &'static str) -> Result<(), SessionError> {
@@ -222,147 +467,58 @@ impl Session {
         Err(SessionError::SetupRefused(code))
     }
 
-    async fn handle(&mut self, mut frame: Frame) -> Result<(), SessionError> {
-        let header = frame.header();
-        let (msg_type, extension_type) = (header.msg_type(), header.ext_type_without_channel_msg());
-        count_received(msg_type, extension_type);
-        if extension_type != 0 {
-            metrics().messages_unexpected.inc();
-            warn!(
-                msg_type,
-                extension_type, "ignoring message of an extension that was not negotiated"
-            );
+    /// Starts answering `RequestTransactionData` off the main loop; the answer is written
+    /// when it is ready (see [`Wake::TxData`]).
+    async fn transaction_data(&mut self, template_id: u64) -> Result<(), SessionError> {
+        if self.tx_data_pending >= self.limits.max_tx_data_requests {
+            metrics()
+                .tx_data_requests
+                .with_label_values(&["throttled"])
+                .inc();
+            let frame = encode(tx_data_error(template_id, "throttled")?, TX_DATA_ERROR)?;
+            self.writer.write_frame(frame).await?;
+            count_sent(TX_DATA_ERROR);
             return Ok(());
         }
-        let payload = frame.payload();
-        match msg_type {
-            MESSAGE_TYPE_COINBASE_OUTPUT_CONSTRAINTS => {
-                let c: CoinbaseOutputConstraints = decode(payload, "CoinbaseOutputConstraints")?;
-                self.subscribe(Constraints {
-                    max_additional_size: c.coinbase_output_max_additional_size,
-                    max_additional_sigops: c.coinbase_output_max_additional_sigops,
-                })
-                .await
+        self.tx_data_pending += 1;
+        let engine = self.engine.clone();
+        let bytes = self.limits.tx_data_bytes.clone();
+        let answers = self.tx_answers_tx.clone();
+        tokio::spawn(
+            async move {
+                let answer = answer_tx_data(engine, template_id, bytes).await;
+                let _ = answers.send(answer).await;
             }
-            MESSAGE_TYPE_REQUEST_TRANSACTION_DATA => {
-                let r: RequestTransactionData = decode(payload, "RequestTransactionData")?;
-                self.transaction_data(r.template_id).await
-            }
-            MESSAGE_TYPE_SUBMIT_SOLUTION => {
-                let s: SubmitSolution = decode(payload, "SubmitSolution")?;
-                self.submit_solution(s);
-                Ok(())
-            }
-            _ => {
-                metrics().messages_unexpected.inc();
-                warn!(
-                    msg_type,
-                    name = message_type_to_name(msg_type),
-                    "ignoring a message a Template Distribution client does not send"
-                );
-                Ok(())
-            }
-        }
-    }
-
-    async fn subscribe(&mut self, constraints: Constraints) -> Result<(), SessionError> {
-        info!(
-            max_additional_size = constraints.max_additional_size,
-            max_additional_sigops = constraints.max_additional_sigops,
-            "CoinbaseOutputConstraints"
+            .in_current_span(),
         );
-        // Dropping the old receiver ends the old subscription.
-        self.events = None;
-        let events = self
-            .engine
-            .subscribe(constraints)
-            .await
-            .map_err(|_| SessionError::EngineGone)?;
-        self.events = Some(events);
-        self.entry.set_constraints(constraints);
         Ok(())
     }
 
-    async fn transaction_data(&mut self, template_id: u64) -> Result<(), SessionError> {
-        let answer = self
-            .engine
-            .transaction_data(template_id)
-            .await
-            .map_err(|_| SessionError::EngineGone)?;
-        match answer {
-            Ok(data) => {
-                metrics()
-                    .tx_data_requests
-                    .with_label_values(&["success"])
-                    .inc();
-                debug!(
-                    template_id,
-                    txs = data.transactions.len(),
-                    "RequestTransactionData"
-                );
-                self.send_transaction_data(template_id, &data).await
-            }
-            Err(e) => {
-                metrics()
-                    .tx_data_requests
-                    .with_label_values(&[e.code()])
-                    .inc();
-                debug!(
-                    template_id,
-                    error = e.code(),
-                    "RequestTransactionData refused"
-                );
-                let error_code =
-                    Str0255Owned::try_from(e.code()).map_err(|e| SessionError::Encode {
-                        name: "RequestTransactionDataError",
-                        reason: format!("{e:?}"),
-                    })?;
-                let msg = TemplateDistributionOwned::RequestTransactionDataError(
-                    RequestTransactionDataErrorOwned {
-                        template_id,
-                        error_code,
-                    },
-                );
-                self.send(msg, "RequestTransactionDataError").await
-            }
-        }
-    }
-
-    // Borrows the engine's transactions instead of copying them into owned message types.
-    async fn send_transaction_data(
-        &mut self,
-        template_id: u64,
-        data: &TransactionData,
-    ) -> Result<(), SessionError> {
-        const NAME: &str = "RequestTransactionDataSuccess";
-        let encode_err = |e: stratum_core::binary_sv2::Error| SessionError::Encode {
-            name: NAME,
-            reason: format!("{e:?}"),
-        };
-        let transactions = data
-            .transactions
-            .iter()
-            .map(|tx| B016M::new(tx))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(encode_err)?;
-        let msg =
-            TemplateDistribution::RequestTransactionDataSuccess(RequestTransactionDataSuccess {
-                template_id,
-                excess_data: B064K::new(&data.excess_data).map_err(encode_err)?,
-                transaction_list: Seq064K::new(transactions).map_err(encode_err)?,
-            });
-        self.send(msg, NAME).await
-    }
-
     // The node's verdict can take a while; the session keeps forwarding templates meanwhile.
-    fn submit_solution(&self, solution: SubmitSolution<'_>) {
+    fn submit_solution(&mut self, solution: SubmitSolutionOwned) {
         let template_id = solution.template_id;
+        let Ok(slot) = self.solution_slots.clone().try_acquire_owned() else {
+            metrics().solutions.with_label_values(&["throttled"]).inc();
+            let verdict = self.throttle_log.hit(Instant::now());
+            if let Some(suppressed) = verdict.suppressed {
+                warn!(suppressed, "more solutions dropped: too many in flight");
+            }
+            if verdict.log {
+                warn!(
+                    template_id,
+                    limit = self.limits.max_solutions_in_flight,
+                    "solution dropped: too many in flight"
+                );
+            }
+            return;
+        };
         info!(template_id, "SubmitSolution received");
         let engine = self.engine.clone();
-        let solution = solution.into_owned();
+        let verdicts = self.verdicts_tx.clone();
         tokio::spawn(
             async move {
-                match engine.submit_solution(solution).await {
+                let outcome = engine.submit_solution(solution).await;
+                match &outcome {
                     Ok(SolutionOutcome::Accepted { block_hash }) => {
                         info!(template_id, %block_hash, "solution accepted by the node")
                     }
@@ -375,7 +531,13 @@ impl Session {
                     Ok(SolutionOutcome::NodeUnavailable(reason)) => {
                         warn!(template_id, %reason, "solution could not reach the node")
                     }
+                    // Logged by the engine, at a limited rate.
+                    Ok(SolutionOutcome::BadProofOfWork { .. } | SolutionOutcome::Throttled) => {}
                     Err(e) => warn!(template_id, error = %e, "solution not handed to the engine"),
+                }
+                drop(slot);
+                if let Ok(outcome) = outcome {
+                    let _ = verdicts.send(outcome).await;
                 }
             }
             .in_current_span(),
@@ -418,17 +580,11 @@ async fn next_event(events: &mut Option<mpsc::Receiver<TemplateEvent>>) -> Optio
     }
 }
 
-fn decode<'a, T: stratum_core::binary_sv2::Decodable<'a>>(
-    payload: &'a mut [u8],
-    name: &'static str,
-) -> Result<T, SessionError> {
-    stratum_core::binary_sv2::from_bytes(payload).map_err(|e| {
-        metrics().messages_unexpected.inc();
-        SessionError::Undecodable {
-            name,
-            reason: format!("{e:?}"),
-        }
-    })
+fn count_constraints(result: &str) {
+    metrics()
+        .constraint_changes
+        .with_label_values(&[result])
+        .inc();
 }
 
 fn count_bad_frame(e: TransportError) -> TransportError {
@@ -452,4 +608,108 @@ fn count_received(msg_type: u8, extension_type: u16) {
 
 fn count_sent(name: &str) {
     metrics().messages_sent.with_label_values(&[name]).inc();
+}
+
+const TX_DATA_SUCCESS: &str = "RequestTransactionDataSuccess";
+const TX_DATA_ERROR: &str = "RequestTransactionDataError";
+
+/// Asks the engine for template `template_id`'s transactions and encodes the answer,
+/// holding its size in `bytes` until it is written.
+async fn answer_tx_data(
+    engine: EngineHandle,
+    template_id: u64,
+    bytes: ByteBudget,
+) -> Result<TxDataAnswer, SessionError> {
+    let answer = engine
+        .transaction_data(template_id)
+        .await
+        .map_err(|_| SessionError::EngineGone)?;
+    let data = match answer {
+        Ok(data) => data,
+        Err(e) => {
+            debug!(
+                template_id,
+                error = e.code(),
+                "RequestTransactionData refused"
+            );
+            return Ok(TxDataAnswer {
+                frame: encode(tx_data_error(template_id, e.code())?, TX_DATA_ERROR)?,
+                name: TX_DATA_ERROR,
+                result: e.code(),
+                _bytes: None,
+            });
+        }
+    };
+    debug!(
+        template_id,
+        txs = data.transactions.len(),
+        "RequestTransactionData"
+    );
+    let size: usize = data
+        .transactions
+        .iter()
+        .map(|tx| tx.len() + 3)
+        .sum::<usize>()
+        + data.excess_data.len()
+        + 64;
+    let place = bytes.reserve(size).await;
+    Ok(TxDataAnswer {
+        frame: encode_transaction_data(template_id, &data)?,
+        name: TX_DATA_SUCCESS,
+        result: "success",
+        _bytes: place,
+    })
+}
+
+fn tx_data_error(template_id: u64, code: &str) -> Result<TemplateDistributionOwned, SessionError> {
+    let error_code =
+        Str0255Owned::try_from(code.to_string()).map_err(|e| SessionError::Encode {
+            name: TX_DATA_ERROR,
+            reason: format!("{e:?}"),
+        })?;
+    Ok(TemplateDistributionOwned::RequestTransactionDataError(
+        RequestTransactionDataErrorOwned {
+            template_id,
+            error_code,
+        },
+    ))
+}
+
+/// `RequestTransactionData.Success`, borrowing the engine's shared transactions for as
+/// long as the encoding takes.
+fn encode_transaction_data(
+    template_id: u64,
+    data: &TransactionData,
+) -> Result<SerializedFrame<Vec<u8>>, SessionError> {
+    let encode_err = |e: stratum_core::binary_sv2::Error| SessionError::Encode {
+        name: TX_DATA_SUCCESS,
+        reason: format!("{e:?}"),
+    };
+    let transactions = data
+        .transactions
+        .iter()
+        .map(|tx| B016M::new(tx))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(encode_err)?;
+    let msg = TemplateDistribution::RequestTransactionDataSuccess(RequestTransactionDataSuccess {
+        template_id,
+        excess_data: B064K::new(&data.excess_data).map_err(encode_err)?,
+        transaction_list: Seq064K::new(transactions).map_err(encode_err)?,
+    });
+    encode(msg, TX_DATA_SUCCESS)
+}
+
+/// Frames `msg` into plaintext bytes ready for the writer to encrypt.
+fn encode<M>(msg: M, name: &'static str) -> Result<SerializedFrame<Vec<u8>>, SessionError>
+where
+    MessageFrame<M>: TryFrom<M> + EncodableFrame,
+    <MessageFrame<M> as TryFrom<M>>::Error: std::fmt::Display,
+{
+    let encode_err = |reason: String| SessionError::Encode { name, reason };
+    let frame = MessageFrame::<M>::try_from(msg).map_err(|e| encode_err(e.to_string()))?;
+    let mut bytes = vec![0; frame.encoded_length()];
+    frame
+        .encode_into(&mut bytes)
+        .map_err(|e| encode_err(format!("{e:?}")))?;
+    SerializedFrame::from_bytes(bytes).map_err(|e| encode_err(format!("{e:?}")))
 }

@@ -65,10 +65,18 @@ pub type Frame = SerializedFrame;
 /// The decrypting half of a Noise connection.
 pub struct FrameReader {
     socket: OwnedReadHalf,
+    frames: FrameDecoder,
+}
+
+/// Turns the bytes of a Noise transport stream into decrypted frames, without I/O: the
+/// caller writes received bytes into [`FrameDecoder::buffer`] and reports them with
+/// [`FrameDecoder::advance`]. Frames whose encrypted size exceeds the limit are refused as
+/// soon as their bytes pass it, whatever length their header announces.
+pub struct FrameDecoder {
     decoder: NoiseDecoder,
     state: Option<TransportDecryptState>,
-    // Bytes of the decoder's current read window received so far; kept across calls so that
-    // `read_frame` can be cancelled at its await point without losing data.
+    // The decoder's current read window and how much of it has been received; kept across
+    // calls so that a reader can be cancelled at its await point without losing data.
     window: Vec<u8>,
     filled: usize,
     // Encrypted bytes of the frame being assembled, checked against `max_frame_bytes`.
@@ -183,12 +191,7 @@ fn halves(
     (
         FrameReader {
             socket: reader,
-            decoder,
-            state: Some(decrypt),
-            window: Vec::new(),
-            filled: 0,
-            frame_bytes: 0,
-            max_frame_bytes,
+            frames: FrameDecoder::with_decoder(decoder, decrypt, max_frame_bytes),
         },
         FrameWriter {
             socket: writer,
@@ -230,41 +233,90 @@ impl FrameReader {
     /// connection is unusable and must be dropped.
     pub async fn read_frame(&mut self) -> Result<Frame, TransportError> {
         loop {
-            let expected = self.decoder.writable_len();
-            if expected > 0 {
-                if self.window.len() != expected {
-                    self.window.resize(expected, 0);
-                    self.filled = 0;
+            let buffer = self.frames.buffer();
+            let n = if buffer.is_empty() {
+                0
+            } else {
+                match self.socket.read(buffer).await? {
+                    0 => return Err(TransportError::Closed),
+                    n => n,
                 }
-                while self.filled < expected {
-                    let n = self.socket.read(&mut self.window[self.filled..]).await?;
-                    if n == 0 {
-                        return Err(TransportError::Closed);
-                    }
-                    self.filled += n;
-                }
-                self.frame_bytes += expected;
-                if self.frame_bytes > self.max_frame_bytes {
-                    return Err(TransportError::FrameTooLarge {
-                        limit: self.max_frame_bytes,
-                    });
-                }
-                self.decoder.writable().copy_from_slice(&self.window);
-                self.filled = 0;
-            }
-            let state = self
-                .state
-                .take()
-                .ok_or_else(|| TransportError::Codec("decryption state lost".into()))?;
-            match self.decoder.next_transport_frame(state)? {
-                Decrypted::Frame(frame, state) => {
-                    self.state = Some(state);
-                    self.frame_bytes = 0;
-                    return Ok(frame);
-                }
-                Decrypted::Incomplete(_, state) => self.state = Some(state),
+            };
+            if let Some(frame) = self.frames.advance(n)? {
+                return Ok(frame);
             }
         }
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder for a stream that starts right after the handshake, decrypting with
+    /// `state` and refusing frames over `max_frame_bytes` encrypted bytes.
+    pub fn new(state: TransportDecryptState, max_frame_bytes: usize) -> Self {
+        Self::with_decoder(NoiseDecoder::new(), state, max_frame_bytes)
+    }
+
+    fn with_decoder(
+        decoder: NoiseDecoder,
+        state: TransportDecryptState,
+        max_frame_bytes: usize,
+    ) -> Self {
+        let mut frames = FrameDecoder {
+            decoder,
+            state: Some(state),
+            window: Vec::new(),
+            filled: 0,
+            frame_bytes: 0,
+            max_frame_bytes,
+        };
+        frames.open_window();
+        frames
+    }
+
+    /// Where the next received bytes go. When it is empty the decoder already holds what it
+    /// needs: call [`FrameDecoder::advance`] with 0.
+    pub fn buffer(&mut self) -> &mut [u8] {
+        &mut self.window[self.filled..]
+    }
+
+    /// Takes note of `n` bytes written at the start of [`FrameDecoder::buffer`]; returns a
+    /// frame once one is complete. After an error the stream is unusable.
+    pub fn advance(&mut self, n: usize) -> Result<Option<Frame>, TransportError> {
+        self.filled = (self.filled + n).min(self.window.len());
+        if self.filled < self.window.len() {
+            return Ok(None);
+        }
+        self.frame_bytes += self.window.len();
+        if self.frame_bytes > self.max_frame_bytes {
+            return Err(TransportError::FrameTooLarge {
+                limit: self.max_frame_bytes,
+            });
+        }
+        self.decoder.writable().copy_from_slice(&self.window);
+        let state = self
+            .state
+            .take()
+            .ok_or_else(|| TransportError::Codec("decryption state lost".into()))?;
+        let frame = match self.decoder.next_transport_frame(state)? {
+            Decrypted::Frame(frame, state) => {
+                self.state = Some(state);
+                self.frame_bytes = 0;
+                Some(frame)
+            }
+            Decrypted::Incomplete(_, state) => {
+                self.state = Some(state);
+                None
+            }
+        };
+        self.open_window();
+        Ok(frame)
+    }
+
+    /// Sizes the window to what the decoder wants next.
+    fn open_window(&mut self) {
+        let expected = self.decoder.writable_len();
+        self.window.resize(expected, 0);
+        self.filled = 0;
     }
 }
 
@@ -282,6 +334,7 @@ impl FrameWriter {
     }
 
     /// Writes bytes to the socket as they are, outside the encryption (for negative tests).
+    #[cfg(feature = "mock")]
     pub async fn write_unencrypted(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
         self.socket.write_all(bytes).await?;
         Ok(())

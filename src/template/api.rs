@@ -1,15 +1,67 @@
-//! What the SV2 sessions ask of the template engine, and what they get back.
+//! The template engine's public face: its settings and health for the daemon, and what
+//! the SV2 sessions ask of it and get back.
 //!
 //! Sessions hold an [`EngineHandle`]; the engine owns the other end of its channel. Tests
 //! may build a handle from a channel of their own with [`EngineHandle::from_channel`] and
 //! answer [`EngineRequest`]s by hand.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use bitcoin::Amount;
 
 use stratum_core::template_distribution_sv2::{
     NewTemplateOwned, SetNewPrevHashOwned, SubmitSolutionOwned,
 };
 use tokio::sync::{mpsc, oneshot};
+
+use crate::node::NodeError;
+
+/// The engine's settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The node's IPC socket.
+    pub socket: PathBuf,
+    /// Minimum fee rise (sats) worth a new template on the same tip.
+    pub fee_delta: Amount,
+    /// Minimum time between two fee-driven templates of one group (tips never wait).
+    pub template_interval: Duration,
+    /// How long templates of the previous tip stay usable after a new tip.
+    pub stale_grace: Duration,
+    /// Where solved blocks are written before they go to the node.
+    pub solutions_dir: PathBuf,
+    /// Solutions (with valid proof of work) on their way to the node at once, all
+    /// clients together.
+    pub max_solutions_in_flight: usize,
+    /// Node calls clients can cause at once, all together: the first template of a new
+    /// constraint group and block reads for transaction data. Template updates for the
+    /// groups that run and solutions never wait for these.
+    pub max_node_calls: usize,
+}
+
+/// What `/health` and the daemon read about the engine.
+#[derive(Debug, Default)]
+pub struct EngineStatus {
+    pub(super) node_connected: AtomicBool,
+    pub(super) has_template: AtomicBool,
+}
+
+impl EngineStatus {
+    /// True while the node is connected and a current template exists.
+    pub fn healthy(&self) -> bool {
+        self.node_connected.load(Ordering::Relaxed) && self.has_template.load(Ordering::Relaxed)
+    }
+}
+
+/// The engine stopped for a reason the operator must act on.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The node cannot be driven by this version (e.g. a v30 node).
+    #[error(transparent)]
+    Unsupported(NodeError),
+}
 
 /// Room for template events queued to one session; a session that falls this far behind
 /// is dropped by the engine rather than being sent a stale view.
@@ -80,6 +132,13 @@ pub enum SolutionOutcome {
         /// The node's reason, where it gave one.
         reason: String,
     },
+    /// The header's hash misses the target: not a block. Neither saved nor submitted.
+    BadProofOfWork {
+        /// Hash of the header as sent.
+        block_hash: bitcoin::BlockHash,
+    },
+    /// Too many solutions are on their way to the node already (`max_solutions_in_flight`).
+    Throttled,
     /// No held template has this id.
     UnknownTemplate,
     /// The solution could not reach the node (it is kept on disk).

@@ -1,16 +1,17 @@
-//! One constraint group: clients whose coinbase constraints are equal share one node
-//! template per update. Its task follows the node with `waitNext` and reports what is
-//! worth sending; it never polls.
+//! Constraint groups: clients whose coinbase constraints are equal share one node
+//! template per update. Each group's task follows the node with `waitNext` and reports
+//! what is worth sending; it never polls. [`Groups`] keeps track of the running tasks.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info_span, Instrument};
 
 use super::api::Constraints;
-use super::engine::Internal;
 use crate::node::{CreateOptions, NodeClient, NodeError, Template, TemplateData, WaitOptions};
 
 /// Why a template was made.
@@ -35,19 +36,29 @@ impl Reason {
     }
 }
 
-/// What a group task tells the engine.
+/// What a group task reports.
+#[derive(Debug)]
 pub(crate) enum GroupReport {
+    /// A template worth sending to the group's clients.
     Publish {
+        /// The reporting task ([`Groups::is_live`]).
         serial: u64,
+        /// The group.
         constraints: Constraints,
+        /// The node's template.
         template: Template,
+        /// Why it was made.
         reason: Reason,
+        /// When the node's answer arrived.
         received_at: Instant,
     },
+    /// The node refused the group's call; the task tries again after a pause.
     Failed {
+        /// The reporting task.
         serial: u64,
-        generation: u64,
+        /// The group.
         constraints: Constraints,
+        /// What the node said.
         error: NodeError,
     },
 }
@@ -71,18 +82,154 @@ pub fn create_options(constraints: Constraints) -> CreateOptions {
 /// How long one `waitNext` may block when nothing is pending; the loop simply waits again.
 const IDLE_WAIT: Duration = Duration::from_secs(60);
 
-/// What a group task is started with.
-pub(crate) struct GroupSpec {
-    pub constraints: Constraints,
-    /// Labels the group's first template.
-    pub first_reason: Reason,
+/// How every group follows fees.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FeePolicy {
+    /// Minimum fee rise (sats) worth a new template on the same tip.
     pub fee_delta: Amount,
-    /// Minimum time between fee-driven templates.
+    /// Minimum time between two fee-driven templates of one group (tips never wait).
     pub interval: Duration,
-    /// The connection generation its reports belong to.
-    pub generation: u64,
-    /// Which task of the engine's for these constraints this is.
-    pub serial: u64,
+}
+
+/// What a group task is started with.
+struct GroupSpec {
+    constraints: Constraints,
+    /// Labels the group's first template.
+    first_reason: Reason,
+    fees: FeePolicy,
+    /// Which task for these constraints this is.
+    serial: u64,
+    /// Places for node calls clients cause (see [`Groups::new`]).
+    client_calls: Arc<Semaphore>,
+}
+
+/// A running group task.
+#[derive(Debug)]
+struct Running {
+    cancel: CancellationToken,
+    /// Id of the group's newest published template.
+    current: Option<u64>,
+    /// Tells this task's reports from those of an earlier task for the same constraints.
+    serial: u64,
+}
+
+/// The running group tasks, one per constraint set.
+#[derive(Debug)]
+pub(crate) struct Groups {
+    running: HashMap<Constraints, Running>,
+    next_serial: u64,
+    fees: FeePolicy,
+    /// Places for node calls clients cause; a group's first template takes one.
+    client_calls: Arc<Semaphore>,
+    reports: mpsc::Sender<GroupReport>,
+    shutdown: CancellationToken,
+}
+
+impl Groups {
+    /// No groups yet; tasks report to `reports` and stop with `shutdown`; a group's first
+    /// template waits for a `client_calls` place.
+    pub fn new(
+        fees: FeePolicy,
+        client_calls: Arc<Semaphore>,
+        reports: mpsc::Sender<GroupReport>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            running: HashMap::new(),
+            next_serial: 1,
+            fees,
+            client_calls,
+            reports,
+            shutdown,
+        }
+    }
+
+    /// Starts a task for `constraints` on `node` unless one runs; `first` labels its
+    /// first template.
+    pub fn ensure(&mut self, node: &NodeClient, constraints: Constraints, first: Reason) {
+        if self.running.contains_key(&constraints) {
+            return;
+        }
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let cancel = self.shutdown.child_token();
+        let span = info_span!(
+            "group",
+            size = constraints.max_additional_size,
+            sigops = constraints.max_additional_sigops
+        );
+        let spec = GroupSpec {
+            constraints,
+            first_reason: first,
+            fees: self.fees,
+            serial,
+            client_calls: self.client_calls.clone(),
+        };
+        tokio::spawn(
+            run_group(node.clone(), spec, self.reports.clone(), cancel.clone()).instrument(span),
+        );
+        self.running.insert(
+            constraints,
+            Running {
+                cancel,
+                current: None,
+                serial,
+            },
+        );
+    }
+
+    /// Whether `serial` is the running task of the group for `constraints`.
+    pub fn is_live(&self, constraints: Constraints, serial: u64) -> bool {
+        self.running
+            .get(&constraints)
+            .is_some_and(|g| g.serial == serial)
+    }
+
+    /// Records `id` as the group's newest template.
+    pub fn set_current(&mut self, constraints: Constraints, id: u64) {
+        if let Some(group) = self.running.get_mut(&constraints) {
+            group.current = Some(id);
+        }
+    }
+
+    /// Forgets the group's newest template (the node refused its next one): clients
+    /// joining meanwhile wait for a fresh one.
+    pub fn clear_current(&mut self, constraints: Constraints) {
+        if let Some(group) = self.running.get_mut(&constraints) {
+            group.current = None;
+        }
+    }
+
+    /// The group's newest template.
+    pub fn current(&self, constraints: Constraints) -> Option<u64> {
+        self.running.get(&constraints).and_then(|g| g.current)
+    }
+
+    /// Every group's newest template.
+    pub fn current_ids(&self) -> Vec<u64> {
+        self.running.values().filter_map(|g| g.current).collect()
+    }
+
+    /// Stops the group for `constraints`.
+    pub fn stop(&mut self, constraints: Constraints) {
+        if let Some(group) = self.running.remove(&constraints) {
+            group.cancel.cancel();
+        }
+    }
+
+    /// Stops every group for which `keep` is false.
+    pub fn retain(&mut self, mut keep: impl FnMut(Constraints) -> bool) {
+        let unwanted: Vec<Constraints> =
+            self.running.keys().copied().filter(|c| !keep(*c)).collect();
+        for constraints in unwanted {
+            self.stop(constraints);
+        }
+    }
+
+    /// Stops every group.
+    pub fn stop_all(&mut self) {
+        self.retain(|_| false);
+    }
 }
 
 /// Pause after a `waitNext` that returned null early (a node shutting down).
@@ -94,53 +241,95 @@ fn needs_new_prev_hash(current: &TemplateData, next: &TemplateData) -> bool {
         || current.header.bits != next.header.bits
 }
 
-/// Runs one group until `cancel` fires or the node fails.
-pub(crate) async fn run_group(
+/// Pause before a group the node refused (e.g. constraints it cannot satisfy) tries
+/// again: a node that refuses these constraints would refuse again at once.
+const GROUP_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs one group until `cancel` fires or the connection ends; when the node refuses
+/// its calls, reports it and starts over after [`GROUP_RETRY`].
+async fn run_group(
     node: NodeClient,
-    spec: GroupSpec,
-    engine: mpsc::Sender<Internal>,
+    mut spec: GroupSpec,
+    reports: mpsc::Sender<GroupReport>,
     cancel: CancellationToken,
 ) {
+    loop {
+        let Err(error) = follow(&node, &spec, &reports, &cancel).await else {
+            return;
+        };
+        if error.is_disconnect() {
+            // The supervisor reports a lost connection.
+            return;
+        }
+        let failed = GroupReport::Failed {
+            serial: spec.serial,
+            constraints: spec.constraints,
+            error,
+        };
+        if reports.send(failed).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(GROUP_RETRY) => {}
+        }
+        spec.first_reason = Reason::Constraints;
+    }
+}
+
+/// Follows the node for one group: a first template, then `waitNext` for each next one.
+/// `Ok` when cancelled.
+async fn follow(
+    node: &NodeClient,
+    spec: &GroupSpec,
+    reports: &mpsc::Sender<GroupReport>,
+    cancel: &CancellationToken,
+) -> Result<(), NodeError> {
     let GroupSpec {
         constraints,
         first_reason,
-        fee_delta,
-        interval,
-        generation,
+        fees: FeePolicy {
+            fee_delta,
+            interval,
+        },
         serial,
-    } = spec;
-    let report = |r| {
-        let engine = engine.clone();
+        ref client_calls,
+    } = *spec;
+    let publish = |template, reason| {
+        let report = GroupReport::Publish {
+            serial,
+            constraints,
+            template,
+            reason,
+            received_at: Instant::now(),
+        };
         async move {
-            let _ = engine.send(Internal::Group(r)).await;
+            let _ = reports.send(report).await;
         }
     };
-    let fail = |error| GroupReport::Failed {
-        serial,
-        generation,
-        constraints,
-        error,
-    };
-    let publish = |template, reason| GroupReport::Publish {
-        serial,
-        constraints,
-        template,
-        reason,
-        received_at: Instant::now(),
-    };
 
+    // The first template is what a client's constraints cost the node: it waits for a
+    // place among the calls clients may cause at once, and keeps it until the node has
+    // answered, even if the group is cancelled meanwhile (the node's call goes on).
     // Not `Mining.interrupt()` on cancel: it is node-wide and sticky, so it would cancel
     // another group's next `createNewBlock`. A template made after we left is released
     // by the IPC side as soon as its reply finds no one waiting.
-    let first = tokio::select! {
-        _ = cancel.cancelled() => return,
-        r = node.create_new_block(create_options(constraints)) => r,
+    let place = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        place = take_client_call(client_calls) => place,
     };
-    let mut current = match first {
-        Ok(t) => t,
-        Err(e) => return report(fail(e)).await,
+    let first = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _place = place;
+            node.create_new_block(create_options(constraints)).await
+        })
     };
-    report(publish(current.clone(), first_reason)).await;
+    let mut current = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        r = first => r.map_err(|_| NodeError::Disconnected)??,
+    };
+    publish(current.clone(), first_reason).await;
     let mut sent_fees = current.data().total_fees();
     let mut last_sent = Instant::now();
     // A fee template held back until `interval` has passed since the last one.
@@ -161,13 +350,9 @@ pub(crate) async fn run_group(
         let next = tokio::select! {
             _ = cancel.cancelled() => {
                 let _ = base.interrupt_wait().await;
-                return;
+                return Ok(());
             }
-            r = base.wait_next(options) => r,
-        };
-        let next = match next {
-            Ok(next) => next,
-            Err(e) => return report(fail(e)).await,
+            r = base.wait_next(options) => r?,
         };
         let now = Instant::now();
         match next {
@@ -179,7 +364,7 @@ pub(crate) async fn run_group(
                 current = next;
                 sent_fees = current.data().total_fees();
                 last_sent = now;
-                report(publish(current.clone(), Reason::Tip)).await;
+                publish(current.clone(), Reason::Tip).await;
                 continue;
             }
             Some(next) if next.data().total_fees() >= sent_fees + fee_delta => {
@@ -202,8 +387,21 @@ pub(crate) async fn run_group(
                 current = p;
                 sent_fees = current.data().total_fees();
                 last_sent = now;
-                report(publish(current.clone(), Reason::Fees)).await;
+                publish(current.clone(), Reason::Fees).await;
             }
         }
     }
+}
+
+/// Takes a place among the node calls clients may cause, counting a wait when none is free.
+pub(crate) async fn take_client_call(
+    places: &Arc<Semaphore>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    if places.available_permits() == 0 {
+        crate::metrics::metrics()
+            .limit_waits
+            .with_label_values(&["max_node_calls"])
+            .inc();
+    }
+    places.clone().acquire_owned().await
 }

@@ -75,6 +75,18 @@ pub fn set_new_prev_hash(
     })
 }
 
+/// The `NewTemplate` and `SetNewPrevHash` announcing `data` as template `template_id`.
+pub fn announce(
+    template_id: u64,
+    future_template: bool,
+    data: &TemplateData,
+) -> Result<(NewTemplateOwned, SetNewPrevHashOwned), EncodeError> {
+    Ok((
+        new_template(template_id, future_template, data)?,
+        set_new_prev_hash(template_id, data)?,
+    ))
+}
+
 /// Why a solution could not be turned into a block.
 #[derive(Debug, thiserror::Error)]
 pub enum SolutionError {
@@ -119,6 +131,15 @@ impl SolvedBlock {
         Ok(Self { header, coinbase })
     }
 
+    /// Whether the header's hash meets the target its own `nBits` encode: the proof of work
+    /// every block needs, checked before a solution costs a disk write or a node call.
+    ///
+    /// `nBits` comes from the template (the solution cannot change it), so a header that
+    /// fails here can never become a block.
+    pub fn meets_target(&self) -> bool {
+        self.header.target().is_met_by(self.header.block_hash())
+    }
+
     /// The full block, given the template's block (whose coinbase is a placeholder).
     pub fn block(&self, template_block: &Block) -> Block {
         let mut txdata = Vec::with_capacity(template_block.txdata.len().max(1));
@@ -128,5 +149,227 @@ impl SolvedBlock {
             header: self.header,
             txdata,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::CoinbaseTemplate;
+    use bitcoin::{
+        absolute::LockTime, transaction::Version, Amount, OutPoint, ScriptBuf, Sequence, TxIn,
+        TxOut,
+    };
+
+    fn data(merkle_path: Vec<TxMerkleNode>, witness: Option<Vec<u8>>) -> TemplateData {
+        let mut header = bitcoin::constants::genesis_block(bitcoin::Network::Regtest).header;
+        header.merkle_root = TxMerkleNode::all_zeros();
+        TemplateData {
+            header,
+            coinbase: CoinbaseTemplate {
+                version: 2,
+                sequence: 0xffff_fffe,
+                script_sig_prefix: vec![0x51],
+                witness,
+                block_reward_remaining: Amount::from_sat(5_000_000_000),
+                required_outputs: vec![TxOut {
+                    value: Amount::ZERO,
+                    script_pubkey: ScriptBuf::from_bytes(vec![0x6a, 0x24, 0xaa]),
+                }],
+                lock_time: 0,
+            },
+            merkle_path,
+            tx_fees: vec![Amount::from_sat(300), Amount::from_sat(200)],
+        }
+    }
+
+    fn coinbase() -> Transaction {
+        Transaction {
+            version: Version::TWO,
+            lock_time: LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: OutPoint::null(),
+                script_sig: ScriptBuf::from_bytes(vec![0x51, 0x00]),
+                sequence: Sequence(0xffff_fffe),
+                witness: Witness::new(),
+            }],
+            output: vec![TxOut {
+                value: Amount::from_sat(5_000_000_000),
+                script_pubkey: ScriptBuf::new_op_return([1u8; 4]),
+            }],
+        }
+    }
+
+    fn solution(template_id: u64, coinbase: &Transaction) -> SubmitSolutionOwned {
+        SubmitSolutionOwned {
+            template_id,
+            version: 0x2000_0004,
+            header_timestamp: 1_700_000_000,
+            header_nonce: 42,
+            coinbase_tx: B064KOwned::new(serialize(coinbase)).expect("coinbase fits"),
+        }
+    }
+
+    #[test]
+    fn new_template_carries_the_coinbase_requirements() {
+        let d = data(vec![TxMerkleNode::from_byte_array([3; 32])], None);
+        let t = new_template(9, true, &d).unwrap();
+        assert_eq!(t.template_id, 9);
+        assert!(t.future_template);
+        assert_eq!(t.version, d.header.version.to_consensus() as u32);
+        assert_eq!(t.coinbase_prefix.as_ref(), [0x51u8].as_slice());
+        assert_eq!(t.coinbase_tx_input_sequence, 0xffff_fffe);
+        assert_eq!(t.coinbase_tx_value_remaining, 5_000_000_000);
+        assert_eq!(t.coinbase_tx_outputs_count, 1);
+        assert_eq!(
+            t.coinbase_tx_outputs.as_ref(),
+            serialize(&d.coinbase.required_outputs[0]).as_slice()
+        );
+        assert_eq!(t.merkle_path.len(), 1);
+        assert_eq!(t.merkle_path.as_slice()[0].as_ref(), [3u8; 32].as_slice());
+    }
+
+    #[test]
+    fn set_new_prev_hash_carries_the_tip_and_its_target() {
+        let d = data(vec![], None);
+        let p = set_new_prev_hash(4, &d).unwrap();
+        assert_eq!(p.template_id, 4);
+        assert_eq!(
+            p.prev_hash.as_ref(),
+            d.header.prev_blockhash.as_byte_array().as_slice()
+        );
+        assert_eq!(p.n_bits, d.header.bits.to_consensus());
+        assert_eq!(p.header_timestamp, d.header.time);
+        let target = Target::from_le_bytes(p.target.as_ref().try_into().unwrap());
+        assert_eq!(target, Target::from_compact(d.header.bits));
+        let (nt, snph) = announce(4, false, &d).unwrap();
+        assert_eq!((nt.template_id, nt.future_template), (4, false));
+        assert_eq!(snph, p);
+    }
+
+    #[test]
+    fn a_solution_rebuilds_header_and_merkle_root() {
+        let sibling = TxMerkleNode::from_byte_array([5; 32]);
+        let d = data(vec![sibling], Some(vec![0; 32]));
+        let solved = SolvedBlock::new(&d, &solution(1, &coinbase())).unwrap();
+        assert_eq!(solved.header.version.to_consensus(), 0x2000_0004);
+        assert_eq!(solved.header.time, 1_700_000_000);
+        assert_eq!(solved.header.nonce, 42);
+        assert_eq!(solved.header.prev_blockhash, d.header.prev_blockhash);
+        assert_eq!(
+            solved.coinbase.input[0].witness.to_vec(),
+            vec![vec![0u8; 32]],
+            "the witness reserved value is filled in"
+        );
+        // Two leaves: the coinbase and its sibling.
+        let leaves = [
+            solved.coinbase.compute_txid().to_raw_hash(),
+            sibling.to_raw_hash(),
+        ];
+        let root = bitcoin::merkle_tree::calculate_root(leaves.into_iter()).unwrap();
+        assert_eq!(solved.header.merkle_root, TxMerkleNode::from_raw_hash(root));
+
+        let template_block = Block {
+            header: d.header,
+            txdata: vec![coinbase(), coinbase()],
+        };
+        let block = solved.block(&template_block);
+        assert_eq!(block.txdata[0], solved.coinbase);
+        assert_eq!(block.txdata.len(), 2);
+        assert_eq!(block.header, solved.header);
+    }
+
+    #[test]
+    fn a_coinbase_that_does_not_decode_is_refused() {
+        let d = data(vec![], None);
+        let mut bad = solution(1, &coinbase());
+        bad.coinbase_tx = B064KOwned::new(vec![1, 2, 3]).unwrap();
+        assert!(matches!(
+            SolvedBlock::new(&d, &bad),
+            Err(SolutionError::BadCoinbase(_))
+        ));
+    }
+}
+
+#[cfg(test)]
+mod pow_tests {
+    use super::*;
+    use bitcoin::block::{Header, Version};
+    use bitcoin::{BlockHash, CompactTarget};
+
+    /// Regtest's `nBits`: about every other hash meets it.
+    const REGTEST_BITS: u32 = 0x207f_ffff;
+
+    fn solved(bits: u32, nonce: u32) -> SolvedBlock {
+        SolvedBlock {
+            header: Header {
+                version: Version::from_consensus(0x2000_0000),
+                prev_blockhash: BlockHash::from_byte_array([0x11; 32]),
+                merkle_root: TxMerkleNode::from_byte_array([0x22; 32]),
+                time: 1_700_000_000,
+                bits: CompactTarget::from_consensus(bits),
+                nonce,
+            },
+            coinbase: Transaction {
+                version: bitcoin::transaction::Version::TWO,
+                lock_time: bitcoin::absolute::LockTime::ZERO,
+                input: vec![],
+                output: vec![],
+            },
+        }
+    }
+
+    /// The first nonce from 0 whose header meets (`want`) or misses the target.
+    fn first_nonce(bits: u32, want: bool) -> SolvedBlock {
+        (0..u32::MAX)
+            .map(|nonce| solved(bits, nonce))
+            .find(|block| {
+                let target = Target::from_compact(block.header.bits);
+                target.is_met_by(block.header.block_hash()) == want
+            })
+            .expect("a nonce within a few tries")
+    }
+
+    #[test]
+    fn a_header_that_meets_the_regtest_target_passes() {
+        let block = first_nonce(REGTEST_BITS, true);
+        assert!(block.meets_target());
+        // The hash, read as a little-endian number, is at most the target.
+        let hash = block.header.block_hash().to_byte_array();
+        let target = Target::from_compact(block.header.bits).to_le_bytes();
+        assert!(hash.iter().rev().le(target.iter().rev()));
+    }
+
+    #[test]
+    fn a_header_above_the_regtest_target_fails() {
+        let block = first_nonce(REGTEST_BITS, false);
+        assert!(!block.meets_target());
+    }
+
+    #[test]
+    fn a_mainnet_difficulty_header_with_an_arbitrary_nonce_fails() {
+        // Genesis-era difficulty 1: a random header meets it about once in 2^32 tries.
+        for nonce in 0..64 {
+            assert!(!solved(0x1d00_ffff, nonce).meets_target(), "nonce {nonce}");
+        }
+    }
+
+    #[test]
+    fn changing_the_nonce_of_a_solved_header_changes_the_verdict_somewhere() {
+        let block = first_nonce(REGTEST_BITS, true);
+        let misses = (1..64)
+            .map(|delta| solved(REGTEST_BITS, block.header.nonce.wrapping_add(delta)))
+            .any(|other| !other.meets_target());
+        assert!(misses, "the check depends on the header's hash");
+    }
+
+    #[test]
+    fn the_mainnet_genesis_header_meets_its_target() {
+        let genesis = bitcoin::blockdata::constants::genesis_block(bitcoin::Network::Bitcoin);
+        let block = SolvedBlock {
+            header: genesis.header,
+            coinbase: genesis.txdata[0].clone(),
+        };
+        assert!(block.meets_target());
     }
 }

@@ -5,12 +5,27 @@
 //! `SetNewPrevHash`; fee rises of at least `fee_delta` as `NewTemplate(future=false)` at
 //! most once per `template_interval`. Templates of the current and (for a grace period)
 //! the previous tip stay held in the node for late solutions; older ones are released.
+//!
+//! One room per job, none of which knows the actor:
+//! - `engine`: the actor that owns the state and wires the rest together;
+//! - `supervisor`: the node connection's lifecycle (connect, IBD, reconnect);
+//! - `group`: one task per constraint group, following the node with `waitNext`;
+//! - `store`: held templates, ids, pruning and the block cache (no I/O);
+//! - `fanout`: subscribed sessions, group choice, queueing to sessions;
+//! - `blocks`: reading template blocks in the background (prefetch, transaction data);
+//! - `solutions`: from `SubmitSolution` to a block on disk and in the node;
+//! - [`messages`]: from template data to SV2 messages and back.
 
 mod api;
+mod blocks;
 mod engine;
+mod fanout;
 mod group;
 pub mod messages;
+mod solutions;
+mod store;
+mod supervisor;
 
 pub use api::*;
-pub use engine::{spawn, EngineConfig, EngineError, EngineStatus};
+pub use engine::spawn;
 pub use group::{block_reserved_weight, create_options, Reason};

@@ -1,0 +1,251 @@
+//! The solution pipeline: a `SubmitSolution` becomes a block that is written to disk and
+//! handed to the node at once; a block whose template died with an earlier connection is
+//! submitted whole over the next one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bitcoin::hashes::Hash;
+use bitcoin::{Block, BlockHash};
+use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{error, info, info_span, warn, Instrument};
+
+use super::api::SolutionOutcome;
+use super::messages::SolvedBlock;
+use crate::metrics::metrics;
+use crate::node::{NodeClient, NodeError, SubmitVerdict, Template, TemplateData};
+use crate::ratelog::LogBudget;
+
+/// A solution on its way to the node, with what it needs to get there.
+pub(crate) struct Submission {
+    /// The template it solves.
+    pub template: Template,
+    /// The template's block, when cached.
+    pub cached_block: Option<Arc<Block>>,
+    /// The solution, rebuilt and checked by [`check`].
+    pub solved: SolvedBlock,
+    /// Where solved blocks are saved.
+    pub dir: PathBuf,
+    /// The live connection, for a template whose own connection died.
+    pub nodes: watch::Receiver<Option<NodeClient>>,
+    /// This solution's place among those in flight; freed when it is done.
+    pub slot: OwnedSemaphorePermit,
+}
+
+/// Full log lines about refused solutions per [`REFUSAL_LOG_PERIOD`]; the rest are summed up.
+const REFUSAL_LOG_BURST: u32 = 5;
+/// Period of the refusal log budget.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// What a solution must pass before it costs anything: a rebuildable header whose hash
+/// meets its target, and a free place among the solutions in flight.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    slots: Arc<Semaphore>,
+    log: LogBudget,
+}
+
+impl Gate {
+    /// A gate letting at most `max_in_flight` solutions be on their way to the node.
+    pub fn new(max_in_flight: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max_in_flight)),
+            log: LogBudget::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PERIOD),
+        }
+    }
+
+    /// Rebuilds the header of `solution` on `data` and checks its proof of work. What fails
+    /// costs no disk write, no node call and no task: a client cannot turn cheap bogus
+    /// solutions into work, and a real block never queues behind them. Refusals are
+    /// counted, and logged at a limited rate.
+    pub fn admit(
+        &mut self,
+        data: &TemplateData,
+        solution: &SubmitSolutionOwned,
+    ) -> Result<(SolvedBlock, OwnedSemaphorePermit), SolutionOutcome> {
+        let refused = |label: &str, outcome: SolutionOutcome| {
+            metrics().solutions.with_label_values(&[label]).inc();
+            outcome
+        };
+        let result = match SolvedBlock::new(data, solution) {
+            Err(e) => Err(refused(
+                "rejected",
+                SolutionOutcome::Rejected {
+                    block_hash: BlockHash::all_zeros(),
+                    reason: e.to_string(),
+                },
+            )),
+            Ok(solved) if !solved.meets_target() => Err(refused(
+                "bad-pow",
+                SolutionOutcome::BadProofOfWork {
+                    block_hash: solved.header.block_hash(),
+                },
+            )),
+            Ok(solved) => match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => return Ok((solved, slot)),
+                Err(_) => Err(refused("throttled", SolutionOutcome::Throttled)),
+            },
+        };
+        let verdict = self.log.hit(Instant::now());
+        if let Some(suppressed) = verdict.suppressed {
+            warn!(
+                suppressed,
+                "more solutions refused before reaching the node"
+            );
+        }
+        if verdict.log {
+            warn!(template_id = solution.template_id, outcome = ?result.as_ref().err(), "solution refused before reaching the node");
+        }
+        result
+    }
+}
+
+/// Hands `job` to a task of its own, which sends the outcome to `reply`.
+pub(crate) fn spawn(job: Submission, reply: oneshot::Sender<SolutionOutcome>) {
+    let span = info_span!("solution", block_hash = %job.solved.header.block_hash());
+    tokio::spawn(
+        async move {
+            let _ = reply.send(submit(job).await);
+        }
+        .instrument(span),
+    );
+}
+
+/// Answers a solution whose template is not held.
+pub(crate) fn refuse_unknown(template_id: u64, reply: oneshot::Sender<SolutionOutcome>) {
+    warn!(template_id, "solution for an unknown template");
+    metrics()
+        .solutions
+        .with_label_values(&["unknown-template"])
+        .inc();
+    let _ = reply.send(SolutionOutcome::UnknownTemplate);
+}
+
+/// Writes the block to disk, then hands the solution to the node.
+async fn submit(job: Submission) -> SolutionOutcome {
+    let Submission {
+        template,
+        cached_block,
+        solved,
+        dir,
+        nodes,
+        slot: _slot,
+    } = job;
+    let m = metrics();
+    let block_hash = solved.header.block_hash();
+    let height = template.data().height();
+    let to_node = template.submit_solution(
+        solved.header.version.to_consensus() as u32,
+        solved.header.time,
+        solved.header.nonce,
+        &solved.coinbase,
+    );
+    // The block goes to disk and to the node at once: neither waits for the other (a
+    // slow disk must not delay a block). Without a cached template block, the node is
+    // asked for it only after the submit (a getBlock may not overlap a submit).
+    let (verdict, template_block) = match cached_block {
+        Some(block) => {
+            let (verdict, ()) =
+                tokio::join!(to_node, save_solution(&dir, height, &solved, Some(&block)));
+            (verdict, Some(block))
+        }
+        None => {
+            let verdict = to_node.await;
+            let block = template.block().await.ok().map(Arc::new);
+            save_solution(&dir, height, &solved, block.as_deref()).await;
+            (verdict, block)
+        }
+    };
+    let verdict = match (verdict, template_block) {
+        // The template died with an earlier connection: hand the whole block to the
+        // node over the current one.
+        (Err(e), Some(block)) if e.is_disconnect() => {
+            resubmit(solved.block(&block), nodes).await.map_err(|_| e)
+        }
+        (verdict, _) => verdict,
+    };
+    match verdict {
+        Ok(v) if v.accepted => {
+            info!(%block_hash, "block accepted by the node");
+            m.solutions.with_label_values(&["accepted"]).inc();
+            m.blocks_found.inc();
+            SolutionOutcome::Accepted { block_hash }
+        }
+        Ok(v) => {
+            warn!(%block_hash, reason = %v.reason, "block rejected by the node");
+            m.solutions.with_label_values(&["rejected"]).inc();
+            SolutionOutcome::Rejected {
+                block_hash,
+                reason: v.reason,
+            }
+        }
+        Err(e) => {
+            error!(%block_hash, error = %e, "could not submit the block; it is saved in the solutions directory");
+            m.solutions.with_label_values(&["node-unavailable"]).inc();
+            SolutionOutcome::NodeUnavailable(e.to_string())
+        }
+    }
+}
+
+/// How long a solution whose connection died waits for the node to be back.
+const RESUBMIT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Submits `block` with `submitBlock` over the first live connection within
+/// [`RESUBMIT_PATIENCE`].
+async fn resubmit(
+    block: Block,
+    mut nodes: watch::Receiver<Option<NodeClient>>,
+) -> Result<SubmitVerdict, NodeError> {
+    info!(block_hash = %block.block_hash(), "the template's connection is gone; submitting the whole block once the node is back");
+    let node = tokio::time::timeout(RESUBMIT_PATIENCE, async {
+        loop {
+            if let Some(node) = nodes.borrow_and_update().clone().filter(|n| !n.is_closed()) {
+                return Some(node);
+            }
+            if nodes.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+    .ok_or(NodeError::Disconnected)?;
+    node.submit_block(&block).await
+}
+
+/// Saves the solved block as hex (ready for `bitcoin-cli submitblock`), or, when the
+/// template's transactions could not be read, the header and coinbase.
+async fn save_solution(
+    dir: &Path,
+    height: u32,
+    solved: &SolvedBlock,
+    template_block: Option<&Block>,
+) {
+    let hash = solved.header.block_hash();
+    let (path, contents) = match template_block {
+        Some(block) => (
+            dir.join(format!("{height}-{hash}.block.hex")),
+            bitcoin::consensus::encode::serialize_hex(&solved.block(block)),
+        ),
+        None => (
+            dir.join(format!("{height}-{hash}.solution.json")),
+            serde_json::json!({
+                "header": bitcoin::consensus::encode::serialize_hex(&solved.header),
+                "coinbase": bitcoin::consensus::encode::serialize_hex(&solved.coinbase),
+            })
+            .to_string(),
+        ),
+    };
+    let result = async {
+        tokio::fs::create_dir_all(dir).await?;
+        tokio::fs::write(&path, contents).await
+    }
+    .await;
+    match result {
+        Ok(()) => info!(path = %path.display(), "solution saved"),
+        Err(e) => error!(path = %path.display(), error = %e, "cannot save the solution"),
+    }
+}

@@ -1,0 +1,413 @@
+//! The templates handed out to clients: their ids, which tip they build on, how long they
+//! are kept, and the blocks cached for transaction data and solutions.
+//!
+//! Pure bookkeeping with no I/O: the engine passes the time in and does the node calls
+//! (fetching a block, releasing a template) that the answers here call for.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bitcoin::consensus::serialize;
+use bitcoin::{Block, BlockHash};
+
+use super::api::{Constraints, TransactionData, TxDataError};
+
+/// Templates of the current tip kept per group beyond those younger than the grace
+/// period. Each one holds a whole block in the node's memory, and a tip can last hours on
+/// test networks; solutions for anything but the newest few are not expected.
+pub(crate) const MAX_TEMPLATES_PER_GROUP: usize = 16;
+
+/// Templates per group whose block we keep in memory (for transaction data, and to save
+/// a solution without asking the node).
+pub(crate) const BLOCKS_CACHED_PER_GROUP: usize = 3;
+
+/// One template handed out to clients. `T` is what the engine keeps with it (the node's
+/// template handle and the messages sent for it); the store only moves it around.
+#[derive(Debug)]
+pub(crate) struct Held<T> {
+    /// The engine's part.
+    pub payload: T,
+    /// The constraint group it was made for.
+    pub group: Constraints,
+    /// The tip it builds on.
+    pub prev_hash: BlockHash,
+    /// When it was made.
+    pub made: Instant,
+    /// The coinbase witness reserved value (`excess_data` of transaction data).
+    pub excess_data: Vec<u8>,
+    /// The node's block for it (with a placeholder coinbase), once fetched.
+    pub block: Option<Arc<Block>>,
+    /// Its non-coinbase transactions, serialized once for every client that asks.
+    pub tx_data: Option<Arc<Vec<Vec<u8>>>>,
+}
+
+impl<T> Held<T> {
+    /// A template made at `made`, with no block fetched yet.
+    pub fn new(
+        payload: T,
+        group: Constraints,
+        prev_hash: BlockHash,
+        made: Instant,
+        excess_data: Vec<u8>,
+    ) -> Self {
+        Self {
+            payload,
+            group,
+            prev_hash,
+            made,
+            excess_data,
+            block: None,
+            tx_data: None,
+        }
+    }
+}
+
+/// Where the transactions of a template come from.
+#[derive(Debug)]
+pub(crate) enum TxLookup<T> {
+    /// Already cached.
+    Ready(TransactionData),
+    /// Not cached: read the block from the node with this payload, then
+    /// [`TemplateStore::set_block`].
+    Fetch {
+        /// The template's payload (the node handle).
+        payload: T,
+        /// `excess_data` for the answer.
+        excess_data: Vec<u8>,
+    },
+}
+
+/// Every template clients may still refer to, by id.
+#[derive(Debug)]
+pub(crate) struct TemplateStore<T> {
+    templates: BTreeMap<u64, Held<T>>,
+    next_id: u64,
+    /// The newest tip templates were published for, with its height.
+    tip: Option<(BlockHash, u32)>,
+    /// The tip before `tip`, and when it was replaced.
+    previous_tip: Option<(BlockHash, Instant)>,
+    /// How long templates of the previous tip stay usable after a new tip.
+    grace: Duration,
+}
+
+impl<T: Clone> TemplateStore<T> {
+    /// An empty store whose first template gets id 1.
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            templates: BTreeMap::new(),
+            next_id: 1,
+            tip: None,
+            previous_tip: None,
+            grace,
+        }
+    }
+
+    /// The tip of the newest template.
+    pub fn tip(&self) -> Option<BlockHash> {
+        self.tip.map(|(hash, _)| hash)
+    }
+
+    /// Whether a template on `prev_hash` (at `tip_height`) builds on a tip older than the
+    /// current one: the tip only moves forward (a same-height reorg still counts).
+    pub fn is_behind(&self, prev_hash: BlockHash, tip_height: u32) -> bool {
+        self.tip
+            .is_some_and(|(tip, height)| tip != prev_hash && tip_height < height)
+    }
+
+    /// The id the next [`TemplateStore::insert`] assigns.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Records `held` under [`TemplateStore::next_id`] and returns that id with whether
+    /// its tip is a new one. Older templates of its group drop their cached blocks, so
+    /// only the newest [`BLOCKS_CACHED_PER_GROUP`] keep theirs.
+    pub fn insert(&mut self, held: Held<T>, tip_height: u32) -> (u64, bool) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let new_tip = self.tip() != Some(held.prev_hash);
+        if new_tip {
+            if let Some((old, _)) = self.tip.replace((held.prev_hash, tip_height)) {
+                self.previous_tip = Some((old, held.made));
+            }
+        }
+        for older in self
+            .templates
+            .values_mut()
+            .rev()
+            .filter(|h| h.group == held.group)
+            .skip(BLOCKS_CACHED_PER_GROUP - 1)
+        {
+            older.block = None;
+            older.tx_data = None;
+        }
+        self.templates.insert(id, held);
+        (id, new_tip)
+    }
+
+    /// The template with `id`, while held.
+    pub fn get(&self, id: u64) -> Option<&Held<T>> {
+        self.templates.get(&id)
+    }
+
+    /// Caches the node's block for template `id`, if still held.
+    pub fn set_block(&mut self, id: u64, block: Arc<Block>) {
+        if let Some(held) = self.templates.get_mut(&id) {
+            held.block = Some(block);
+        }
+    }
+
+    /// The transactions of template `id`: cached, or what to read them with. Only
+    /// templates of the current tip are served.
+    pub fn transaction_data(&mut self, id: u64) -> Result<TxLookup<T>, TxDataError> {
+        let tip = self.tip();
+        let held = self
+            .templates
+            .get(&id)
+            .ok_or(TxDataError::TemplateIdNotFound)?;
+        if Some(held.prev_hash) != tip {
+            return Err(TxDataError::StaleTemplateId);
+        }
+        let (payload, excess_data) = (held.payload.clone(), held.excess_data.clone());
+        Ok(match self.transactions(id) {
+            Some(transactions) => TxLookup::Ready(TransactionData {
+                transactions,
+                excess_data,
+            }),
+            None => TxLookup::Fetch {
+                payload,
+                excess_data,
+            },
+        })
+    }
+
+    /// Template `id`'s non-coinbase transactions, serialized once from its cached block
+    /// and shared from then on.
+    pub fn transactions(&mut self, id: u64) -> Option<Arc<Vec<Vec<u8>>>> {
+        let held = self.templates.get_mut(&id)?;
+        if held.tx_data.is_none() {
+            held.tx_data = held.block.as_deref().map(|b| Arc::new(transactions(b)));
+        }
+        held.tx_data.clone()
+    }
+
+    /// Drops templates of tips before the previous one, of the previous tip once its
+    /// grace period is over, and of the current tip beyond [`MAX_TEMPLATES_PER_GROUP`]
+    /// per group (unless younger than the grace period). `current` (each group's newest)
+    /// are always kept. Dropping a payload releases the node's copy.
+    pub fn prune(&mut self, current: &[u64], now: Instant) {
+        let grace_over = self
+            .previous_tip
+            .is_none_or(|(_, since)| now.saturating_duration_since(since) >= self.grace);
+        let tip = self.tip();
+        let previous = self.previous_tip.map(|(hash, _)| hash);
+        // Newest first, so the per-group cap keeps the latest.
+        let mut per_group: HashMap<Constraints, usize> = HashMap::new();
+        let mut keep = HashSet::new();
+        for (id, held) in self.templates.iter().rev() {
+            let kept = per_group.entry(held.group).or_default();
+            let young = now.saturating_duration_since(held.made) < self.grace;
+            let recent = Some(held.prev_hash) == tip && (*kept < MAX_TEMPLATES_PER_GROUP || young);
+            if current.contains(id) || recent || (!grace_over && Some(held.prev_hash) == previous) {
+                *kept += 1;
+                keep.insert(*id);
+            }
+        }
+        self.templates.retain(|id, _| keep.contains(id));
+    }
+
+    /// Drops every template (shutdown).
+    pub fn clear(&mut self) {
+        self.templates.clear();
+    }
+
+    /// How many templates are held.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.templates.len()
+    }
+}
+
+/// The non-coinbase transactions of `block`, serialized with witness.
+pub(crate) fn transactions(block: &Block) -> Vec<Vec<u8>> {
+    block.txdata.iter().skip(1).map(serialize).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitcoin::hashes::Hash;
+
+    const GRACE: Duration = Duration::from_secs(10);
+    const A: Constraints = Constraints {
+        max_additional_size: 100,
+        max_additional_sigops: 10,
+    };
+    const B: Constraints = Constraints {
+        max_additional_size: 200,
+        max_additional_sigops: 10,
+    };
+
+    fn tip(n: u8) -> BlockHash {
+        BlockHash::from_byte_array([n; 32])
+    }
+
+    fn held(group: Constraints, prev: u8, made: Instant) -> Held<&'static str> {
+        Held::new("t", group, tip(prev), made, vec![0; 32])
+    }
+
+    fn ids(store: &TemplateStore<&'static str>) -> Vec<u64> {
+        store.templates.keys().copied().collect()
+    }
+
+    /// A block with a coinbase and one other transaction.
+    fn one_tx_block() -> Block {
+        let genesis = bitcoin::constants::genesis_block(bitcoin::Network::Regtest);
+        let tx = genesis.txdata[0].clone();
+        Block {
+            header: genesis.header,
+            txdata: vec![tx.clone(), tx],
+        }
+    }
+
+    #[test]
+    fn ids_count_up_from_one_and_are_never_reused() {
+        let t0 = Instant::now();
+        let mut store = TemplateStore::new(GRACE);
+        assert_eq!(store.next_id(), 1);
+        let (first, new_tip) = store.insert(held(A, 1, t0), 10);
+        assert_eq!((first, new_tip), (1, true));
+        let (second, new_tip) = store.insert(held(A, 1, t0), 10);
+        assert_eq!((second, new_tip), (2, false));
+        store.clear();
+        assert_eq!(store.insert(held(B, 1, t0), 10).0, 3);
+    }
+
+    #[test]
+    fn a_template_on_a_lower_other_tip_is_behind() {
+        let t0 = Instant::now();
+        let mut store = TemplateStore::new(GRACE);
+        assert!(
+            !store.is_behind(tip(1), 5),
+            "nothing is behind an empty store"
+        );
+        store.insert(held(A, 2, t0), 10);
+        let cases = [
+            (tip(2), 10, false, "same tip"),
+            (tip(3), 9, true, "other tip, lower"),
+            (tip(3), 10, false, "other tip, same height (reorg)"),
+            (tip(3), 11, false, "other tip, higher"),
+        ];
+        for (prev, height, behind, case) in cases {
+            assert_eq!(store.is_behind(prev, height), behind, "{case}");
+        }
+    }
+
+    #[test]
+    fn previous_tip_templates_live_through_the_grace_period_only() {
+        let t0 = Instant::now();
+        let mut store = TemplateStore::new(GRACE);
+        let (old, _) = store.insert(held(A, 1, t0), 10);
+        let (new, _) = store.insert(held(A, 2, t0 + Duration::from_secs(1)), 11);
+        store.prune(&[new], t0 + Duration::from_secs(5));
+        assert_eq!(ids(&store), vec![old, new], "within the grace period");
+        store.prune(&[new], t0 + Duration::from_secs(11));
+        assert_eq!(ids(&store), vec![new], "grace period over");
+    }
+
+    #[test]
+    fn tips_before_the_previous_one_go_at_once() {
+        let t0 = Instant::now();
+        let mut store = TemplateStore::new(GRACE);
+        store.insert(held(A, 1, t0), 10);
+        let (previous, _) = store.insert(held(A, 2, t0), 11);
+        let (current, _) = store.insert(held(A, 3, t0), 12);
+        store.prune(&[current], t0);
+        assert_eq!(ids(&store), vec![previous, current]);
+    }
+
+    #[test]
+    fn the_current_tip_keeps_at_most_the_cap_per_group_once_old() {
+        let t0 = Instant::now();
+        let mut store = TemplateStore::new(GRACE);
+        let total = MAX_TEMPLATES_PER_GROUP + 4;
+        let mut last = 0;
+        for _ in 0..total {
+            last = store.insert(held(A, 1, t0), 10).0;
+        }
+        let (other_group, _) = store.insert(held(B, 1, t0), 10);
+        store.prune(&[last, other_group], t0 + Duration::from_secs(1));
+        assert_eq!(store.len(), total + 1, "young templates are all kept");
+        store.prune(&[last, other_group], t0 + GRACE);
+        assert_eq!(store.len(), MAX_TEMPLATES_PER_GROUP + 1);
+        let kept = ids(&store);
+        assert!(kept.contains(&last) && kept.contains(&other_group));
+        assert!(!kept.contains(&1), "the oldest of the group went first");
+    }
+
+    #[test]
+    fn a_groups_current_template_is_kept_whatever_its_tip() {
+        let t0 = Instant::now();
+        let mut store = TemplateStore::new(GRACE);
+        let (stuck, _) = store.insert(held(B, 1, t0), 10);
+        store.insert(held(A, 2, t0), 11);
+        store.insert(held(A, 3, t0), 12);
+        store.prune(&[stuck], t0 + GRACE * 2);
+        assert!(ids(&store).contains(&stuck));
+    }
+
+    #[test]
+    fn only_the_newest_templates_of_a_group_keep_their_block() {
+        let t0 = Instant::now();
+        let mut store = TemplateStore::new(GRACE);
+        let block = Arc::new(one_tx_block());
+        let mut all = Vec::new();
+        for _ in 0..BLOCKS_CACHED_PER_GROUP + 2 {
+            let (id, _) = store.insert(held(A, 1, t0), 10);
+            store.set_block(id, block.clone());
+            all.push(id);
+        }
+        let (other, _) = store.insert(held(B, 1, t0), 10);
+        store.set_block(other, block.clone());
+        let cached: Vec<u64> = all
+            .iter()
+            .copied()
+            .filter(|id| store.get(*id).is_some_and(|h| h.block.is_some()))
+            .collect();
+        assert_eq!(cached, all[all.len() - BLOCKS_CACHED_PER_GROUP..].to_vec());
+        assert!(store.get(other).is_some_and(|h| h.block.is_some()));
+    }
+
+    #[test]
+    fn transaction_data_is_served_for_current_tip_templates_only() {
+        let t0 = Instant::now();
+        let mut store = TemplateStore::new(GRACE);
+        let (old, _) = store.insert(held(A, 1, t0), 10);
+        let (new, _) = store.insert(held(A, 2, t0), 11);
+        assert_eq!(
+            store.transaction_data(99).err(),
+            Some(TxDataError::TemplateIdNotFound)
+        );
+        assert_eq!(
+            store.transaction_data(old).err(),
+            Some(TxDataError::StaleTemplateId)
+        );
+        match store.transaction_data(new) {
+            Ok(TxLookup::Fetch { excess_data, .. }) => assert_eq!(excess_data, vec![0; 32]),
+            other => panic!("expected a fetch, got {other:?}"),
+        }
+        store.set_block(new, Arc::new(one_tx_block()));
+        let Ok(TxLookup::Ready(first)) = store.transaction_data(new) else {
+            panic!("cached block not served");
+        };
+        assert_eq!(first.transactions.len(), 1, "the coinbase is left out");
+        let Ok(TxLookup::Ready(second)) = store.transaction_data(new) else {
+            panic!("cached block not served twice");
+        };
+        assert!(
+            Arc::ptr_eq(&first.transactions, &second.transactions),
+            "one shared list, not a copy per request"
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! The node connection's lifecycle: connect (retrying with backoff), wait out initial
+//! block download, report the connection, notice when it ends, and connect again.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::node::{NodeClient, NodeError};
+
+/// What the supervisor tells the engine.
+#[derive(Debug)]
+pub(crate) enum NodeEvent {
+    /// A connection is up and the node is out of initial block download.
+    Connected(NodeClient),
+    /// The connection reported last ended; a new one is being made.
+    Lost,
+    /// The node cannot be driven by this version (e.g. a v30 node); the supervisor stops.
+    Unusable(NodeError),
+}
+
+/// Pause before reconnecting after a connection ended.
+const RECONNECT_DELAY: Duration = Duration::from_millis(100);
+
+/// Longest pause between two connection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How often a node that cannot be reached is mentioned in the log.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps a connection to the node at `socket` until `shutdown`, reporting to `events`.
+pub(crate) async fn supervise(
+    socket: PathBuf,
+    events: mpsc::Sender<NodeEvent>,
+    shutdown: CancellationToken,
+) {
+    let mut first_delay = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(first_delay) => {}
+        }
+        let node = match connect(&socket, &shutdown).await {
+            Some(Ok(node)) => node,
+            Some(Err(e)) => {
+                let _ = events.send(NodeEvent::Unusable(e)).await;
+                return;
+            }
+            None => return,
+        };
+        if events
+            .send(NodeEvent::Connected(node.clone()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = node.closed() => {}
+        }
+        if events.send(NodeEvent::Lost).await.is_err() {
+            return;
+        }
+        first_delay = RECONNECT_DELAY;
+    }
+}
+
+/// Connects, retrying with backoff and saying so every few seconds, then waits out IBD.
+/// `None` on shutdown; `Some(Err)` only for a node this version cannot use.
+async fn connect(
+    socket: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> Option<Result<NodeClient, NodeError>> {
+    let mut delay = Duration::from_millis(100);
+    let mut last_said = None::<Instant>;
+    loop {
+        if shutdown.is_cancelled() {
+            return None;
+        }
+        match NodeClient::connect(socket).await {
+            Ok(node) => match wait_out_ibd(&node, shutdown).await {
+                Ok(()) => return Some(Ok(node)),
+                Err(e) => debug!(error = %e, "lost the node during IBD"),
+            },
+            Err(e @ NodeError::UnsupportedVersion { .. }) => return Some(Err(e)),
+            Err(e) => {
+                if last_said.is_none_or(|t| t.elapsed() >= WAITING_LOG_EVERY) {
+                    warn!(error = %e, "waiting for the node");
+                    last_said = Some(Instant::now());
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Waits while the node is in initial block download, saying so once.
+async fn wait_out_ibd(node: &NodeClient, shutdown: &CancellationToken) -> Result<(), NodeError> {
+    let mut said = false;
+    while node.is_initial_block_download().await? {
+        if !said {
+            info!("the node is in initial block download; waiting for it to finish");
+            said = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+    Ok(())
+}
