@@ -44,6 +44,10 @@ ENV SV2TPD_DATADIR=/data \
 
 USER sv2-tpd
 VOLUME ["/data", "/bitcoin"]
+# `sv2-tpd status` asks the daemon on its metrics address and exits 1 unless the node is
+# connected and a current template exists (the same test as GET /health).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=2m --retries=3 \
+    CMD ["/usr/local/bin/sv2-tpd", "status"]
 # Stratum V2 (main, testnet4, signet, regtest) and metrics.
 EXPOSE 8442 48442 38442 18447 9842
 ENTRYPOINT ["/usr/local/bin/sv2-tpd"]

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::status::StatusBoard;
 use crate::sv2::{serve, session::ByteBudget, ServerConfig, ServerError};
 use crate::template::{self, EngineConfig, EngineError, EngineStatus};
 use crate::{keys, metrics_http};
@@ -57,6 +58,7 @@ impl Daemon {
         );
 
         let shutdown = CancellationToken::new();
+        let board = StatusBoard::new(config.chain.to_string(), config.ipc_socket.clone());
         let (engine, status, engine_task) = template::spawn(
             EngineConfig {
                 socket: config.ipc_socket.clone(),
@@ -78,9 +80,10 @@ impl Daemon {
                 let bound = listener.local_addr().unwrap_or(addr);
                 let status = status.clone();
                 let health: metrics_http::HealthCheck = Arc::new(move || status.healthy());
-                let task = tokio::spawn(metrics_http::serve(
+                let task = tokio::spawn(metrics_http::serve_with_status(
                     listener,
                     health,
+                    Some(board.clone()),
                     shutdown.clone().cancelled_owned(),
                 ));
                 (Some(bound), Some(task))
@@ -92,6 +95,7 @@ impl Daemon {
             cert_validity: config.cert_validity,
             handshake_timeout: config.handshake_timeout,
             max_clients: config.max_clients,
+            board,
             max_pending_handshakes: config.max_pending_handshakes,
             max_clients_per_ip: config.max_clients_per_ip,
             max_bad_messages: config.max_bad_messages,

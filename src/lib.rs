@@ -12,6 +12,8 @@ pub mod metrics_http;
 pub mod mock;
 pub mod node;
 pub mod ratelog;
+pub mod status;
+pub mod status_client;
 pub mod sv2;
 pub mod template;
 pub mod watch;

@@ -31,6 +31,19 @@ enum Command {
     },
     /// Connect to a Template Provider as a pool would and print every message it sends.
     Watch(WatchArgs),
+    /// Ask the running daemon (on its metrics address) how it is; exit 1 when unhealthy.
+    Status(StatusArgs),
+}
+
+/// `sv2-tpd status` options.
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// Print the status as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for the daemon's answer.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    timeout: u64,
 }
 
 /// `sv2-tpd watch` options.
@@ -100,6 +113,7 @@ fn main() -> ExitCode {
         Command::Config => Ok(()),
         Command::Keys { action } => keys_command(&config, action),
         Command::Watch(args) => block_on(watch_command(args)),
+        Command::Status(args) => return status_command(&config, args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -140,6 +154,46 @@ fn keys_command(config: &Config, action: KeysAction) -> anyhow::Result<()> {
     };
     println!("{}", keys.authority_pubkey_string());
     Ok(())
+}
+
+/// `sv2-tpd status`: prints the daemon's status; 0 healthy, 1 unhealthy or unreachable,
+/// 2 when the metrics endpoint is switched off.
+fn status_command(config: &Config, args: StatusArgs) -> ExitCode {
+    use sv2_tpd::status_client::{fetch, local_address};
+    let Some(bind) = config.metrics_bind else {
+        eprintln!("sv2-tpd: metrics_bind is off; `status` asks the daemon on that address");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let addr = local_address(bind);
+    let limit = std::time::Duration::from_secs(args.timeout);
+    let fetched = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::new)
+        .and_then(|rt| Ok(rt.block_on(fetch(addr, limit))?));
+    let status = match fetched {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("sv2-tpd: {e:#}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&status) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("sv2-tpd: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+    } else {
+        print!("{}", status.to_text());
+    }
+    if status.healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
+    }
 }
 
 /// `sv2-tpd watch`: prints what a Template Provider sends, on stdout.

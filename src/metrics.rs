@@ -1,7 +1,8 @@
 //! Prometheus metrics, one process-wide set under the `sv2_tpd_` prefix.
 //!
 //! Every room of the daemon records into [`metrics()`]; the HTTP listener renders
-//! [`Metrics::render`] at `/metrics`.
+//! [`Metrics::render`] at `/metrics`. The registry also carries the standard `process_*`
+//! series (on Linux) and `sv2_tpd_build_info`.
 
 use std::sync::LazyLock;
 
@@ -69,6 +70,8 @@ pub struct Metrics {
     pub blocks_found: IntCounter,
     /// From the node reporting a new tip to `SetNewPrevHash` being queued to clients.
     pub new_tip_to_prevhash_seconds: Histogram,
+    /// Always 1, labelled with this build's `version`.
+    pub build_info: IntGaugeVec,
 }
 
 /// The process-wide metrics.
@@ -210,9 +213,17 @@ impl Metrics {
                 ]),
             )
             .expect("metric"),
+            build_info: IntGaugeVec::new(
+                Opts::new(
+                    "sv2_tpd_build_info",
+                    "Always 1; the running sv2-tpd version",
+                ),
+                &["version"],
+            )
+            .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
             Box::new(m.solutions_unawaited.clone()),
             Box::new(m.limit_waits.clone()),
             Box::new(m.node_connected.clone()),
@@ -234,10 +245,22 @@ impl Metrics {
             Box::new(m.solutions.clone()),
             Box::new(m.blocks_found.clone()),
             Box::new(m.new_tip_to_prevhash_seconds.clone()),
+            Box::new(m.build_info.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("unique metric names");
         }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // The standard `process_*` series (memory, fds, CPU, start time), read from /proc
+        // at each scrape.
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric names");
         // Label values known up front, so every series exists from the first scrape.
         for reason in ["tip", "fees", "constraints"] {
             m.templates_created.with_label_values(&[reason]);

@@ -1,5 +1,6 @@
-//! The HTTP endpoint for monitoring: `GET /metrics` in Prometheus' text format and
-//! `GET /health` for load balancers and orchestrators.
+//! The HTTP endpoint for monitoring: `GET /metrics` in Prometheus' text format,
+//! `GET /health` for load balancers and orchestrators, and `GET /status` (JSON, what
+//! `sv2-tpd status` prints) when a status board is given.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::metrics::metrics;
+use crate::status::StatusBoard;
 
 /// Content type of Prometheus' text exposition format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -26,19 +28,42 @@ pub async fn serve(
     health: HealthCheck,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with_status(listener, health, None, shutdown).await
+}
+
+/// Like [`serve`], and with a `board` also `/status`: the board's snapshot as JSON, with
+/// 200 while healthy and 503 otherwise.
+pub async fn serve_with_status(
+    listener: tokio::net::TcpListener,
+    health: HealthCheck,
+    board: Option<Arc<StatusBoard>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "metrics endpoint listening");
     }
-    axum::serve(listener, router(health))
+    axum::serve(listener, router(Endpoint { health, board }))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-fn router(health: HealthCheck) -> Router {
-    Router::new()
+/// What the handlers read.
+#[derive(Clone)]
+struct Endpoint {
+    health: HealthCheck,
+    board: Option<Arc<StatusBoard>>,
+}
+
+fn router(endpoint: Endpoint) -> Router {
+    let router = Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/health", get(report_health))
-        .with_state(health)
+        .route("/health", get(report_health));
+    let router = if endpoint.board.is_some() {
+        router.route("/status", get(report_status))
+    } else {
+        router
+    };
+    router.with_state(endpoint)
 }
 
 async fn render_metrics() -> impl IntoResponse {
@@ -48,10 +73,26 @@ async fn render_metrics() -> impl IntoResponse {
     )
 }
 
-async fn report_health(State(health): State<HealthCheck>) -> impl IntoResponse {
-    if health() {
+async fn report_health(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    if (endpoint.health)() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "unhealthy")
+    }
+}
+
+async fn report_status(State(endpoint): State<Endpoint>) -> axum::response::Response {
+    let Some(board) = endpoint.board else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let status = board.snapshot((endpoint.health)());
+    let code = if status.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    match serde_json::to_string(&status) {
+        Ok(body) => (code, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs the Stratum Reference Implementation peers used by tests/interop_pool.rs:
+# Installs the Stratum Reference Implementation peers used by tests/interop_pool.rs and
+# tests/interop_jdc.rs:
 #   - pool_sv2 0.7.0 (the SRI pool, a Template Distribution client of sv2-tpd)
+#   - jd_client_sv2 0.6.0 (the SRI job-declaration client; solo mining on sv2-tpd templates)
 #   - mining_device from integration_tests_sv2 0.6.0 (the SRI CPU miner, an SV2 mining client)
 # into a cache outside the repository, and prints the directory holding the binaries.
 #
@@ -29,9 +31,10 @@ install_one() {
 }
 
 install_one pool_sv2 0.7.0 --bin pool_sv2
+install_one jd_client_sv2 0.6.0 --bin jd_client_sv2
 install_one integration_tests_sv2 0.6.0 --bin mining_device
 
-for bin in pool_sv2 mining_device; do
+for bin in pool_sv2 jd_client_sv2 mining_device; do
     if [ ! -x "$root/bin/$bin" ]; then
         echo "install-sri: $root/bin/$bin missing after install" >&2
         exit 1

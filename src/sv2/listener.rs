@@ -1,7 +1,7 @@
 //! Accepts TCP connections, admits them (see [`crate::sv2::admission`]), runs the Noise
 //! handshake, and starts one session task per client.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use stratum_core::noise_sv2::Responder;
 use tokio::{
@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use crate::{
     keys::ServerKeys,
     metrics::metrics,
+    status::StatusBoard,
     sv2::{
         admission::{Admission, AdmissionLimits, Refusal, Ticket},
         session::{self, ByteBudget, SessionLimits},
@@ -74,6 +75,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Set-up clients served at once; connections in their setup do not count.
     pub max_clients: usize,
+    /// Where sessions are listed for `/status`.
+    pub board: Arc<StatusBoard>,
     /// Connections in their setup at once; when full, the oldest is evicted for a newcomer.
     pub max_pending_handshakes: usize,
     /// Connections from one non-loopback IP address at once; 0 for no limit.
@@ -96,13 +99,14 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// Defaults for `bind`: certificates valid one hour, 10 s handshake timeout, 100 clients,
-    /// and the default admission limits.
+    /// the default admission limits and a status board of its own.
     pub fn new(bind: SocketAddr) -> Self {
         ServerConfig {
             bind,
             cert_validity: Duration::from_secs(3600),
             handshake_timeout: Duration::from_secs(10),
             max_clients: 100,
+            board: StatusBoard::new("unknown", "unknown"),
             max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
             max_clients_per_ip: 0,
             max_bad_messages: DEFAULT_MAX_BAD_MESSAGES,
@@ -273,6 +277,16 @@ impl Client {
             max_tx_data_requests: self.cfg.max_tx_data_requests_per_client,
             tx_data_bytes: self.cfg.tx_data_bytes.clone(),
         };
-        session::run(peer, reader, writer, self.engine, limits, self.ticket).await;
+        let entry = self.cfg.board.session_opened(peer);
+        session::run(
+            peer,
+            reader,
+            writer,
+            self.engine,
+            limits,
+            self.ticket,
+            entry,
+        )
+        .await;
     }
 }

@@ -49,6 +49,7 @@ pub use crate::sv2::protocol::PROTOCOL_VERSION;
 use crate::{
     metrics::metrics,
     ratelog::LogBudget,
+    status::{ClientConstraints, SessionEntry},
     sv2::{
         admission::{Refusal, Ticket},
         protocol::{self, Action, BadMessage, CloseReason, SetupInfo},
@@ -162,6 +163,7 @@ pub enum SessionError {
 /// Serves one client until it leaves, misbehaves, is evicted or the ticket's token fires.
 /// Connections that end before their setup is done are counted in the admission summary
 /// and logged at debug level only; set-up sessions log how they ended.
+/// `entry` is its line on the status board, removed when the session ends.
 pub async fn run(
     peer: SocketAddr,
     reader: FrameReader,
@@ -169,6 +171,7 @@ pub async fn run(
     engine: EngineHandle,
     limits: SessionLimits,
     ticket: Ticket,
+    entry: SessionEntry,
 ) {
     let span = tracing::info_span!("sv2_session", %peer);
     async move {
@@ -181,6 +184,7 @@ pub async fn run(
             writer,
             engine,
             events: None,
+            entry,
             ticket,
             constraints: None,
             deferred: None,
@@ -247,6 +251,7 @@ struct Session {
     /// One permit: the answer of this session that may hold transaction-data budget.
     tx_budget_turn: Arc<Semaphore>,
     bad_log: LogBudget,
+    entry: SessionEntry,
 }
 
 /// What the main loop woke up for.
@@ -436,6 +441,10 @@ impl Session {
             .await
             .map_err(|_| SessionError::EngineGone)?;
         self.events = Some(events);
+        self.entry.set_constraints(ClientConstraints {
+            max_additional_size: constraints.max_additional_size,
+            max_additional_sigops: constraints.max_additional_sigops,
+        });
         Ok(())
     }
 

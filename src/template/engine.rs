@@ -156,6 +156,7 @@ impl Engine {
         m.node_connects.inc();
         m.node_info.reset();
         m.node_info.with_label_values(&[line]).set(1);
+        crate::status::node_facts().connected(line);
         self.status.node_connected.store(true, Ordering::Relaxed);
         self.current_node.send_replace(Some(node));
         // After a reconnect the first templates stand for the node's (possibly new) tip.
@@ -185,6 +186,7 @@ impl Engine {
         // down as their handles drop (the IPC thread releases each one once), and zeroing
         // first would drive the gauge negative.
         metrics().node_connected.set(0);
+        crate::status::node_facts().lost();
     }
 
     /// Starts a group for `constraints` on the live connection unless one runs.
@@ -279,6 +281,7 @@ impl Engine {
             .inc();
         self.groups.set_current(constraints, id);
         self.status.has_template.store(true, Ordering::Relaxed);
+        crate::status::node_facts().template_made(prev_hash, tip_height);
         self.fanout
             .publish(constraints, &new_tmpl, future.then_some(&snph));
         if future {

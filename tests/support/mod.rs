@@ -6,6 +6,7 @@
 
 pub mod bitcoin_node;
 pub mod daemon_proc;
+pub mod deploy_check;
 pub mod grind;
 pub mod op_true;
 pub mod sri;

@@ -1,6 +1,7 @@
 //! Real peers for interoperability tests: `sv2-tpd run` itself, the Stratum Reference
-//! Implementation pool (`pool_sv2`) and its CPU miner (`mining_device`), each run as a
-//! child process that is killed when its handle is dropped.
+//! Implementation pool (`pool_sv2`), its job-declaration client (`jd_client_sv2`) and its
+//! CPU miner (`mining_device`), each run as a child process that is killed when its handle
+//! is dropped.
 //!
 //! The SRI binaries come from `tests/install-sri.sh` (or `SRI_BIN_DIR`). Outside CI their
 //! absence skips the tests that need them; under CI it is an error.
@@ -29,9 +30,13 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Lines of each log quoted in diagnostics.
 const LOG_TAIL_LINES: usize = 40;
-/// The line pool_sv2 0.7 logs once it has a template and prevhash from its Template
-/// Provider and accepts miners.
+/// The line pool_sv2 0.7 (and jd_client_sv2 0.6) logs once it has a template and prevhash
+/// from its Template Provider and accepts miners.
 const POOL_READY_LINE: &str = "Required template data received, ready to accept connections";
+
+/// The line jd_client_sv2 0.6 logs once it has its Template Provider and runs without
+/// upstreams.
+const JDC_SOLO_LINE: &str = "Starting in solo mining mode";
 
 /// Where the SRI binaries are: `SRI_BIN_DIR`, else the cache `tests/install-sri.sh` fills.
 ///
@@ -39,6 +44,11 @@ const POOL_READY_LINE: &str = "Required template data received, ready to accept 
 /// CI; under CI (env `CI` set) a missing binary panics, so the interop test never skips
 /// there.
 pub fn sri_bin_dir(test: &str) -> Option<PathBuf> {
+    sri_bin_dir_with(test, &["pool_sv2", "mining_device"])
+}
+
+/// Like [`sri_bin_dir`], for the binaries in `needed`.
+pub fn sri_bin_dir_with(test: &str, needed: &[&str]) -> Option<PathBuf> {
     let dir = match std::env::var_os("SRI_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {
@@ -49,8 +59,9 @@ pub fn sri_bin_dir(test: &str) -> Option<PathBuf> {
             cache.join("sri/bin")
         }
     };
-    let missing: Vec<&str> = ["pool_sv2", "mining_device"]
-        .into_iter()
+    let missing: Vec<&str> = needed
+        .iter()
+        .copied()
         .filter(|bin| !dir.join(bin).is_file())
         .collect();
     if missing.is_empty() {
@@ -406,16 +417,92 @@ impl MiningDevice {
     /// Starts `mining_device` from `bin_dir` against `pool`, verifying its certificate,
     /// with one hashing thread (the machine is shared).
     pub fn start(bin_dir: &Path, workdir: &Path, pool: &Pool) -> anyhow::Result<Self> {
+        Self::start_at(bin_dir, workdir, pool.listen, pool.authority)
+    }
+
+    /// Starts `mining_device` against any SV2 mining server at `upstream` whose
+    /// certificates are signed by `authority` (a pool, or a JDC).
+    pub fn start_at(
+        bin_dir: &Path,
+        workdir: &Path,
+        upstream: SocketAddr,
+        authority: Secp256k1PublicKey,
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new(bin_dir.join("mining_device"));
         command
-            .args(["--address-pool", &pool.listen.to_string()])
-            .args(["--pubkey-pool", &pool.authority.to_string()])
+            .args(["--address-pool", &upstream.to_string()])
+            .args(["--pubkey-pool", &authority.to_string()])
             .args(["--id-device", "sv2-tpd-interop"])
             .args(["--cores", "1"])
             .env("RUST_LOG", "info");
         let process =
             ChildProcess::spawn("mining_device", command, workdir.join("mining_device.log"))?;
         Ok(Self { process })
+    }
+}
+
+/// SRI's `jd_client_sv2` 0.6, started with a configuration given whole (the test takes
+/// it from README.md).
+pub struct Jdc {
+    /// The JDC process.
+    pub process: ChildProcess,
+    /// Where miners connect.
+    pub listen: SocketAddr,
+}
+
+impl Jdc {
+    /// Writes `config` into `workdir`, starts `jd_client_sv2` from `bin_dir`, and waits
+    /// until it runs in solo mode with a template, accepting miners on `listen` (the
+    /// config's `listening_address`).
+    pub fn start(
+        bin_dir: &Path,
+        workdir: &Path,
+        config: &str,
+        listen: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let config_path = workdir.join("jdc.toml");
+        fs::write(&config_path, config)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let mut command = Command::new(bin_dir.join("jd_client_sv2"));
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .current_dir(workdir);
+        // jd_client_sv2 lets JDC__* variables override its file; none may leak in.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("JDC__") {
+                command.env_remove(key);
+            }
+        }
+        let mut process = ChildProcess::spawn("jd_client_sv2", command, workdir.join("jdc.log"))?;
+        process.wait_until("solo mining mode", |jdc| {
+            jdc.log_text().contains(JDC_SOLO_LINE)
+        })?;
+        // The same line as the pool's: its listener is bound and it has a template.
+        process.wait_until("first template from the Template Provider", |jdc| {
+            jdc.log_text().contains(POOL_READY_LINE)
+        })?;
+        Ok(Self { process, listen })
+    }
+
+    /// Log lines in which the JDC reports trouble: every error, and warnings of its
+    /// template receiver.
+    pub fn problems(&self) -> Vec<String> {
+        self.process
+            .log_text()
+            .lines()
+            .filter(|line| {
+                line.contains(" ERROR ")
+                    || (line.contains(" WARN ") && line.contains("template_receiver"))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// How many times the JDC logged that a share was a block.
+    pub fn blocks_found(&self) -> usize {
+        self.process.log_text().matches("Block Found").count()
     }
 }
 

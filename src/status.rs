@@ -1,0 +1,414 @@
+//! The daemon's status as `GET /status` serves it and `sv2-tpd status` prints it.
+//!
+//! Two sources feed it:
+//! - [`StatusBoard`], one per daemon: its chain and node socket, and the SV2 sessions,
+//!   which the server registers on connect and which unregister themselves when dropped;
+//! - [`node_facts()`], process-wide like [`crate::metrics::metrics()`]: what the template
+//!   engine last saw of the node (connected or since when not, interface line, tip, newest
+//!   template). The engine reports to it with one-line calls.
+//!
+//! [`StatusBoard::snapshot`] joins both, plus counters from the metrics, into a
+//! serializable [`Status`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bitcoin::BlockHash;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::metrics;
+
+/// Everything `/status` reports, at one moment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's version.
+    pub version: String,
+    /// True while the node is connected and a current template exists (as `/health`).
+    pub healthy: bool,
+    /// Seconds since the daemon started.
+    pub uptime_seconds: f64,
+    /// The chain served (`main`, `testnet4`, `signet`, `regtest`).
+    pub chain: String,
+    /// The node as the engine sees it.
+    pub node: NodeStatus,
+    /// The chain tip of the newest template, once there is one.
+    pub tip: Option<TipStatus>,
+    /// Seconds since the newest template was made, once there is one.
+    pub newest_template_age_seconds: Option<f64>,
+    /// Templates the node keeps alive for us.
+    pub templates_held: i64,
+    /// SV2 clients past the Noise handshake, oldest first.
+    pub clients: Vec<ClientStatus>,
+    /// Solutions the node accepted as blocks.
+    pub blocks_found: u64,
+    /// Solutions the node rejected.
+    pub solutions_rejected: u64,
+    /// Solutions that never reached the node (unknown template, node unavailable).
+    pub solutions_undelivered: u64,
+}
+
+/// The node connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's IPC socket.
+    pub socket: PathBuf,
+    /// Whether the IPC connection is up.
+    pub connected: bool,
+    /// The node's interface line (`v31.0`, `v31.99`, `v32`), once it was connected.
+    pub interface: Option<String>,
+    /// Unix time (seconds) since which `connected` holds: the last connect or loss, or
+    /// the daemon's start if the node was never reached.
+    pub since_unix: u64,
+    /// Seconds since `since_unix`.
+    pub since_seconds: f64,
+    /// Whether the node has been connected at least once.
+    pub ever_connected: bool,
+}
+
+/// A chain tip.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TipStatus {
+    /// Its height.
+    pub height: u32,
+    /// Its hash, in the usual display byte order (as `bitcoin-cli getbestblockhash`).
+    pub hash: String,
+}
+
+/// One SV2 client session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientStatus {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Its `CoinbaseOutputConstraints`, once sent.
+    pub constraints: Option<ClientConstraints>,
+    /// Seconds since its Noise handshake completed.
+    pub connected_seconds: f64,
+}
+
+/// A client's `CoinbaseOutputConstraints`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientConstraints {
+    /// Bytes its coinbase outputs add.
+    pub max_additional_size: u32,
+    /// Signature operations they add.
+    pub max_additional_sigops: u16,
+}
+
+/// Locks `mutex`, taking over a poisoned lock (the data is plain facts, still usable).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn unix_seconds(at: Instant) -> u64 {
+    let wall = SystemTime::now()
+        .checked_sub(at.elapsed())
+        .unwrap_or(UNIX_EPOCH);
+    wall.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What the template engine last saw of the node.
+#[derive(Debug)]
+pub struct NodeFacts {
+    state: Mutex<NodeState>,
+}
+
+#[derive(Debug)]
+struct NodeState {
+    connected: bool,
+    ever_connected: bool,
+    interface: Option<String>,
+    since: Instant,
+    tip: Option<(BlockHash, u32)>,
+    newest_template: Option<Instant>,
+}
+
+/// The process-wide node facts the engine reports to.
+pub fn node_facts() -> &'static NodeFacts {
+    static FACTS: LazyLock<NodeFacts> = LazyLock::new(|| NodeFacts {
+        state: Mutex::new(NodeState {
+            connected: false,
+            ever_connected: false,
+            interface: None,
+            since: Instant::now(),
+            tip: None,
+            newest_template: None,
+        }),
+    });
+    &FACTS
+}
+
+impl NodeFacts {
+    /// The node is connected and speaks interface `line`.
+    pub fn connected(&self, line: &str) {
+        let mut s = lock(&self.state);
+        s.connected = true;
+        s.ever_connected = true;
+        s.interface = Some(line.to_string());
+        s.since = Instant::now();
+    }
+
+    /// The connection to the node was lost.
+    pub fn lost(&self) {
+        let mut s = lock(&self.state);
+        if s.connected {
+            s.connected = false;
+            s.since = Instant::now();
+        }
+    }
+
+    /// A template was made on tip `prev_hash` at `tip_height`.
+    pub fn template_made(&self, prev_hash: BlockHash, tip_height: u32) {
+        let mut s = lock(&self.state);
+        s.tip = Some((prev_hash, tip_height));
+        s.newest_template = Some(Instant::now());
+    }
+}
+
+/// One daemon's status: what it serves and its SV2 sessions.
+#[derive(Debug)]
+pub struct StatusBoard {
+    chain: String,
+    socket: PathBuf,
+    started: Instant,
+    sessions: Mutex<Sessions>,
+}
+
+#[derive(Debug, Default)]
+struct Sessions {
+    next_id: u64,
+    open: BTreeMap<u64, Session>,
+}
+
+#[derive(Debug)]
+struct Session {
+    peer: SocketAddr,
+    constraints: Option<ClientConstraints>,
+    connected: Instant,
+}
+
+impl StatusBoard {
+    /// A board for a daemon serving `chain` from the node at `socket`.
+    pub fn new(chain: impl Into<String>, socket: impl Into<PathBuf>) -> Arc<Self> {
+        Arc::new(StatusBoard {
+            chain: chain.into(),
+            socket: socket.into(),
+            started: Instant::now(),
+            sessions: Mutex::new(Sessions::default()),
+        })
+    }
+
+    /// Registers a session with `peer`; it is listed until the returned entry is dropped.
+    pub fn session_opened(self: &Arc<Self>, peer: SocketAddr) -> SessionEntry {
+        let mut sessions = lock(&self.sessions);
+        let id = sessions.next_id;
+        sessions.next_id += 1;
+        sessions.open.insert(
+            id,
+            Session {
+                peer,
+                constraints: None,
+                connected: Instant::now(),
+            },
+        );
+        SessionEntry {
+            board: self.clone(),
+            id,
+        }
+    }
+
+    /// The status now; `healthy` is the daemon's health check.
+    pub fn snapshot(&self, healthy: bool) -> Status {
+        let clients = lock(&self.sessions)
+            .open
+            .values()
+            .map(|s| ClientStatus {
+                peer: s.peer,
+                constraints: s.constraints,
+                connected_seconds: s.connected.elapsed().as_secs_f64(),
+            })
+            .collect();
+        let node = lock(&node_facts().state);
+        // Before this daemon's engine reported anything, "since" is its start.
+        let since = if node.ever_connected {
+            node.since
+        } else {
+            self.started
+        };
+        let m = metrics();
+        let solutions = |result: &str| m.solutions.with_label_values(&[result]).get();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            healthy,
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            chain: self.chain.clone(),
+            node: NodeStatus {
+                socket: self.socket.clone(),
+                connected: node.connected,
+                interface: node.interface.clone(),
+                since_unix: unix_seconds(since),
+                since_seconds: since.elapsed().as_secs_f64(),
+                ever_connected: node.ever_connected,
+            },
+            tip: node.tip.map(|(hash, height)| TipStatus {
+                height,
+                hash: hash.to_string(),
+            }),
+            newest_template_age_seconds: node.newest_template.map(|at| at.elapsed().as_secs_f64()),
+            templates_held: m.templates_held.get(),
+            clients,
+            blocks_found: m.blocks_found.get(),
+            solutions_rejected: solutions("rejected"),
+            solutions_undelivered: solutions("unknown-template") + solutions("node-unavailable"),
+        }
+    }
+}
+
+/// A session's line on the [`StatusBoard`]; removed when dropped.
+#[derive(Debug)]
+pub struct SessionEntry {
+    board: Arc<StatusBoard>,
+    id: u64,
+}
+
+impl SessionEntry {
+    /// Records the client's `CoinbaseOutputConstraints`.
+    pub fn set_constraints(&self, constraints: ClientConstraints) {
+        if let Some(session) = lock(&self.board.sessions).open.get_mut(&self.id) {
+            session.constraints = Some(constraints);
+        }
+    }
+}
+
+impl Drop for SessionEntry {
+    fn drop(&mut self) {
+        lock(&self.board.sessions).open.remove(&self.id);
+    }
+}
+
+/// Formats `seconds` as `3d 4h`, `2h 5m`, `4m 2s` or `7.3s`.
+pub fn human_duration(seconds: f64) -> String {
+    let d = Duration::from_secs_f64(seconds.max(0.0));
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{:.1}s", d.as_secs_f64()),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+impl Status {
+    /// The status as aligned `name: value` lines, for a terminal.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let mut line = |name: &str, value: String| {
+            out.push_str(&format!("{:<23}{value}\n", format!("{name}:")));
+        };
+        line(
+            "status",
+            if self.healthy { "healthy" } else { "UNHEALTHY" }.to_string(),
+        );
+        line(
+            "version",
+            format!(
+                "{} (up {})",
+                self.version,
+                human_duration(self.uptime_seconds)
+            ),
+        );
+        line("chain", self.chain.clone());
+        line("node socket", self.node.socket.display().to_string());
+        line(
+            "node interface",
+            self.node.interface.clone().unwrap_or_else(|| "-".into()),
+        );
+        let ago = human_duration(self.node.since_seconds);
+        let node = match (self.node.connected, self.node.ever_connected) {
+            (true, _) => format!("connected for {ago}"),
+            (false, true) => format!("DISCONNECTED for {ago}"),
+            (false, false) => format!("not connected yet (waiting {ago})"),
+        };
+        line("node", node);
+        line(
+            "tip",
+            match &self.tip {
+                Some(tip) => format!("{} {}", tip.height, tip.hash),
+                None => "-".into(),
+            },
+        );
+        line(
+            "newest template",
+            match self.newest_template_age_seconds {
+                Some(age) => format!("{} old", human_duration(age)),
+                None => "none yet".into(),
+            },
+        );
+        line("templates held", self.templates_held.to_string());
+        line("blocks found", self.blocks_found.to_string());
+        line("solutions rejected", self.solutions_rejected.to_string());
+        line(
+            "solutions undelivered",
+            self.solutions_undelivered.to_string(),
+        );
+        line("clients", self.clients.len().to_string());
+        for client in &self.clients {
+            let constraints = match client.constraints {
+                Some(c) => format!(
+                    "constraints {} B / {} sigops",
+                    c.max_additional_size, c.max_additional_sigops
+                ),
+                None => "no constraints yet".into(),
+            };
+            out.push_str(&format!(
+                "  {:<22} {constraints}, connected {}\n",
+                client.peer.to_string(),
+                human_duration(client.connected_seconds)
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_come_and_go_with_their_entries() {
+        let board = StatusBoard::new("regtest", "/tmp/node.sock");
+        let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let entry = board.session_opened(peer);
+        entry.set_constraints(ClientConstraints {
+            max_additional_size: 100,
+            max_additional_sigops: 4,
+        });
+        let status = board.snapshot(false);
+        assert_eq!(status.clients.len(), 1);
+        assert_eq!(status.clients[0].peer, peer);
+        assert_eq!(
+            status.clients[0].constraints,
+            Some(ClientConstraints {
+                max_additional_size: 100,
+                max_additional_sigops: 4
+            })
+        );
+        assert!(status.to_text().contains("127.0.0.1:4000"));
+        drop(entry);
+        assert!(board.snapshot(false).clients.is_empty());
+    }
+
+    #[test]
+    fn durations_read_like_a_person_would_write_them() {
+        assert_eq!(human_duration(7.04), "7.0s");
+        assert_eq!(human_duration(242.0), "4m 2s");
+        assert_eq!(human_duration(7500.0), "2h 5m");
+        assert_eq!(human_duration(360_000.0), "4d 4h");
+    }
+}

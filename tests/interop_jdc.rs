@@ -1,0 +1,208 @@
+//! Solo mining with SRI's job-declaration client: `jd_client_sv2` 0.6 in `SOLOMINING`
+//! mode takes its templates from `sv2-tpd run` on a real regtest `bitcoin-node`, and SRI's
+//! CPU miner (`mining_device`) mines through the JDC. Blocks must reach the node through
+//! sv2-tpd's submission, each paying the JDC's `coinbase_reward_script`.
+//!
+//! The JDC's configuration is the one in README.md ("Solo mining with SRI's JDC"), read
+//! from there; only the ports and sv2-tpd's key are filled in.
+//!
+//! Skips with a `skipped:` notice outside CI when the node or the SRI binaries are missing
+//! (see `tests/build-bitcoin-node.sh` and `tests/install-sri.sh`).
+
+mod support;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use bitcoin::{Address, Network, ScriptBuf};
+use support::sri::{free_local_port, sri_bin_dir_with, Jdc, MiningDevice, Sv2Tpd};
+use support::BitcoinNode;
+
+/// Blocks the miner must get into the chain through the JDC.
+const BLOCKS_TO_MINE: u64 = 5;
+/// Only to avoid hanging when mining stalls; nothing is timed.
+const MINING_PATIENCE: Duration = Duration::from_secs(240);
+/// The README section holding the tested configuration.
+const README_SECTION: &str = "## Solo mining with SRI's JDC";
+
+/// The first ```toml block of the README's JDC section.
+fn readme_jdc_config() -> anyhow::Result<String> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .context("reading README.md")?;
+    let section = readme
+        .split_once(README_SECTION)
+        .with_context(|| format!("README.md has no {README_SECTION:?}"))?
+        .1;
+    let block = section
+        .split_once("```toml\n")
+        .context("the JDC section has no ```toml block")?
+        .1;
+    let (toml, _) = block
+        .split_once("```")
+        .context("the JDC section's toml block does not end")?;
+    Ok(toml.to_string())
+}
+
+/// Replaces the value of the one line that starts with `key = `.
+fn set_value(config: &str, key: &str, value: &str) -> anyhow::Result<String> {
+    let prefix = format!("{key} = ");
+    let matching = config.lines().filter(|l| l.starts_with(&prefix)).count();
+    ensure!(
+        matching == 1,
+        "{matching} lines set {key} in the README's config"
+    );
+    Ok(config
+        .lines()
+        .map(|line| {
+            if line.starts_with(&prefix) {
+                format!("{prefix}\"{value}\"")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n")
+}
+
+/// The quoted value of the one line that starts with `key = `.
+fn value<'a>(config: &'a str, key: &str) -> anyhow::Result<&'a str> {
+    let prefix = format!("{key} = \"");
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.strip_suffix('"'))
+        .with_context(|| format!("no {key} in the README's config"))
+}
+
+/// The script of an `addr(<address>)` descriptor, for regtest.
+fn descriptor_script(descriptor: &str) -> anyhow::Result<ScriptBuf> {
+    let address = descriptor
+        .strip_prefix("addr(")
+        .and_then(|rest| rest.strip_suffix(')'))
+        .with_context(|| format!("{descriptor:?} is not addr(...)"))?;
+    let address = Address::from_str(address)
+        .with_context(|| format!("parsing {address}"))?
+        .require_network(Network::Regtest)
+        .with_context(|| format!("{address} is not a regtest address"))?;
+    Ok(address.script_pubkey())
+}
+
+#[test]
+fn the_readme_config_reads_back() -> anyhow::Result<()> {
+    let config = readme_jdc_config()?;
+    assert_eq!(value(&config, "mode")?, "SOLOMINING");
+    assert_eq!(
+        value(&config, "public_key")?,
+        "<output of sv2-tpd keys show>"
+    );
+    let script = descriptor_script(value(&config, "coinbase_reward_script")?)?;
+    assert!(script.is_p2wpkh(), "{script}");
+    let _: key_utils::Secp256k1PublicKey = value(&config, "authority_public_key")?
+        .parse()
+        .map_err(|e| anyhow::anyhow!("authority_public_key: {e:?}"))?;
+    Ok(())
+}
+
+#[test]
+fn jdc_solo_mines_blocks_on_sv2_tpd_templates() -> anyhow::Result<()> {
+    let test = "jdc_solo_mines_blocks_on_sv2_tpd_templates";
+    let Some(bin_dir) = sri_bin_dir_with(test, &["jd_client_sv2", "mining_device"]) else {
+        return Ok(());
+    };
+    let Some(node) = BitcoinNode::start_if_available(test)? else {
+        return Ok(());
+    };
+    node.fund_op_true()?;
+    let mut tpd = Sv2Tpd::start(&node)?;
+
+    let readme = readme_jdc_config()?;
+    let payout = descriptor_script(value(&readme, "coinbase_reward_script")?)?;
+    let jdc_authority: key_utils::Secp256k1PublicKey = value(&readme, "authority_public_key")?
+        .parse()
+        .map_err(|e| anyhow::anyhow!("authority_public_key: {e:?}"))?;
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_local_port()?));
+    let config = set_value(&readme, "listening_address", &listen.to_string())?;
+    let config = set_value(&config, "address", &tpd.addr.to_string())?;
+    let config = set_value(&config, "public_key", &tpd.authority.to_string())?;
+
+    let workdir = tempfile::tempdir().context("creating the JDC's directory")?;
+    let mut jdc = Jdc::start(&bin_dir, workdir.path(), &config, listen)?;
+    let start_height = node.block_count()?;
+    let mut miner = MiningDevice::start_at(&bin_dir, workdir.path(), listen, jdc_authority)?;
+
+    let started = Instant::now();
+    let mut height = start_height;
+    while height < start_height + BLOCKS_TO_MINE {
+        let mut stopped = None;
+        for process in [&mut tpd.process, &mut jdc.process, &mut miner.process] {
+            if let Err(e) = process.ensure_running() {
+                stopped = Some(format!("{e:#}"));
+            }
+        }
+        let diagnostics = || {
+            format!(
+                "{}\n{}\n{}\n--- bitcoin-node: {} ---",
+                tpd.process.log_tail(),
+                jdc.process.log_tail(),
+                miner.process.log_tail(),
+                node.debug_log_path().display()
+            )
+        };
+        if let Some(stopped) = stopped {
+            bail!("{stopped}\n{}", diagnostics());
+        }
+        if started.elapsed() > MINING_PATIENCE {
+            bail!(
+                "only {} of {BLOCKS_TO_MINE} blocks mined through the JDC after \
+                 {MINING_PATIENCE:?}\n{}",
+                height - start_height,
+                diagnostics()
+            );
+        }
+        thread::sleep(Duration::from_millis(500));
+        height = node.block_count()?;
+    }
+    eprintln!(
+        "{} blocks mined solo through sv2-tpd by jd_client_sv2 + mining_device in {:?} \
+         (JDC logged {} found)",
+        height - start_height,
+        started.elapsed(),
+        jdc.blocks_found()
+    );
+
+    let tpd_log = tpd.process.log_text();
+    for h in start_height + 1..=height {
+        let hash = node.block_hash(h)?;
+        // The JDC has no other way to the node: sv2-tpd submitted every block.
+        assert!(
+            tpd_log
+                .lines()
+                .any(|l| l.contains("block accepted by the node") && l.contains(&hash.to_string())),
+            "sv2-tpd did not log block {h} ({hash}) as accepted\n{}",
+            tpd.process.log_tail()
+        );
+        let block = node.get_block(&hash)?;
+        let coinbase = block
+            .txdata
+            .first()
+            .with_context(|| format!("block {h} has no transactions"))?;
+        assert!(
+            coinbase
+                .output
+                .iter()
+                .any(|out| out.script_pubkey == payout && out.value.to_sat() > 0),
+            "block {h} does not pay the JDC's coinbase_reward_script {payout}: {:?}",
+            coinbase.output
+        );
+    }
+    let problems = jdc.problems();
+    assert!(
+        problems.is_empty(),
+        "the JDC reported problems:\n{}",
+        problems.join("\n")
+    );
+    Ok(())
+}

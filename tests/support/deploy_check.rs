@@ -1,0 +1,138 @@
+//! Cross-checks the deploy files against what the daemon exports: every metric named in
+//! the Prometheus alert rules or the Grafana dashboard must be a family on `/metrics`.
+//!
+//! Only names in the daemon's namespaces are checked (`sv2_tpd_*` and the standard
+//! `process_*`); `up` and other series Prometheus makes itself are not ours to export.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+
+/// Prefixes of the metric names the daemon is responsible for.
+const OUR_PREFIXES: [&str; 2] = ["sv2_tpd_", "process_"];
+
+/// Series suffixes Prometheus derives from a histogram's (or summary's) family name.
+const DERIVED_SUFFIXES: [&str; 3] = ["_bucket", "_sum", "_count"];
+
+/// The repository's `deploy/` directory.
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+/// One metric name found in a deploy file, with where it was found.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MetricUse {
+    /// The name as written (a histogram may appear as `<family>_bucket`).
+    pub name: String,
+    /// The file and the expression it appeared in.
+    pub place: String,
+}
+
+/// Metric names in one PromQL expression: identifiers with one of our prefixes, outside
+/// quoted label values.
+pub fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut current = String::new();
+    let mut quote: Option<char> = None;
+    let mut flush = |current: &mut String| {
+        if OUR_PREFIXES.iter().any(|p| current.starts_with(p)) {
+            names.insert(current.clone());
+        }
+        current.clear();
+    };
+    for c in expr.chars() {
+        match quote {
+            Some(q) => {
+                if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '"' || c == '\'' || c == '`' => {
+                flush(&mut current);
+                quote = Some(c);
+            }
+            None if c.is_ascii_alphanumeric() || c == '_' || c == ':' => current.push(c),
+            None => flush(&mut current),
+        }
+    }
+    flush(&mut current);
+    names
+}
+
+/// Metric names in a Prometheus rules file: the value of every `expr:` line. Block
+/// scalars (`expr: |`) are refused rather than half-read.
+pub fn rule_file_metrics(file: &str, text: &str) -> Result<Vec<MetricUse>, String> {
+    let mut uses = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let Some(expr) = line.trim_start().strip_prefix("expr:") else {
+            continue;
+        };
+        let expr = expr.trim();
+        if expr.starts_with('|') || expr.starts_with('>') {
+            return Err(format!(
+                "{file}:{}: multi-line expr is not supported by this check",
+                number + 1
+            ));
+        }
+        for name in metric_names(expr) {
+            uses.push(MetricUse {
+                name,
+                place: format!("{file}:{}: {expr}", number + 1),
+            });
+        }
+    }
+    Ok(uses)
+}
+
+/// Metric names in a Grafana dashboard: every `expr`, `query` and `definition` string
+/// (panel targets and template variables).
+pub fn dashboard_metrics(file: &str, dashboard: &Json) -> Vec<MetricUse> {
+    fn walk(file: &str, value: &Json, uses: &mut Vec<MetricUse>) {
+        match value {
+            Json::Object(map) => {
+                for (key, v) in map {
+                    match (key.as_str(), v) {
+                        ("expr" | "query" | "definition", Json::String(expr)) => {
+                            for name in metric_names(expr) {
+                                uses.push(MetricUse {
+                                    name,
+                                    place: format!("{file}: {expr}"),
+                                });
+                            }
+                        }
+                        _ => walk(file, v, uses),
+                    }
+                }
+            }
+            Json::Array(items) => items.iter().for_each(|v| walk(file, v, uses)),
+            _ => {}
+        }
+    }
+    let mut uses = Vec::new();
+    walk(file, dashboard, &mut uses);
+    uses
+}
+
+/// The uses whose metric is not among `exported` families (a histogram's `_bucket`,
+/// `_sum` and `_count` series count as its family).
+pub fn missing<'a>(uses: &'a [MetricUse], exported: &BTreeSet<String>) -> Vec<&'a MetricUse> {
+    uses.iter()
+        .filter(|u| {
+            !exported.contains(&u.name)
+                && !DERIVED_SUFFIXES.iter().any(|suffix| {
+                    u.name
+                        .strip_suffix(suffix)
+                        .is_some_and(|family| exported.contains(family))
+                })
+        })
+        .collect()
+}
+
+/// Whether the dashboard declares a template variable of type `datasource` (so it can
+/// be imported into any Grafana, whatever its Prometheus data source is called).
+pub fn has_datasource_variable(dashboard: &Json) -> bool {
+    dashboard["templating"]["list"]
+        .as_array()
+        .is_some_and(|list| list.iter().any(|v| v["type"] == "datasource"))
+}
