@@ -13,12 +13,11 @@ mod support;
 
 use std::path::Path;
 use std::str::FromStr;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _};
+use anyhow::{ensure, Context as _};
 use bitcoin::{Address, Network, ScriptBuf};
-use support::sri::{free_local_port, sri_bin_dir_with, Jdc, MiningDevice, Sv2Tpd};
+use support::sri::{free_local_port, mine_through, sri_bin_dir_with, Jdc, MiningDevice, Sv2Tpd};
 use support::BitcoinNode;
 
 /// Blocks the miner must get into the chain through the JDC.
@@ -134,37 +133,15 @@ fn jdc_solo_mines_blocks_on_sv2_tpd_templates() -> anyhow::Result<()> {
     let mut miner = MiningDevice::start_at(&bin_dir, workdir.path(), listen, jdc_authority)?;
 
     let started = Instant::now();
-    let mut height = start_height;
-    while height < start_height + BLOCKS_TO_MINE {
-        let mut stopped = None;
-        for process in [&mut tpd.process, &mut jdc.process, &mut miner.process] {
-            if let Err(e) = process.ensure_running() {
-                stopped = Some(format!("{e:#}"));
-            }
-        }
-        let diagnostics = || {
-            format!(
-                "{}\n{}\n{}\n--- bitcoin-node: {} ---",
-                tpd.process.log_tail(),
-                jdc.process.log_tail(),
-                miner.process.log_tail(),
-                node.debug_log_path().display()
-            )
-        };
-        if let Some(stopped) = stopped {
-            bail!("{stopped}\n{}", diagnostics());
-        }
-        if started.elapsed() > MINING_PATIENCE {
-            bail!(
-                "only {} of {BLOCKS_TO_MINE} blocks mined through the JDC after \
-                 {MINING_PATIENCE:?}\n{}",
-                height - start_height,
-                diagnostics()
-            );
-        }
-        thread::sleep(Duration::from_millis(500));
-        height = node.block_count()?;
-    }
+    mine_through(
+        &node,
+        &mut [&mut tpd.process, &mut jdc.process, &mut miner.process],
+        start_height,
+        BLOCKS_TO_MINE,
+        MINING_PATIENCE,
+        "the JDC",
+    )?;
+    let height = node.block_count()?;
     eprintln!(
         "{} blocks mined solo through sv2-tpd by jd_client_sv2 + mining_device in {:?} \
          (JDC logged {} found)",

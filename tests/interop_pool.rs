@@ -15,7 +15,6 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -26,7 +25,7 @@ use stratum_core::{
     binary_sv2::{B0255Owned, B064KOwned, Seq0255Owned, U256Owned},
     template_distribution_sv2::{NewTemplateOwned, SetNewPrevHashOwned},
 };
-use support::sri::{sri_bin_dir, MiningDevice, Pool, PoolSettings, Sv2Tpd};
+use support::sri::{mine_through, sri_bin_dir, MiningDevice, Pool, PoolSettings, Sv2Tpd};
 use support::BitcoinNode;
 use sv2_tpd::{
     keys::ServerKeys,
@@ -85,37 +84,15 @@ fn sri_pool_and_cpu_miner_mine_blocks_through_sv2_tpd() -> anyhow::Result<()> {
     let mut miner = MiningDevice::start(&bin_dir, workdir.path(), &pool)?;
 
     let started = Instant::now();
-    let mut height = start_height;
-    while height < start_height + BLOCKS_TO_MINE {
-        let mut stopped = None;
-        for process in [&mut tpd.process, &mut pool.process, &mut miner.process] {
-            if let Err(e) = process.ensure_running() {
-                stopped = Some(format!("{e:#}"));
-            }
-        }
-        let diagnostics = || {
-            format!(
-                "{}\n{}\n{}\n--- bitcoin-node: {} ---",
-                tpd.process.log_tail(),
-                pool.process.log_tail(),
-                miner.process.log_tail(),
-                node.debug_log_path().display()
-            )
-        };
-        if let Some(stopped) = stopped {
-            bail!("{stopped}\n{}", diagnostics());
-        }
-        if started.elapsed() > MINING_PATIENCE {
-            bail!(
-                "only {} of {BLOCKS_TO_MINE} blocks mined through the pool after \
-                 {MINING_PATIENCE:?}\n{}",
-                height - start_height,
-                diagnostics()
-            );
-        }
-        thread::sleep(Duration::from_millis(500));
-        height = node.block_count()?;
-    }
+    mine_through(
+        &node,
+        &mut [&mut tpd.process, &mut pool.process, &mut miner.process],
+        start_height,
+        BLOCKS_TO_MINE,
+        MINING_PATIENCE,
+        "the pool",
+    )?;
+    let height = node.block_count()?;
     eprintln!(
         "{} blocks mined through sv2-tpd by pool_sv2 + mining_device in {:?} \
          (pool logged {} found)",

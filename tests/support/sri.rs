@@ -513,3 +513,51 @@ pub fn free_local_port() -> anyhow::Result<u16> {
         .map(|addr| addr.port())
         .context("finding a free local port")
 }
+
+/// Waits until `node` is `blocks` blocks above `start_height`, checking every half second
+/// that each of `processes` still runs; fails with their logs after `patience`. `through`
+/// names what mines them, for the message.
+pub fn mine_through(
+    node: &BitcoinNode,
+    processes: &mut [&mut ChildProcess],
+    start_height: u64,
+    blocks: u64,
+    patience: Duration,
+    through: &str,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut height = start_height;
+    while height < start_height + blocks {
+        let mut stopped = None;
+        for process in processes.iter_mut() {
+            if let Err(e) = process.ensure_running() {
+                stopped = Some(format!("{e:#}"));
+            }
+        }
+        let diagnostics = || {
+            let mut text = String::new();
+            for process in processes.iter() {
+                let _ = writeln!(text, "{}", process.log_tail());
+            }
+            let _ = write!(
+                text,
+                "--- bitcoin-node: {} ---",
+                node.debug_log_path().display()
+            );
+            text
+        };
+        if let Some(stopped) = stopped {
+            bail!("{stopped}\n{}", diagnostics());
+        }
+        if started.elapsed() > patience {
+            bail!(
+                "only {} of {blocks} blocks mined through {through} after {patience:?}\n{}",
+                height - start_height,
+                diagnostics()
+            );
+        }
+        thread::sleep(Duration::from_millis(500));
+        height = node.block_count()?;
+    }
+    Ok(())
+}
