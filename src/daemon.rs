@@ -63,6 +63,7 @@ impl Daemon {
                 fee_delta: Amount::from_sat(config.fee_delta),
                 template_interval: config.template_interval,
                 stale_grace: config.stale_template_grace,
+                tip_first: config.tip_first,
                 solutions_dir: config.datadir.join("solutions"),
             },
             shutdown.clone(),

@@ -30,6 +30,9 @@ pub struct EngineConfig {
     pub template_interval: Duration,
     /// How long templates of the previous tip stay usable after a new tip.
     pub stale_grace: Duration,
+    /// On a new tip, publish a template without mempool transactions at once and the
+    /// full one after it.
+    pub tip_first: bool,
     /// Where solved blocks are written before they go to the node.
     pub solutions_dir: PathBuf,
 }

@@ -7,24 +7,23 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stratum_core::template_distribution_sv2::{
-    NewTemplateOwned, SetNewPrevHashOwned, SubmitSolutionOwned,
-};
+use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, info_span, warn};
+use tracing::{error, info, warn};
 
 use super::api::{
     Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus,
     SolutionOutcome,
 };
-use super::blocks::{self, FetchedBlock, TxDataReply};
+use super::blocks::{self, FetchedBlock, Prefetch};
 use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
 use super::group::{FeePolicy, GroupReport, Groups, Reason};
-use super::messages::announce;
+use super::publish::{self, Published};
 use super::solutions::{self, Submission};
-use super::store::{Held, TemplateStore, TxLookup};
+use super::store::TemplateStore;
 use super::supervisor::{supervise, NodeEvent};
+use super::tip::{self, TipFollower, TipReport};
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
 
@@ -44,11 +43,13 @@ pub fn spawn(
     let (node_tx, node_events) = mpsc::channel(QUEUE);
     let (reports_tx, reports) = mpsc::channel(QUEUE);
     let (fetched_tx, fetched) = mpsc::channel(QUEUE);
+    let (tips_tx, tips) = mpsc::channel(QUEUE);
     let status = Arc::new(EngineStatus::default());
     tokio::spawn(supervise(config.socket.clone(), node_tx, shutdown.clone()));
     let fees = FeePolicy {
         fee_delta: config.fee_delta,
         interval: config.template_interval,
+        tip_first: config.tip_first,
     };
     let engine = Engine {
         store: TemplateStore::new(config.stale_grace),
@@ -58,6 +59,9 @@ pub fn spawn(
         status: status.clone(),
         connected_before: false,
         current_node: watch::channel(None).0,
+        follower: None,
+        tips_tx,
+        prefetch: blocks::prefetcher(fetched_tx.clone()),
         fetched_tx,
         shutdown,
     };
@@ -66,6 +70,7 @@ pub fn spawn(
         node_events,
         reports,
         fetched,
+        tips,
     };
     let task = tokio::spawn(engine.run(inbox));
     (EngineHandle::from_channel(requests_tx), status, task)
@@ -77,14 +82,7 @@ struct Inbox {
     node_events: mpsc::Receiver<NodeEvent>,
     reports: mpsc::Receiver<GroupReport>,
     fetched: mpsc::Receiver<FetchedBlock>,
-}
-
-/// What the engine keeps with each held template.
-#[derive(Clone, Debug)]
-struct Published {
-    template: Template,
-    new_template: Arc<NewTemplateOwned>,
-    prev_hash_msg: Arc<SetNewPrevHashOwned>,
+    tips: mpsc::Receiver<TipReport>,
 }
 
 struct Engine {
@@ -98,8 +96,13 @@ struct Engine {
     /// The live connection; `submit` also reads it, for solutions whose template died
     /// with an earlier one.
     current_node: watch::Sender<Option<NodeClient>>,
+    /// The live connection's tip follower.
+    follower: Option<TipFollower>,
+    tips_tx: mpsc::Sender<TipReport>,
     /// Where background block reads deliver.
     fetched_tx: mpsc::Sender<FetchedBlock>,
+    /// Reads published templates' blocks, one at a time.
+    prefetch: mpsc::UnboundedSender<Prefetch>,
     shutdown: CancellationToken,
 }
 
@@ -120,6 +123,8 @@ impl Engine {
                         break Err(EngineError::Unsupported(e));
                     }
                 },
+                // The tip before templates: a template is current when built on it.
+                Some(report) = inbox.tips.recv() => self.on_tip(report),
                 Some(FetchedBlock { template_id, block }) = inbox.fetched.recv() => {
                     self.store.set_block(template_id, block)
                 }
@@ -133,6 +138,7 @@ impl Engine {
     }
 
     async fn stop(&mut self) {
+        self.follower = None;
         self.groups.stop_all();
         self.store.clear();
         self.fanout.clear();
@@ -154,6 +160,8 @@ impl Engine {
         m.node_info.reset();
         m.node_info.with_label_values(&[line]).set(1);
         self.status.node_connected.store(true, Ordering::Relaxed);
+        let (tips, cancel) = (self.tips_tx.clone(), self.shutdown.child_token());
+        self.follower = Some(TipFollower::start(node.clone(), tips, cancel));
         self.current_node.send_replace(Some(node));
         // After a reconnect the first templates stand for the node's (possibly new) tip.
         let reason = if self.connected_before {
@@ -170,6 +178,7 @@ impl Engine {
 
     fn on_disconnected(&mut self) {
         warn!("lost the node; clients stay connected, reconnecting");
+        self.follower = None;
         self.groups.stop_all();
         // The templates stay: their capabilities died with the connection, but pools keep
         // mining them while the tip has not moved, and a solution for one is still saved
@@ -186,10 +195,26 @@ impl Engine {
 
     /// Starts a group for `constraints` on the live connection unless one runs.
     fn ensure_group(&mut self, constraints: Constraints, first: Reason) {
-        let Some(node) = self.current_node.borrow().clone() else {
+        let (Some(node), Some(follower)) = (self.current_node.borrow().clone(), &self.follower)
+        else {
             return;
         };
-        self.groups.ensure(&node, constraints, first);
+        let active = constraints != STANDING_GROUP || self.standing_needed();
+        let tips = follower.tips.clone();
+        self.groups.ensure(&node, constraints, first, tips, active);
+    }
+
+    /// Whether the standing group builds templates: only while no client is served by
+    /// another group, so it never competes with the templates clients wait for.
+    fn standing_needed(&self) -> bool {
+        self.fanout.wanted(STANDING_GROUP) || self.fanout.groups().is_empty()
+    }
+
+    /// The node moved its tip: templates are current when built on it from now on.
+    fn on_tip(&mut self, report: TipReport) {
+        if self.follower.as_ref().map(|f| f.serial) == Some(report.serial) {
+            tip::record(&mut self.store, report.tip);
+        }
     }
 
     fn on_group_report(&mut self, report: GroupReport) {
@@ -209,17 +234,7 @@ impl Engine {
                 serial,
                 constraints,
                 error,
-            } => {
-                if self.groups.is_live(constraints, serial) {
-                    warn!(
-                        error = %error,
-                        size = constraints.max_additional_size,
-                        sigops = constraints.max_additional_sigops,
-                        "the node refused a template group; retrying shortly"
-                    );
-                    self.groups.clear_current(constraints);
-                }
-            }
+            } => self.groups.on_failed(constraints, serial, &error),
         }
     }
 
@@ -230,62 +245,39 @@ impl Engine {
         reason: Reason,
         received_at: Instant,
     ) {
-        let data = template.data().clone();
-        let prev_hash = data.header.prev_blockhash;
-        let tip_height = data.height().saturating_sub(1);
-        if self.store.is_behind(prev_hash, tip_height) {
-            debug!(%prev_hash, tip_height, "template on an older tip; its group will catch up");
+        let Some(id) = publish::hold(&mut self.store, constraints, &template, reason) else {
             return;
-        }
-        let future = reason != Reason::Fees;
-        let id = self.store.next_id();
-        let (new_tmpl, snph) = match announce(id, future, &data) {
-            Ok((a, b)) => (Arc::new(a), Arc::new(b)),
-            Err(e) => {
-                error!(error = %e, "template cannot be sent");
-                return;
-            }
         };
-        let published = Published {
-            template: template.clone(),
-            new_template: new_tmpl.clone(),
-            prev_hash_msg: snph.clone(),
+        let Some(held) = self.store.get(id) else {
+            return;
         };
-        let excess_data = data.coinbase.witness.clone().unwrap_or_default();
-        let held = Held::new(
-            published,
-            constraints,
-            prev_hash,
-            Instant::now(),
-            excess_data,
+        let (new_tmpl, snph) = (
+            held.payload.new_template.clone(),
+            held.payload.prev_hash_msg.clone(),
         );
-        let (id, new_tip) = self.store.insert(held, tip_height);
-        let _span = info_span!("template", template_id = id).entered();
-        if new_tip {
-            info!(tip = %prev_hash, height = tip_height, "new chain tip");
-        }
-        info!(
-            reason = reason.label(),
-            fees = data.total_fees().to_sat(),
-            txs = data.tx_fees.len(),
-            "new template"
-        );
-        metrics()
-            .templates_created
-            .with_label_values(&[reason.label()])
-            .inc();
+        let future = new_tmpl.future_template;
         self.groups.set_current(constraints, id);
         self.status.has_template.store(true, Ordering::Relaxed);
         self.fanout
             .publish(constraints, &new_tmpl, future.then_some(&snph));
-        if future {
+        if reason == Reason::Tip {
             metrics()
                 .new_tip_to_prevhash_seconds
                 .observe(received_at.elapsed().as_secs_f64());
         }
-        // Fetch the block now, so transaction data and solutions need no IPC later and a
-        // solution can be written to disk even if the node is gone by then.
-        blocks::fetch(id, template, None, self.fetched_tx.clone());
+        // Now that the clients have it: the block, so transaction data and solutions
+        // need no IPC later and a solution can be saved even if the node is gone by then.
+        match blocks::coinbase_only_block(&template) {
+            Some(block) => self.store.set_block(id, Arc::new(block)),
+            None => {
+                let job = Prefetch {
+                    template_id: id,
+                    group: constraints,
+                    template,
+                };
+                let _ = self.prefetch.send(job);
+            }
+        }
         self.prune();
     }
 
@@ -298,6 +290,8 @@ impl Engine {
         let fanout = &self.fanout;
         self.groups
             .retain(|c| c == STANDING_GROUP || fanout.wanted(c));
+        self.groups
+            .set_active(STANDING_GROUP, self.standing_needed());
     }
 
     fn on_request(&mut self, request: EngineRequest) {
@@ -310,11 +304,12 @@ impl Engine {
                 let Some(constraints) = self.fanout.group_for(constraints) else {
                     return;
                 };
-                // The group's current template goes out at once.
+                // The group's current template goes out at once, if on the node's tip.
                 let current = self
                     .groups
                     .current(constraints)
                     .and_then(|id| self.store.get(id))
+                    .filter(|held| self.store.tip() == Some(held.prev_hash))
                     .map(|held| (&*held.payload.new_template, &held.payload.prev_hash_msg));
                 let sub = Subscriber {
                     constraints,
@@ -322,24 +317,13 @@ impl Engine {
                 };
                 self.fanout.add(sub, current);
                 self.ensure_group(constraints, Reason::Constraints);
+                self.groups
+                    .set_active(STANDING_GROUP, self.standing_needed());
             }
             EngineRequest::TransactionData { template_id, reply } => {
-                match self.store.transaction_data(template_id) {
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    Ok(TxLookup::Ready(data)) => {
-                        let _ = reply.send(Ok(data));
-                    }
-                    Ok(TxLookup::Fetch {
-                        payload,
-                        excess_data,
-                    }) => {
-                        let waiting = TxDataReply { excess_data, reply };
-                        let fetched = self.fetched_tx.clone();
-                        blocks::fetch(template_id, payload.template, Some(waiting), fetched)
-                    }
-                }
+                let lookup = self.store.transaction_data(template_id);
+                let fetched = self.fetched_tx.clone();
+                blocks::answer(template_id, lookup, |p| p.template, reply, fetched);
             }
             EngineRequest::SubmitSolution { solution, reply } => {
                 self.on_submit_solution(solution, reply)
