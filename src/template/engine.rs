@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use super::api::{
     Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus,
-    SolutionOutcome,
+    SolutionOutcome, TemplateEvent,
 };
 use super::blocks::{self, FetchedBlock, Prefetch};
 use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
@@ -251,15 +251,13 @@ impl Engine {
         let Some(held) = self.store.get(id) else {
             return;
         };
-        let (new_tmpl, snph) = (
-            held.payload.new_template.clone(),
-            held.payload.prev_hash_msg.clone(),
-        );
-        let future = new_tmpl.future_template;
+        let future = held.payload.new_template.future_template;
+        let (new_tmpl, snph) = held.payload.frames.clone();
         self.groups.set_current(constraints, id);
         self.status.has_template.store(true, Ordering::Relaxed);
+        let snph = future.then_some(TemplateEvent::Encoded(snph));
         self.fanout
-            .publish(constraints, &new_tmpl, future.then_some(&snph));
+            .publish(constraints, TemplateEvent::Encoded(new_tmpl), snph);
         if reason == Reason::Tip {
             metrics()
                 .new_tip_to_prevhash_seconds

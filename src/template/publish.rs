@@ -7,7 +7,9 @@ use std::time::Instant;
 use stratum_core::template_distribution_sv2::{NewTemplateOwned, SetNewPrevHashOwned};
 use tracing::{debug, error, info, info_span};
 
-use super::api::Constraints;
+use stratum_core::parsers_sv2::TemplateDistributionOwned;
+
+use super::api::{Constraints, SharedFrame};
 use super::group::Reason;
 use super::messages::announce;
 use super::store::{Held, TemplateStore};
@@ -23,6 +25,8 @@ pub(crate) struct Published {
     pub new_template: Arc<NewTemplateOwned>,
     /// Its `SetNewPrevHash`, sent with it on a new tip or to a client joining later.
     pub prev_hash_msg: Arc<SetNewPrevHashOwned>,
+    /// Both encoded once for every client of the group.
+    pub frames: (SharedFrame, SharedFrame),
 }
 
 /// Records `template` of `group`, made for `reason`, in `store` and returns its id;
@@ -48,10 +52,26 @@ pub(crate) fn hold(
             return None;
         }
     };
+    let encoded = SharedFrame::encode(
+        TemplateDistributionOwned::NewTemplate((*new_template).clone()),
+        "NewTemplate",
+    )
+    .and_then(|nt| {
+        let snph = TemplateDistributionOwned::SetNewPrevHash((*prev_hash_msg).clone());
+        Ok((nt, SharedFrame::encode(snph, "SetNewPrevHash")?))
+    });
+    let frames = match encoded {
+        Ok(frames) => frames,
+        Err(e) => {
+            error!(error = %e, "template cannot be sent");
+            return None;
+        }
+    };
     let published = Published {
         template: template.clone(),
         new_template,
         prev_hash_msg,
+        frames,
     };
     let excess_data = data.coinbase.witness.clone().unwrap_or_default();
     let held = Held::new(published, group, prev_hash, Instant::now(), excess_data);
