@@ -572,10 +572,10 @@ async fn too_many_bad_messages_disconnect_a_client() {
 }
 
 #[tokio::test]
-async fn solutions_beyond_the_in_flight_cap_are_dropped() {
+async fn solutions_beyond_the_in_flight_cap_still_reach_the_engine_unawaited() {
     let mut server = start(|cfg| cfg.max_solutions_in_flight_per_client = 2).await;
     let (mut client, _events) = server.subscribed_client().await;
-    let throttled_before = metrics().solutions.with_label_values(&["throttled"]).get();
+    let unawaited_before = metrics().solutions_unawaited.get();
     let solution = |nonce| SubmitSolutionOwned {
         template_id: 3,
         version: 0x2000_0000,
@@ -586,43 +586,37 @@ async fn solutions_beyond_the_in_flight_cap_are_dropped() {
     for nonce in 0..5 {
         client.submit_solution(solution(nonce)).await.unwrap();
     }
-    // Two reach the engine and are held unanswered; the other three were dropped.
+    // All five reach the engine (a real block is never dropped by a per-client limit);
+    // two have their verdict awaited, the other three are handed on unawaited.
     let mut held = Vec::new();
-    for _ in 0..2 {
+    let mut unawaited = 0;
+    for _ in 0..5 {
         match server.request().await {
+            EngineRequest::SubmitSolution { reply, .. } if reply.is_closed() => unawaited += 1,
             EngineRequest::SubmitSolution { reply, .. } => held.push(reply),
             other => panic!("expected SubmitSolution, got {other:?}"),
         }
     }
-    // A request sent after them shows the session has read all five.
-    client.request_tx_data(8).await.unwrap();
-    match server.request().await {
-        EngineRequest::TransactionData { reply, .. } => {
-            reply.send(Err(TxDataError::TemplateIdNotFound)).unwrap()
-        }
-        other => panic!("expected TransactionData (the rest were dropped), got {other:?}"),
-    }
-    assert_eq!(
-        metrics().solutions.with_label_values(&["throttled"]).get(),
-        throttled_before + 3
-    );
-    // Answering frees the slots: a later solution goes through again.
+    assert_eq!((held.len(), unawaited), (2, 3));
+    assert_eq!(metrics().solutions_unawaited.get(), unawaited_before + 3);
+    // Answering frees the places: a later solution has its verdict awaited again.
     for reply in held {
         reply.send(SolutionOutcome::UnknownTemplate).unwrap();
     }
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         client.submit_solution(solution(99)).await.unwrap();
-        client.request_tx_data(9).await.unwrap();
         match server.request().await {
-            EngineRequest::SubmitSolution { solution: got, .. } => {
+            EngineRequest::SubmitSolution {
+                reply,
+                solution: got,
+            } if !reply.is_closed() => {
                 assert_eq!(got.header_nonce, 99);
                 break;
             }
-            // Still throttled: the slots are given back once the engine's answers are read.
-            EngineRequest::TransactionData { reply, .. } => {
-                reply.send(Err(TxDataError::TemplateIdNotFound)).unwrap();
-                assert!(tokio::time::Instant::now() < deadline, "slots never freed");
+            // Still unawaited: the places are given back once the verdicts are read.
+            EngineRequest::SubmitSolution { .. } => {
+                assert!(tokio::time::Instant::now() < deadline, "places never freed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             other => panic!("unexpected {other:?}"),
