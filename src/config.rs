@@ -128,6 +128,9 @@ pub struct Config {
     pub template_interval: Duration,
     /// How long superseded templates stay usable for solutions.
     pub stale_template_grace: Duration,
+    /// On a new tip, send a template without mempool transactions at once and the full
+    /// one when the node has built it.
+    pub tip_first: bool,
     /// Most SV2 clients served at once.
     pub max_clients: usize,
     /// Address of the metrics HTTP endpoint; `None` when disabled (`off`).
@@ -224,6 +227,7 @@ impl Config {
                 "fee_delta" => self.fee_delta.to_string(),
                 "template_interval" => secs(self.template_interval),
                 "stale_template_grace" => secs(self.stale_template_grace),
+                "tip_first" => self.tip_first.to_string(),
                 "max_clients" => self.max_clients.to_string(),
                 "metrics_bind" => match self.metrics_bind {
                     Some(addr) => toml_string(&addr.to_string()),
@@ -407,6 +411,7 @@ config_keys!(
     fee_delta,
     template_interval,
     stale_template_grace,
+    tip_first,
     max_clients,
     metrics_bind,
     log_level,
@@ -462,6 +467,9 @@ pub struct ConfigArgs {
     /// Seconds a superseded template still accepts solutions [default: 60]
     #[arg(long, global = true, value_name = "SECS")]
     pub stale_template_grace: Option<String>,
+    /// On a new tip, send an empty template first, then the full one: true or false [default: true]
+    #[arg(long, global = true, value_name = "BOOL")]
+    pub tip_first: Option<String>,
     /// Most SV2 clients served at once [default: 1024]
     #[arg(long, global = true, value_name = "N")]
     pub max_clients: Option<String>,
@@ -517,7 +525,7 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     fn values(&self) -> SourcedValues {
-        let flags: [(&'static str, &'static str, &Option<String>); 26] = [
+        let flags: [(&'static str, &'static str, &Option<String>); 27] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
             (
@@ -539,6 +547,7 @@ impl ConfigArgs {
                 "--stale-template-grace",
                 &self.stale_template_grace,
             ),
+            ("tip_first", "--tip-first", &self.tip_first),
             ("max_clients", "--max-clients", &self.max_clients),
             ("metrics_bind", "--metrics-bind", &self.metrics_bind),
             ("log_level", "--log-level", &self.log_level),
@@ -843,6 +852,15 @@ impl Resolver<'_> {
         )?;
         let template_interval = self.get("template_interval", seconds(1), || secs(30))?;
         let stale_template_grace = self.get("stale_template_grace", seconds(0), || secs(60))?;
+        let tip_first = self.get(
+            "tip_first",
+            |s| match s {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => Err("expected true or false".into()),
+            },
+            || true,
+        )?;
         let max_clients = self.get(
             "max_clients",
             |s| match s.parse::<usize>() {
@@ -910,6 +928,7 @@ impl Resolver<'_> {
             fee_delta,
             template_interval,
             stale_template_grace,
+            tip_first,
             max_clients,
             metrics_bind,
             log_level,

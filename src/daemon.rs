@@ -65,6 +65,7 @@ impl Daemon {
                 fee_delta: Amount::from_sat(config.fee_delta),
                 template_interval: config.template_interval,
                 stale_grace: config.stale_template_grace,
+                tip_first: config.tip_first,
                 solutions_dir: config.datadir.join("solutions"),
                 max_solutions_in_flight: config.max_solutions_in_flight,
                 max_node_calls: config.max_node_calls,

@@ -32,8 +32,11 @@ pub struct Metrics {
     pub node_connects: IntCounter,
     /// IPC call duration by method.
     pub ipc_call_seconds: HistogramVec,
-    /// Templates received from the node by reason (`tip`, `fees`, `constraints`).
+    /// Templates received from the node by reason (`tip`, `full`, `fees`, `constraints`).
     pub templates_created: IntCounterVec,
+    /// Templates the daemon asked the node to build, by kind (`empty`: no mempool
+    /// selection; `full`): what the daemon costs the node under `cs_main`.
+    pub node_template_builds: IntCounterVec,
     /// Templates currently held in the node on our behalf.
     pub templates_held: IntGauge,
     /// SV2 messages sent by message type.
@@ -114,6 +117,14 @@ impl Metrics {
                     "Templates obtained from the node",
                 ),
                 &["reason"],
+            )
+            .expect("metric"),
+            node_template_builds: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_node_template_builds_total",
+                    "Templates the daemon asked the node to build, empty (no mempool selection) or full",
+                ),
+                &["kind"],
             )
             .expect("metric"),
             templates_held: IntGauge::new(
@@ -223,7 +234,7 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
             Box::new(m.solutions_unawaited.clone()),
             Box::new(m.limit_waits.clone()),
             Box::new(m.node_connected.clone()),
@@ -231,6 +242,7 @@ impl Metrics {
             Box::new(m.node_connects.clone()),
             Box::new(m.ipc_call_seconds.clone()),
             Box::new(m.templates_created.clone()),
+            Box::new(m.node_template_builds.clone()),
             Box::new(m.templates_held.clone()),
             Box::new(m.messages_sent.clone()),
             Box::new(m.messages_received.clone()),
@@ -262,7 +274,7 @@ impl Metrics {
             ))
             .expect("unique metric names");
         // Label values known up front, so every series exists from the first scrape.
-        for reason in ["tip", "fees", "constraints"] {
+        for reason in ["tip", "full", "fees", "constraints"] {
             m.templates_created.with_label_values(&[reason]);
         }
         for reason in REFUSAL_REASONS {
@@ -273,6 +285,9 @@ impl Metrics {
         }
         for limit in ["max_node_calls", "max_tx_data_bytes_in_flight"] {
             m.limit_waits.with_label_values(&[limit]);
+        }
+        for kind in ["empty", "full"] {
+            m.node_template_builds.with_label_values(&[kind]);
         }
         for result in ["applied", "deferred", "superseded"] {
             m.constraint_changes.with_label_values(&[result]);

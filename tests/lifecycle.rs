@@ -105,7 +105,10 @@ async fn stops_cleanly(socket: &std::path::Path, signal: &str, wait_pending: imp
     next_tip(&mut b).await;
     let deadline = Instant::now() + CHILD_PATIENCE;
     while !wait_pending() {
-        assert!(Instant::now() < deadline, "no waitNext reached the node");
+        assert!(
+            Instant::now() < deadline,
+            "no waitTipChanged reached the node"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     daemon.wait_for_metrics("both clients", |m| {
@@ -135,10 +138,11 @@ async fn stops_cleanly(socket: &std::path::Path, signal: &str, wait_pending: imp
     );
 }
 
-/// True once the real node's IPC debug log shows a `waitNext` call.
+/// True once the real node's IPC debug log shows a `waitTipChanged` call (the tip
+/// follower's wait).
 fn real_wait_pending(node: &BitcoinNode) -> bool {
     std::fs::read_to_string(node.debug_log_path())
-        .map(|log| log.contains("waitNext"))
+        .map(|log| log.contains("waitTipChanged"))
         .unwrap_or(false)
 }
 
@@ -164,7 +168,12 @@ async fn sigterm_against_the_mock_exits_zero_quickly() {
     let dir = tempfile::tempdir().unwrap();
     let node = MockNode::start(&dir.path().join("node.sock"), MockOptions::default()).unwrap();
     stops_cleanly(node.socket_path(), "TERM", || {
-        node.stats().calls.get("waitNext").copied().unwrap_or(0) > 0
+        node.stats()
+            .calls
+            .get("waitTipChanged")
+            .copied()
+            .unwrap_or(0)
+            > 0
     })
     .await;
 }

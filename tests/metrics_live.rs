@@ -27,6 +27,7 @@ const IPC: &str = "sv2_tpd_ipc_call_duration_seconds";
 const LATENCY: &str = "sv2_tpd_new_tip_to_prevhash_seconds";
 const CLIENTS: &str = "sv2_tpd_clients_connected";
 const HELD: &str = "sv2_tpd_templates_held";
+const BUILDS: &str = "sv2_tpd_node_template_builds_total";
 
 /// Every metric family named in src/metrics.rs (its `"sv2_tpd_..."` name literals).
 fn declared_families() -> BTreeSet<String> {
@@ -107,7 +108,8 @@ async fn every_metric_moves_with_what_it_counts() {
     assert!(m2.value(SENT, &[("type", "SetNewPrevHash")]) >= 1.0);
     assert_moved(&m1, &m2, CREATED, &[("reason", "constraints")]);
 
-    // A new tip: a tip template, a waitNext that returned, a latency observation.
+    // A new tip: a tip template, a waitTipChanged that returned, a template build, a
+    // latency observation.
     node.mine_block();
     let (_, p1) = next_tip(&mut c).await;
     let m3 = daemon.wait_for_metrics("the new tip's pair counted", |m| {
@@ -116,9 +118,11 @@ async fn every_metric_moves_with_what_it_counts() {
     assert_moved(&m2, &m3, CREATED, &[("reason", "tip")]);
     assert!(m3.histogram_count(LATENCY, &[]) > m2.histogram_count(LATENCY, &[]));
     assert!(
-        m3.histogram_count(IPC, &[("method", "waitNext")])
-            > m2.histogram_count(IPC, &[("method", "waitNext")])
+        m3.histogram_count(IPC, &[("method", "waitTipChanged")])
+            > m2.histogram_count(IPC, &[("method", "waitTipChanged")])
     );
+    // Tip-first: the node built an empty template for the tip.
+    assert_moved(&m2, &m3, BUILDS, &[("kind", "empty")]);
 
     // Fees rise on the same tip: a fee template.
     node.add_mempool_tx(Amount::from_sat(5_000));

@@ -362,7 +362,13 @@ async fn late_solutions_count_during_the_grace_period_only() {
 async fn constraints_the_node_refuses_do_not_spin_or_hurt_others() {
     let dir = tempfile::tempdir().unwrap();
     let node = mock(&dir);
-    let daemon = start_daemon(&regtest_config(node.socket_path(), dir.path(), &[])).await;
+    // No fee checks by the good group: every createNewBlock counted is the greedy one's.
+    let config = regtest_config(
+        node.socket_path(),
+        dir.path(),
+        &[("template_interval", "600")],
+    );
+    let daemon = start_daemon(&config).await;
     let mut good = client(&daemon, 100, 10).await;
     next_tip(&mut good).await;
 

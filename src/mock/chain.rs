@@ -149,6 +149,8 @@ pub(crate) struct Chain {
     blocks: Vec<Block>,
     mempool: Vec<MempoolEntry>,
     accepted: Vec<Block>,
+    /// Blocks taken off the tip by `invalidate_tip`, the most recent last.
+    invalidated: Vec<Block>,
     next_fake_outpoint: u64,
     /// nBits of new templates (and required of solutions).
     pub(crate) bits: u32,
@@ -199,12 +201,13 @@ impl Chain {
             blocks: vec![bitcoin::constants::genesis_block(bitcoin::Network::Regtest)],
             mempool: Vec::new(),
             accepted: Vec::new(),
+            invalidated: Vec::new(),
             next_fake_outpoint: 0,
             bits: REGTEST_BITS,
         };
         let start = unix_now().saturating_sub(initial_blocks);
         for i in 0..initial_blocks {
-            chain.mine_at(start + i + 1);
+            chain.mine_at(start + i + 1, true);
         }
         chain
     }
@@ -363,15 +366,37 @@ impl Chain {
         }
     }
 
-    /// Mines a block on the tip with the whole mempool (like `generatetoaddress`).
-    pub fn mine_block(&mut self) -> BlockHash {
+    /// Mines a block on the tip, with the whole mempool (like `generatetoaddress`) or
+    /// with none of it (like `generateblock` with an empty list: the mempool stays).
+    pub fn mine_block(&mut self, use_mempool: bool) -> BlockHash {
         let time = unix_now().max(self.median_time_past() + 1);
-        self.mine_at(time)
+        self.mine_at(time, use_mempool)
     }
 
-    fn mine_at(&mut self, time: u32) -> BlockHash {
+    /// Takes the tip off the chain, like `invalidateblock` of the tip: its parent is the
+    /// tip again (its transactions do not return to the mempool). `None` at genesis.
+    pub fn invalidate_tip(&mut self) -> Option<BlockHash> {
+        if self.blocks.len() < 2 {
+            return None;
+        }
+        let block = self.blocks.pop()?;
+        let hash = block.block_hash();
+        self.invalidated.push(block);
+        Some(hash)
+    }
+
+    /// Puts every invalidated block back on the chain, like `reconsiderblock`; returns the
+    /// tip.
+    pub fn reconsider(&mut self) -> BlockHash {
+        while let Some(block) = self.invalidated.pop() {
+            self.connect(block);
+        }
+        self.tip().0
+    }
+
+    fn mine_at(&mut self, time: u32, use_mempool: bool) -> BlockHash {
         let template = self.build_template(TemplateOptions {
-            use_mempool: true,
+            use_mempool,
             block_reserved_weight: 8_000,
             coinbase_output_max_additional_sigops: 400,
         });

@@ -278,7 +278,31 @@ impl MockNode {
 
     /// Mines a block on the tip with the whole mempool; wakes waits. Returns its hash.
     pub fn mine_block(&self) -> BlockHash {
-        let hash = self.shared.lock().chain.mine_block();
+        let hash = self.shared.lock().chain.mine_block(true);
+        self.shared.notify();
+        hash
+    }
+
+    /// Mines a block on the tip with no mempool transaction, so the mempool stays (like
+    /// `generateblock` with an empty list); wakes waits. Returns its hash.
+    pub fn mine_empty_block(&self) -> BlockHash {
+        let hash = self.shared.lock().chain.mine_block(false);
+        self.shared.notify();
+        hash
+    }
+
+    /// Takes the tip off the chain, like `invalidateblock` of the tip: the tip goes down
+    /// by one. Wakes waits. Returns the invalidated block's hash (`None` at genesis).
+    pub fn invalidate_tip(&self) -> Option<BlockHash> {
+        let hash = self.shared.lock().chain.invalidate_tip();
+        self.shared.notify();
+        hash
+    }
+
+    /// Puts every invalidated block back, like `reconsiderblock`; wakes waits. Returns
+    /// the tip.
+    pub fn reconsider(&self) -> BlockHash {
+        let hash = self.shared.lock().chain.reconsider();
         self.shared.notify();
         hash
     }

@@ -76,7 +76,6 @@ impl NodeClient {
     }
 
     /// The current chain tip, `None` before the node has one.
-    #[cfg(feature = "mock")]
     pub async fn tip(&self) -> Result<Option<Tip>, NodeError> {
         self.jobs
             .run(|s| async move {
@@ -110,7 +109,7 @@ impl NodeClient {
 
     /// Waits until the tip is no longer `current` or `timeout` passed; returns the tip
     /// then (the same one on timeout). `None` when interrupted or the node shuts down.
-    #[cfg(feature = "mock")]
+    /// Runs on a node thread of its own, like every call.
     pub async fn wait_tip_changed(
         &self,
         current: bitcoin::BlockHash,
@@ -180,6 +179,7 @@ impl NodeClient {
                 let mut request = s.mining.create_new_block_request();
                 let mut params = request.get();
                 params.reborrow().init_context().set_thread(worker.thread());
+                params.set_cooldown(options.cooldown);
                 let mut o = params.reborrow().init_options();
                 o.set_use_mempool(options.use_mempool);
                 o.set_block_reserved_weight(options.block_reserved_weight);

@@ -42,6 +42,10 @@ pub struct CreateOptions {
     pub coinbase_output_max_additional_sigops: u64,
     /// Include mempool transactions.
     pub use_mempool: bool,
+    /// Let the node wait out initial block download and headers running ahead of the
+    /// tip before building (`createNewBlock`'s `cooldown`); off for a tip the node just
+    /// reported.
+    pub cooldown: bool,
 }
 
 impl Default for CreateOptions {
@@ -50,6 +54,7 @@ impl Default for CreateOptions {
             block_reserved_weight: 8000,
             coinbase_output_max_additional_sigops: 400,
             use_mempool: true,
+            cooldown: true,
         }
     }
 }

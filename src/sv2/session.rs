@@ -573,6 +573,13 @@ impl Session {
                 let msg = TemplateDistributionOwned::SetNewPrevHash((*p).clone());
                 self.send(msg, "SetNewPrevHash").await
             }
+            // Encoded once by the engine for every session: only encrypt and write.
+            TemplateEvent::Encoded(frame) => {
+                let name = frame.name();
+                self.writer.write_frame(frame).await?;
+                count_sent(name);
+                Ok(())
+            }
         }
     }
 

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use bitcoin::Amount;
 
+use stratum_core::codec_sv2::MessageFrame;
+use stratum_core::framing_sv2::framing::EncodableFrame;
+use stratum_core::parsers_sv2::TemplateDistributionOwned;
 use stratum_core::template_distribution_sv2::{
     NewTemplateOwned, SetNewPrevHashOwned, SubmitSolutionOwned,
 };
@@ -30,6 +33,9 @@ pub struct EngineConfig {
     pub template_interval: Duration,
     /// How long templates of the previous tip stay usable after a new tip.
     pub stale_grace: Duration,
+    /// On a new tip, publish a template without mempool transactions at once and the
+    /// full one after it.
+    pub tip_first: bool,
     /// Where solved blocks are written before they go to the node.
     pub solutions_dir: PathBuf,
     /// Solutions (with valid proof of work) on their way to the node at once, all
@@ -85,7 +91,66 @@ pub enum TemplateEvent {
     NewTemplate(Arc<NewTemplateOwned>),
     /// Activates a future template on a new chain tip.
     SetNewPrevHash(Arc<SetNewPrevHashOwned>),
+    /// Either of the above, already encoded once for every session it goes to: a
+    /// session only encrypts and writes it.
+    Encoded(SharedFrame),
 }
+
+/// A Template Distribution message encoded once as an SV2 frame (header and payload, not
+/// yet encrypted), shared by every session it goes to.
+#[derive(Clone, Debug)]
+pub struct SharedFrame {
+    name: &'static str,
+    bytes: Arc<[u8]>,
+}
+
+impl SharedFrame {
+    /// Encodes `message`, named `name` in the sent-messages metric.
+    pub fn encode(
+        message: TemplateDistributionOwned,
+        name: &'static str,
+    ) -> Result<Self, FrameEncodeError> {
+        let frame = MessageFrame::<TemplateDistributionOwned>::try_from(message)
+            .map_err(|e| FrameEncodeError(format!("{e:?}")))?;
+        let mut bytes = vec![0; EncodableFrame::encoded_length(&frame)];
+        frame
+            .encode_into(&mut bytes)
+            .map_err(|e| FrameEncodeError(format!("{e:?}")))?;
+        Ok(Self {
+            name,
+            bytes: bytes.into(),
+        })
+    }
+
+    /// The message's name (`NewTemplate`, `SetNewPrevHash`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl EncodableFrame for SharedFrame {
+    fn encoded_length(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn encode_into(self, dst: &mut [u8]) -> Result<(), stratum_core::framing_sv2::Error> {
+        if dst.len() != self.bytes.len() {
+            return Err(
+                stratum_core::framing_sv2::Error::UnexpectedDestinationLength {
+                    expected: self.bytes.len(),
+                    actual: dst.len(),
+                },
+            );
+        }
+        dst.copy_from_slice(&self.bytes);
+        Ok(())
+    }
+}
+
+/// A template message could not be encoded as a frame.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("cannot encode the message: {0}")]
+pub struct FrameEncodeError(String);
 
 /// The non-coinbase transactions of a template, for `RequestTransactionData.Success`.
 #[derive(Clone, Debug, Default)]

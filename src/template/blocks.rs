@@ -2,20 +2,23 @@
 //! published (so transaction data and solutions need no IPC later, and a solution can be
 //! saved even if the node is gone by then) and for transaction data not cached yet.
 //!
-//! One read per template at a time: requests for a block already on its way wait for it
-//! and share its one transaction list. Reads clients cause take a place among the
-//! node calls clients may cause at once.
+//! Prefetches run one at a time, for each group's newest template only, so they never
+//! pile up on the node beside the templates clients wait for. A template without
+//! transactions needs no read at all: its block is made here. Reads for transaction data
+//! not cached: one per template at a time, requests for a block already on its way wait
+//! for it and share its one transaction list, and each takes a place among the node
+//! calls clients may cause at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bitcoin::Block;
+use bitcoin::{absolute::LockTime, transaction::Version, Block, Transaction};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, warn};
 
-use super::api::{TransactionData, TxDataError};
-use super::group::take_client_call;
-use super::store::transactions;
+use super::api::{Constraints, TransactionData, TxDataError};
+use super::build::take_client_call;
+use super::store::{transactions, TxLookup};
 use crate::node::Template;
 
 /// A template's non-coinbase transactions, serialized with witness: one list per
@@ -47,6 +50,8 @@ pub(crate) struct BlockReads {
     in_flight: HashMap<u64, Vec<TxDataReply>>,
     fetched: mpsc::Sender<FetchedBlock>,
     client_calls: Arc<Semaphore>,
+    /// The prefetch worker's queue.
+    prefetch: mpsc::UnboundedSender<Prefetch>,
 }
 
 impl BlockReads {
@@ -54,22 +59,59 @@ impl BlockReads {
     pub fn new(fetched: mpsc::Sender<FetchedBlock>, client_calls: Arc<Semaphore>) -> Self {
         Self {
             in_flight: HashMap::new(),
+            prefetch: prefetcher(fetched.clone()),
             fetched,
             client_calls,
         }
     }
 
-    /// Reads template `id`'s block for the cache, unless a read is on its way.
-    pub fn prefetch(&mut self, id: u64, template: Template) {
-        if let std::collections::hash_map::Entry::Vacant(entry) = self.in_flight.entry(id) {
-            entry.insert(Vec::new());
-            self.spawn(id, template, None);
+    /// Reads published template `id` of `group` ahead, on the prefetch worker. A
+    /// template without transactions needs no read: its block is returned at once.
+    pub fn prefetch(
+        &mut self,
+        id: u64,
+        group: Constraints,
+        template: Template,
+    ) -> Option<(Arc<Block>, TxList)> {
+        if let Some(block) = coinbase_only_block(&template) {
+            return Some((Arc::new(block), Arc::new(Vec::new())));
+        }
+        let job = Prefetch {
+            template_id: id,
+            group,
+            template,
+        };
+        let _ = self.prefetch.send(job);
+        None
+    }
+
+    /// Answers a request for template `id`'s transactions from the store's `lookup`: at
+    /// once when cached, or once its block is read (`template` names the node's template
+    /// in the store's payload).
+    pub fn answer<T>(
+        &mut self,
+        id: u64,
+        lookup: Result<TxLookup<T>, TxDataError>,
+        template: impl FnOnce(T) -> Template,
+        reply: oneshot::Sender<Result<TransactionData, TxDataError>>,
+    ) {
+        match lookup {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok(TxLookup::Ready(data)) => {
+                let _ = reply.send(Ok(data));
+            }
+            Ok(TxLookup::Fetch {
+                payload,
+                excess_data,
+            }) => self.read_for(id, template(payload), TxDataReply { excess_data, reply }),
         }
     }
 
     /// Answers `waiting` once template `id`'s block is read (starting a read if none is
     /// on its way).
-    pub fn read_for(&mut self, id: u64, template: Template, waiting: TxDataReply) {
+    fn read_for(&mut self, id: u64, template: Template, waiting: TxDataReply) {
         match self.in_flight.get_mut(&id) {
             Some(waiters) => waiters.push(waiting),
             None => {
@@ -79,12 +121,16 @@ impl BlockReads {
         }
     }
 
-    /// A read ended: answers its waiters with `transactions` (the template's one shared
-    /// list), or with an error when the block could not be read.
-    pub fn done(&mut self, id: u64, transactions: Option<Arc<Vec<Vec<u8>>>>) {
-        for TxDataReply { excess_data, reply } in self.in_flight.remove(&id).unwrap_or_default() {
-            let answer = match &transactions {
-                Some(transactions) => Ok(TransactionData {
+    /// A read ended: answers its waiters with the template's one shared transaction
+    /// list (or an error when the block could not be read), and returns the block for the
+    /// store's cache. Waiters get the list even if the store does not keep it (pruned
+    /// meanwhile, or too old to be worth keeping).
+    pub fn done(&mut self, read: FetchedBlock) -> Option<(u64, Arc<Block>, TxList)> {
+        let FetchedBlock { template_id, block } = read;
+        let waiters = self.in_flight.remove(&template_id).unwrap_or_default();
+        for TxDataReply { excess_data, reply } in waiters {
+            let answer = match &block {
+                Some((_, transactions)) => Ok(TransactionData {
                     transactions: transactions.clone(),
                     excess_data,
                 }),
@@ -92,6 +138,7 @@ impl BlockReads {
             };
             let _ = reply.send(answer);
         }
+        block.map(|(block, txs)| (template_id, block, txs))
     }
 
     fn spawn(&self, template_id: u64, template: Template, place: Option<Arc<Semaphore>>) {
@@ -101,18 +148,78 @@ impl BlockReads {
                 Some(places) => take_client_call(&places).await.ok(),
                 None => None,
             };
-            let block = match template.block().await {
-                Ok(block) => {
-                    let txs = Arc::new(transactions(&block));
-                    Some((Arc::new(block), txs))
-                }
-                Err(e) => {
-                    warn!(template_id, error = %e, "cannot read the template's block");
-                    None
-                }
-            };
-            debug!(template_id, read = block.is_some(), "block read");
+            let block = read(&template).await;
+            if let Err(e) = &block {
+                warn!(template_id, error = %e, "cannot read the template's block");
+            }
+            debug!(template_id, read = block.is_ok(), "block read");
+            let block = block.ok();
             let _ = fetched.send(FetchedBlock { template_id, block }).await;
         });
     }
+}
+
+/// Reads `template`'s block and serializes its transactions (here, not in the engine).
+async fn read(template: &Template) -> Result<(Arc<Block>, TxList), crate::node::NodeError> {
+    let block = template.block().await?;
+    let txs = Arc::new(transactions(&block));
+    Ok((Arc::new(block), txs))
+}
+
+/// The block of a template without transactions: its header and a placeholder coinbase
+/// (as the node's `getBlock` has one; solutions replace it).
+pub(crate) fn coinbase_only_block(template: &Template) -> Option<Block> {
+    let data = template.data();
+    data.tx_fees.is_empty().then(|| Block {
+        header: data.header,
+        txdata: vec![Transaction {
+            version: Version::TWO,
+            lock_time: LockTime::ZERO,
+            input: Vec::new(),
+            output: Vec::new(),
+        }],
+    })
+}
+
+/// One template whose block is worth reading ahead.
+pub(crate) struct Prefetch {
+    /// The template's id.
+    pub template_id: u64,
+    /// Its group: only the group's newest queued template is read.
+    pub group: Constraints,
+    /// The node's template.
+    pub template: Template,
+}
+
+/// Starts the prefetch worker; it delivers to `fetched` and stops when the returned
+/// sender is dropped.
+fn prefetcher(fetched: mpsc::Sender<FetchedBlock>) -> mpsc::UnboundedSender<Prefetch> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Prefetch>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            // What queued up meanwhile: only each group's newest is still worth a read.
+            let mut newest: HashMap<Constraints, Prefetch> = HashMap::new();
+            newest.insert(first.group, first);
+            while let Ok(job) = rx.try_recv() {
+                newest.insert(job.group, job);
+            }
+            let mut jobs: Vec<Prefetch> = newest.into_values().collect();
+            jobs.sort_by_key(|j| j.template_id);
+            for Prefetch {
+                template_id,
+                template,
+                ..
+            } in jobs
+            {
+                match read(&template).await {
+                    Ok(block) => {
+                        let block = Some(block);
+                        let _ = fetched.send(FetchedBlock { template_id, block }).await;
+                    }
+                    Err(e) => debug!(template_id, error = %e, "prefetching the block failed"),
+                }
+            }
+        }
+    });
+    tx
 }

@@ -7,24 +7,24 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stratum_core::template_distribution_sv2::{
-    NewTemplateOwned, SetNewPrevHashOwned, SubmitSolutionOwned,
-};
+use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, info_span, warn};
+use tracing::{error, info, warn};
 
 use super::api::{
     Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus,
-    SolutionOutcome,
+    SolutionOutcome, TemplateEvent,
 };
-use super::blocks::{BlockReads, FetchedBlock, TxDataReply};
+use super::blocks::{BlockReads, FetchedBlock};
+use super::build::{FeePolicy, GroupReport, Reason};
 use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
-use super::group::{FeePolicy, GroupReport, Groups, Reason};
-use super::messages::announce;
+use super::group::Groups;
+use super::publish::{self, Published};
 use super::solutions::{self, Gate, Submission};
-use super::store::{Held, TemplateStore, TxLookup};
+use super::store::TemplateStore;
 use super::supervisor::{supervise, NodeEvent};
+use super::tip::{self, TipFollower, TipReport};
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
 
@@ -44,12 +44,14 @@ pub fn spawn(
     let (node_tx, node_events) = mpsc::channel(QUEUE);
     let (reports_tx, reports) = mpsc::channel(QUEUE);
     let (fetched_tx, fetched) = mpsc::channel(QUEUE);
+    let (tips_tx, tips) = mpsc::channel(QUEUE);
     let status = Arc::new(EngineStatus::default());
     let client_calls = Arc::new(Semaphore::new(config.max_node_calls));
     tokio::spawn(supervise(config.socket.clone(), node_tx, shutdown.clone()));
     let fees = FeePolicy {
         fee_delta: config.fee_delta,
         interval: config.template_interval,
+        tip_first: config.tip_first,
     };
     let engine = Engine {
         reads: BlockReads::new(fetched_tx, client_calls.clone()),
@@ -61,6 +63,8 @@ pub fn spawn(
         status: status.clone(),
         connected_before: false,
         current_node: watch::channel(None).0,
+        follower: None,
+        tips_tx,
         shutdown,
     };
     let inbox = Inbox {
@@ -68,6 +72,7 @@ pub fn spawn(
         node_events,
         reports,
         fetched,
+        tips,
     };
     let task = tokio::spawn(engine.run(inbox));
     (EngineHandle::from_channel(requests_tx), status, task)
@@ -79,14 +84,7 @@ struct Inbox {
     node_events: mpsc::Receiver<NodeEvent>,
     reports: mpsc::Receiver<GroupReport>,
     fetched: mpsc::Receiver<FetchedBlock>,
-}
-
-/// What the engine keeps with each held template.
-#[derive(Clone, Debug)]
-struct Published {
-    template: Template,
-    new_template: Arc<NewTemplateOwned>,
-    prev_hash_msg: Arc<SetNewPrevHashOwned>,
+    tips: mpsc::Receiver<TipReport>,
 }
 
 struct Engine {
@@ -102,8 +100,11 @@ struct Engine {
     /// The live connection; `submit` also reads it, for solutions whose template died
     /// with an earlier one.
     current_node: watch::Sender<Option<NodeClient>>,
-    /// Block reads on their way, and who waits for them.
+    /// Block reads on their way (prefetches, one at a time; reads clients wait for).
     reads: BlockReads,
+    /// The live connection's tip follower.
+    follower: Option<TipFollower>,
+    tips_tx: mpsc::Sender<TipReport>,
     shutdown: CancellationToken,
 }
 
@@ -125,7 +126,11 @@ impl Engine {
                         break Err(EngineError::Unsupported(e));
                     }
                 },
-                Some(fetched) = inbox.fetched.recv() => self.on_block_read(fetched),
+                // The tip before templates: a template is current when built on it.
+                Some(report) = inbox.tips.recv() => self.on_tip(report),
+                Some(read) = inbox.fetched.recv() => if let Some((id, block, txs)) = self.reads.done(read) {
+                    self.store.set_block(id, block, txs)
+                },
                 Some(report) = inbox.reports.recv() => self.on_group_report(report),
                 _ = prune.tick() => self.prune(),
                 Some(request) = inbox.requests.recv() => self.on_request(request),
@@ -136,6 +141,7 @@ impl Engine {
     }
 
     async fn stop(&mut self) {
+        self.follower = None;
         self.groups.stop_all();
         self.store.clear();
         self.fanout.clear();
@@ -158,6 +164,8 @@ impl Engine {
         m.node_info.with_label_values(&[line]).set(1);
         crate::status::node_facts().connected(line);
         self.status.node_connected.store(true, Ordering::Relaxed);
+        let (tips, cancel) = (self.tips_tx.clone(), self.shutdown.child_token());
+        self.follower = Some(TipFollower::start(node.clone(), tips, cancel));
         self.current_node.send_replace(Some(node));
         // After a reconnect the first templates stand for the node's (possibly new) tip.
         let reason = if self.connected_before {
@@ -174,6 +182,7 @@ impl Engine {
 
     fn on_disconnected(&mut self) {
         warn!("lost the node; clients stay connected, reconnecting");
+        self.follower = None;
         self.groups.stop_all();
         // The templates stay: their capabilities died with the connection, but pools keep
         // mining them while the tip has not moved, and a solution for one is still saved
@@ -191,10 +200,27 @@ impl Engine {
 
     /// Starts a group for `constraints` on the live connection unless one runs.
     fn ensure_group(&mut self, constraints: Constraints, first: Reason, client_caused: bool) {
-        let Some(node) = self.current_node.borrow().clone() else {
+        let (Some(node), Some(follower)) = (self.current_node.borrow().clone(), &self.follower)
+        else {
             return;
         };
-        self.groups.ensure(&node, constraints, first, client_caused);
+        let active = constraints != STANDING_GROUP || self.standing_needed();
+        let tips = follower.tips.clone();
+        self.groups
+            .ensure(&node, constraints, first, client_caused, tips, active);
+    }
+
+    /// Whether the standing group builds templates: only while no client is served by
+    /// another group, so it never competes with the templates clients wait for.
+    fn standing_needed(&self) -> bool {
+        self.fanout.wanted(STANDING_GROUP) || self.fanout.groups().is_empty()
+    }
+
+    /// The node moved its tip: templates are current when built on it from now on.
+    fn on_tip(&mut self, report: TipReport) {
+        if self.follower.as_ref().map(|f| f.serial) == Some(report.serial) {
+            tip::record(&mut self.store, report.tip);
+        }
     }
 
     fn on_group_report(&mut self, report: GroupReport) {
@@ -214,17 +240,7 @@ impl Engine {
                 serial,
                 constraints,
                 error,
-            } => {
-                if self.groups.is_live(constraints, serial) {
-                    warn!(
-                        error = %error,
-                        size = constraints.max_additional_size,
-                        sigops = constraints.max_additional_sigops,
-                        "the node refused a template group; retrying shortly"
-                    );
-                    self.groups.clear_current(constraints);
-                }
-            }
+            } => self.groups.on_failed(constraints, serial, &error),
         }
     }
 
@@ -235,74 +251,30 @@ impl Engine {
         reason: Reason,
         received_at: Instant,
     ) {
-        let data = template.data().clone();
-        let prev_hash = data.header.prev_blockhash;
-        let tip_height = data.height().saturating_sub(1);
-        if self.store.is_behind(prev_hash, tip_height) {
-            debug!(%prev_hash, tip_height, "template on an older tip; its group will catch up");
+        let Some(id) = publish::hold(&mut self.store, constraints, &template, reason) else {
             return;
-        }
-        let future = reason != Reason::Fees;
-        let id = self.store.next_id();
-        let (new_tmpl, snph) = match announce(id, future, &data) {
-            Ok((a, b)) => (Arc::new(a), Arc::new(b)),
-            Err(e) => {
-                error!(error = %e, "template cannot be sent");
-                return;
-            }
         };
-        let published = Published {
-            template: template.clone(),
-            new_template: new_tmpl.clone(),
-            prev_hash_msg: snph.clone(),
+        let Some(held) = self.store.get(id) else {
+            return;
         };
-        let excess_data = data.coinbase.witness.clone().unwrap_or_default();
-        let held = Held::new(
-            published,
-            constraints,
-            prev_hash,
-            Instant::now(),
-            excess_data,
-        );
-        let (id, new_tip) = self.store.insert(held, tip_height);
-        let _span = info_span!("template", template_id = id).entered();
-        if new_tip {
-            info!(tip = %prev_hash, height = tip_height, "new chain tip");
-        }
-        info!(
-            reason = reason.label(),
-            fees = data.total_fees().to_sat(),
-            txs = data.tx_fees.len(),
-            "new template"
-        );
-        metrics()
-            .templates_created
-            .with_label_values(&[reason.label()])
-            .inc();
+        let future = held.payload.new_template.future_template;
+        let (new_tmpl, snph) = held.payload.frames.clone();
         self.groups.set_current(constraints, id);
         self.status.has_template.store(true, Ordering::Relaxed);
-        crate::status::node_facts().template_made(prev_hash, tip_height);
+        let snph = future.then_some(TemplateEvent::Encoded(snph));
         self.fanout
-            .publish(constraints, &new_tmpl, future.then_some(&snph));
-        if future {
+            .publish(constraints, TemplateEvent::Encoded(new_tmpl), snph);
+        if reason == Reason::Tip {
             metrics()
                 .new_tip_to_prevhash_seconds
                 .observe(received_at.elapsed().as_secs_f64());
         }
-        // Fetch the block now, so transaction data and solutions need no IPC later and a
-        // solution can be written to disk even if the node is gone by then.
-        self.reads.prefetch(id, template);
+        // Now that the clients have it: the block, so transaction data and solutions
+        // need no IPC later and a solution can be saved even if the node is gone by then.
+        if let Some((block, txs)) = self.reads.prefetch(id, constraints, template) {
+            self.store.set_block(id, block, txs);
+        }
         self.prune();
-    }
-
-    fn on_block_read(&mut self, FetchedBlock { template_id, block }: FetchedBlock) {
-        // Those who waited get the read's list even if the template is not cached (pruned
-        // meanwhile, or too old to be worth keeping).
-        let transactions = block.map(|(block, txs)| {
-            self.store.set_block(template_id, block, txs.clone());
-            txs
-        });
-        self.reads.done(template_id, transactions);
     }
 
     /// Releases templates no client can use any more, and groups no client needs.
@@ -319,6 +291,8 @@ impl Engine {
         let fanout = &self.fanout;
         self.groups
             .retain(|c| c == STANDING_GROUP || fanout.wanted(c));
+        self.groups
+            .set_active(STANDING_GROUP, self.standing_needed());
     }
 
     fn on_request(&mut self, request: EngineRequest) {
@@ -331,11 +305,12 @@ impl Engine {
                 let Some(constraints) = self.fanout.group_for(constraints) else {
                     return;
                 };
-                // The group's current template goes out at once.
+                // The group's current template goes out at once, if on the node's tip.
                 let current = self
                     .groups
                     .current(constraints)
                     .and_then(|id| self.store.get(id))
+                    .filter(|held| self.store.tip() == Some(held.prev_hash))
                     .map(|held| (&*held.payload.new_template, &held.payload.prev_hash_msg));
                 let sub = Subscriber {
                     constraints,
@@ -345,28 +320,13 @@ impl Engine {
                 // A session that changed its constraints left its old group: stop that
                 // one now, so the group count is what clients use, not what they used.
                 self.stop_unwanted_groups();
-                self.ensure_group(
-                    constraints,
-                    Reason::Constraints,
-                    constraints != STANDING_GROUP,
-                );
+                let client_caused = constraints != STANDING_GROUP;
+                self.ensure_group(constraints, Reason::Constraints, client_caused);
             }
             EngineRequest::TransactionData { template_id, reply } => {
-                match self.store.transaction_data(template_id) {
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    Ok(TxLookup::Ready(data)) => {
-                        let _ = reply.send(Ok(data));
-                    }
-                    Ok(TxLookup::Fetch {
-                        payload,
-                        excess_data,
-                    }) => {
-                        let waiting = TxDataReply { excess_data, reply };
-                        self.reads.read_for(template_id, payload.template, waiting)
-                    }
-                }
+                let lookup = self.store.transaction_data(template_id);
+                self.reads
+                    .answer(template_id, lookup, |p| p.template, reply);
             }
             EngineRequest::SubmitSolution { solution, reply } => {
                 self.on_submit_solution(solution, reply)

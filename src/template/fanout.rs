@@ -78,15 +78,14 @@ impl Fanout {
     pub fn publish(
         &mut self,
         group: Constraints,
-        new_template: &Arc<NewTemplateOwned>,
-        prev_hash: Option<&Arc<SetNewPrevHashOwned>>,
+        new_template: TemplateEvent,
+        prev_hash: Option<TemplateEvent>,
     ) {
         self.subscribers.retain(|sub| {
             if sub.constraints != group {
                 return true;
             }
-            send(sub, TemplateEvent::NewTemplate(new_template.clone()))
-                && prev_hash.is_none_or(|p| send(sub, TemplateEvent::SetNewPrevHash(p.clone())))
+            send(sub, new_template.clone()) && prev_hash.clone().is_none_or(|p| send(sub, p))
         });
     }
 
@@ -275,7 +274,11 @@ mod tests {
             n_bits: 0,
             target: stratum_core::binary_sv2::U256Owned::new(vec![0; 32]).expect("target"),
         });
-        fanout.publish(c(1, 1), &nt, Some(&prev));
+        fanout.publish(
+            c(1, 1),
+            TemplateEvent::NewTemplate(nt),
+            Some(TemplateEvent::SetNewPrevHash(prev)),
+        );
         assert!(matches!(fast.try_recv(), Ok(TemplateEvent::NewTemplate(t)) if t.template_id == 7));
         assert!(
             matches!(fast.try_recv(), Ok(TemplateEvent::SetNewPrevHash(p)) if p.template_id == 7)

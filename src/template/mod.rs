@@ -1,15 +1,20 @@
 //! The template engine: turns the node's templates into Template Distribution messages.
 //!
 //! Clients with equal `CoinbaseOutputConstraints` form a group that shares one node
-//! template per update. New tips go out at once as `NewTemplate(future)` +
-//! `SetNewPrevHash`; fee rises of at least `fee_delta` as `NewTemplate(future=false)` at
-//! most once per `template_interval`. Templates of the current and (for a grace period)
-//! the previous tip stay held in the node for late solutions; older ones are released.
+//! template per update. The node decides what the tip is: a follower reports each tip it
+//! moves to, up, down or sideways. A new tip goes out at once as `NewTemplate(future)` +
+//! `SetNewPrevHash` — with tip-first from a template without mempool selection, followed
+//! by the full one as `NewTemplate(future=false)`; fee rises of at least `fee_delta` go
+//! out the same way, checked at most once per `template_interval`. Templates of the
+//! current and (for a grace period) the previous tip stay held in the node for late
+//! solutions; older ones are released.
 //!
 //! One room per job, none of which knows the actor:
 //! - `engine`: the actor that owns the state and wires the rest together;
 //! - `supervisor`: the node connection's lifecycle (connect, IBD, reconnect);
-//! - `group`: one task per constraint group, following the node with `waitNext`;
+//! - `tip`: the tip follower, one `waitTipChanged` loop per connection;
+//! - `group`: the constraint groups' registry; `build`: one group's task, which builds
+//!   its templates in the daemon's order (empty, full, fee checks);
 //! - `store`: held templates, ids, pruning and the block cache (no I/O);
 //! - `fanout`: subscribed sessions, group choice, queueing to sessions;
 //! - `blocks`: reading template blocks in the background (prefetch, transaction data);
@@ -18,14 +23,17 @@
 
 mod api;
 mod blocks;
+mod build;
 mod engine;
 mod fanout;
 mod group;
 pub mod messages;
+mod publish;
 mod solutions;
 mod store;
 mod supervisor;
+mod tip;
 
 pub use api::*;
+pub use build::{block_reserved_weight, create_options, Reason};
 pub use engine::spawn;
-pub use group::{block_reserved_weight, create_options, Reason};

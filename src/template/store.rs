@@ -83,7 +83,7 @@ pub(crate) enum TxLookup<T> {
 pub(crate) struct TemplateStore<T> {
     templates: BTreeMap<u64, Held<T>>,
     next_id: u64,
-    /// The newest tip templates were published for, with its height.
+    /// The node's tip, with its height.
     tip: Option<(BlockHash, u32)>,
     /// The tip before `tip`, and when it was replaced.
     previous_tip: Option<(BlockHash, Instant)>,
@@ -103,16 +103,25 @@ impl<T: Clone> TemplateStore<T> {
         }
     }
 
-    /// The tip of the newest template.
+    /// The node's tip: templates built on it are current.
     pub fn tip(&self) -> Option<BlockHash> {
         self.tip.map(|(hash, _)| hash)
     }
 
-    /// Whether a template on `prev_hash` (at `tip_height`) builds on a tip older than the
-    /// current one: the tip only moves forward (a same-height reorg still counts).
-    pub fn is_behind(&self, prev_hash: BlockHash, tip_height: u32) -> bool {
-        self.tip
-            .is_some_and(|(tip, height)| tip != prev_hash && tip_height < height)
+    /// Records the node's new tip (at `height`, reported at `now`) and returns the one
+    /// it replaces. The node decides: the new tip may be lower than the old one. The old
+    /// tip's templates stay usable for the grace period.
+    pub fn set_tip(
+        &mut self,
+        hash: BlockHash,
+        height: u32,
+        now: Instant,
+    ) -> Option<(BlockHash, u32)> {
+        let old = self.tip.replace((hash, height));
+        if let Some((old_hash, _)) = old.filter(|(h, _)| *h != hash) {
+            self.previous_tip = Some((old_hash, now));
+        }
+        old
     }
 
     /// The id the next [`TemplateStore::insert`] assigns.
@@ -120,18 +129,12 @@ impl<T: Clone> TemplateStore<T> {
         self.next_id
     }
 
-    /// Records `held` under [`TemplateStore::next_id`] and returns that id with whether
-    /// its tip is a new one. Older templates of its group drop their cached blocks, so
-    /// only the newest [`BLOCKS_CACHED_PER_GROUP`] keep theirs.
-    pub fn insert(&mut self, held: Held<T>, tip_height: u32) -> (u64, bool) {
+    /// Records `held` under [`TemplateStore::next_id`] and returns that id. Older
+    /// templates of its group drop their cached blocks, so only the newest
+    /// [`BLOCKS_CACHED_PER_GROUP`] keep theirs.
+    pub fn insert(&mut self, held: Held<T>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        let new_tip = self.tip() != Some(held.prev_hash);
-        if new_tip {
-            if let Some((old, _)) = self.tip.replace((held.prev_hash, tip_height)) {
-                self.previous_tip = Some((old, held.made));
-            }
-        }
         for older in self
             .templates
             .values_mut()
@@ -143,7 +146,7 @@ impl<T: Clone> TemplateStore<T> {
             older.tx_data = None;
         }
         self.templates.insert(id, held);
-        (id, new_tip)
+        id
     }
 
     /// The template with `id`, while held.
@@ -267,6 +270,20 @@ mod tests {
         Held::new("t", group, tip(prev), made, vec![0; 32])
     }
 
+    /// Inserts a template of `group` on tip `prev`, first making `prev` the node's tip
+    /// (at height `prev`) when it is not.
+    fn at(
+        store: &mut TemplateStore<&'static str>,
+        group: Constraints,
+        prev: u8,
+        made: Instant,
+    ) -> u64 {
+        if store.tip() != Some(tip(prev)) {
+            store.set_tip(tip(prev), u32::from(prev), made);
+        }
+        store.insert(held(group, prev, made))
+    }
+
     fn ids(store: &TemplateStore<&'static str>) -> Vec<u64> {
         store.templates.keys().copied().collect()
     }
@@ -290,40 +307,45 @@ mod tests {
         let t0 = Instant::now();
         let mut store = TemplateStore::new(GRACE);
         assert_eq!(store.next_id(), 1);
-        let (first, new_tip) = store.insert(held(A, 1, t0), 10);
-        assert_eq!((first, new_tip), (1, true));
-        let (second, new_tip) = store.insert(held(A, 1, t0), 10);
-        assert_eq!((second, new_tip), (2, false));
+        assert_eq!(at(&mut store, A, 1, t0), 1);
+        assert_eq!(at(&mut store, A, 1, t0), 2);
         store.clear();
-        assert_eq!(store.insert(held(B, 1, t0), 10).0, 3);
+        assert_eq!(at(&mut store, B, 1, t0), 3);
     }
 
     #[test]
-    fn a_template_on_a_lower_other_tip_is_behind() {
+    fn the_node_decides_the_tip_even_a_lower_one() {
         let t0 = Instant::now();
         let mut store = TemplateStore::new(GRACE);
-        assert!(
-            !store.is_behind(tip(1), 5),
-            "nothing is behind an empty store"
+        assert_eq!(store.tip(), None);
+        assert_eq!(store.set_tip(tip(2), 11, t0), None);
+        let higher = at(&mut store, A, 2, t0);
+        assert_eq!(
+            store.set_tip(tip(1), 10, t0),
+            Some((tip(2), 11)),
+            "lower: followed"
         );
-        store.insert(held(A, 2, t0), 10);
-        let cases = [
-            (tip(2), 10, false, "same tip"),
-            (tip(3), 9, true, "other tip, lower"),
-            (tip(3), 10, false, "other tip, same height (reorg)"),
-            (tip(3), 11, false, "other tip, higher"),
-        ];
-        for (prev, height, behind, case) in cases {
-            assert_eq!(store.is_behind(prev, height), behind, "{case}");
-        }
+        assert_eq!(store.tip(), Some(tip(1)));
+        assert_eq!(
+            store.transaction_data(higher).err(),
+            Some(TxDataError::StaleTemplateId),
+            "the invalidated tip's templates are stale"
+        );
+        store.prune(&[], t0 + Duration::from_secs(1));
+        assert!(store.get(higher).is_some(), "but kept for the grace period");
+        store.set_tip(tip(2), 11, t0 + Duration::from_secs(2));
+        assert!(
+            matches!(store.transaction_data(higher), Ok(TxLookup::Fetch { .. })),
+            "back"
+        );
     }
 
     #[test]
     fn previous_tip_templates_live_through_the_grace_period_only() {
         let t0 = Instant::now();
         let mut store = TemplateStore::new(GRACE);
-        let (old, _) = store.insert(held(A, 1, t0), 10);
-        let (new, _) = store.insert(held(A, 2, t0 + Duration::from_secs(1)), 11);
+        let old = at(&mut store, A, 1, t0);
+        let new = at(&mut store, A, 2, t0 + Duration::from_secs(1));
         store.prune(&[new], t0 + Duration::from_secs(5));
         assert_eq!(ids(&store), vec![old, new], "within the grace period");
         store.prune(&[new], t0 + Duration::from_secs(11));
@@ -334,9 +356,9 @@ mod tests {
     fn tips_before_the_previous_one_go_at_once() {
         let t0 = Instant::now();
         let mut store = TemplateStore::new(GRACE);
-        store.insert(held(A, 1, t0), 10);
-        let (previous, _) = store.insert(held(A, 2, t0), 11);
-        let (current, _) = store.insert(held(A, 3, t0), 12);
+        at(&mut store, A, 1, t0);
+        let previous = at(&mut store, A, 2, t0);
+        let current = at(&mut store, A, 3, t0);
         store.prune(&[current], t0);
         assert_eq!(ids(&store), vec![previous, current]);
     }
@@ -348,9 +370,9 @@ mod tests {
         let total = MAX_TEMPLATES_PER_GROUP + 4;
         let mut last = 0;
         for _ in 0..total {
-            last = store.insert(held(A, 1, t0), 10).0;
+            last = at(&mut store, A, 1, t0);
         }
-        let (other_group, _) = store.insert(held(B, 1, t0), 10);
+        let other_group = at(&mut store, B, 1, t0);
         store.prune(&[last, other_group], t0 + Duration::from_secs(1));
         assert_eq!(store.len(), total + 1, "young templates are all kept");
         store.prune(&[last, other_group], t0 + GRACE);
@@ -364,9 +386,9 @@ mod tests {
     fn a_groups_current_template_is_kept_whatever_its_tip() {
         let t0 = Instant::now();
         let mut store = TemplateStore::new(GRACE);
-        let (stuck, _) = store.insert(held(B, 1, t0), 10);
-        store.insert(held(A, 2, t0), 11);
-        store.insert(held(A, 3, t0), 12);
+        let stuck = at(&mut store, B, 1, t0);
+        at(&mut store, A, 2, t0);
+        at(&mut store, A, 3, t0);
         store.prune(&[stuck], t0 + GRACE * 2);
         assert!(ids(&store).contains(&stuck));
     }
@@ -378,11 +400,11 @@ mod tests {
         let block = Arc::new(one_tx_block());
         let mut all = Vec::new();
         for _ in 0..BLOCKS_CACHED_PER_GROUP + 2 {
-            let (id, _) = store.insert(held(A, 1, t0), 10);
+            let id = at(&mut store, A, 1, t0);
             cache(&mut store, id, &block);
             all.push(id);
         }
-        let (other, _) = store.insert(held(B, 1, t0), 10);
+        let other = at(&mut store, B, 1, t0);
         cache(&mut store, other, &block);
         let cached: Vec<u64> = all
             .iter()
@@ -400,8 +422,8 @@ mod tests {
     fn transaction_data_is_served_for_current_tip_templates_only() {
         let t0 = Instant::now();
         let mut store = TemplateStore::new(GRACE);
-        let (old, _) = store.insert(held(A, 1, t0), 10);
-        let (new, _) = store.insert(held(A, 2, t0), 11);
+        let old = at(&mut store, A, 1, t0);
+        let new = at(&mut store, A, 2, t0);
         assert_eq!(
             store.transaction_data(99).err(),
             Some(TxDataError::TemplateIdNotFound)

@@ -1,0 +1,415 @@
+//! One constraint group's task: it builds the group's templates in the daemon's order.
+//!
+//! No `waitNext` is ever left pending: a pending one starts building a full template
+//! under `cs_main` the moment the tip changes, and every other `createNewBlock` queues
+//! behind it. Instead the task waits for the tip follower ([`super::tip`]). On a new
+//! tip it asks for a template without mempool selection first (tip-first), which goes
+//! out as `NewTemplate(future)` + `SetNewPrevHash`, and then for the full one, which
+//! goes out as a non-future `NewTemplate`. While the tip stays, it builds at most one
+//! template per interval to look at fees.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bitcoin::{Amount, BlockHash, CompactTarget};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::api::Constraints;
+use super::tip::NodeTip;
+use crate::metrics::metrics;
+use crate::node::{CreateOptions, NodeClient, NodeError, Template};
+
+/// Why a template was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A new chain tip (or the node came back): sent as a future template with its
+    /// `SetNewPrevHash`. With tip-first, this is the template without mempool
+    /// transactions.
+    Tip,
+    /// With tip-first, the full template that follows a tip's empty one.
+    Full,
+    /// Fees rose by at least the configured delta.
+    Fees,
+    /// First template for a new set of constraints.
+    Constraints,
+}
+
+impl Reason {
+    /// Label for `sv2_tpd_templates_created_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Tip => "tip",
+            Reason::Full => "full",
+            Reason::Fees => "fees",
+            Reason::Constraints => "constraints",
+        }
+    }
+}
+
+/// What a group task reports.
+#[derive(Debug)]
+pub(crate) enum GroupReport {
+    /// A template worth sending to the group's clients.
+    Publish {
+        /// The reporting task ([`Groups::is_live`]).
+        serial: u64,
+        /// The group.
+        constraints: Constraints,
+        /// The node's template.
+        template: Template,
+        /// Why it was made.
+        reason: Reason,
+        /// When the node reported the tip (for a tip's template) or answered (others).
+        received_at: Instant,
+    },
+    /// The node refused the group's call; the task tries again after a pause.
+    Failed {
+        /// The reporting task.
+        serial: u64,
+        /// The group.
+        constraints: Constraints,
+        /// What the node said.
+        error: NodeError,
+    },
+}
+
+/// Weight the node keeps free for a client's coinbase (spec §7.1): the coinbase without
+/// the client's outputs is 1168 WU at most; outputs weigh 4 WU a byte; the node refuses
+/// less than 2000.
+pub fn block_reserved_weight(constraints: Constraints) -> u64 {
+    (1168 + 4 * u64::from(constraints.max_additional_size)).max(2000)
+}
+
+/// The `createNewBlock` options for `constraints` (a full template, with cooldown).
+pub fn create_options(constraints: Constraints) -> CreateOptions {
+    CreateOptions {
+        block_reserved_weight: block_reserved_weight(constraints),
+        coinbase_output_max_additional_sigops: u64::from(constraints.max_additional_sigops),
+        use_mempool: true,
+        cooldown: true,
+    }
+}
+
+/// How every group builds its templates.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FeePolicy {
+    /// Minimum fee rise (sats) worth a new template on the same tip.
+    pub fee_delta: Amount,
+    /// Minimum time between two template builds of one group on the same tip (the fee
+    /// checks); tips never wait.
+    pub interval: Duration,
+    /// On a new tip, a template without mempool transactions first, the full one next.
+    pub tip_first: bool,
+}
+
+/// What a group task is started with.
+pub(crate) struct GroupSpec {
+    /// The group.
+    pub constraints: Constraints,
+    /// Labels the group's first template.
+    pub first_reason: Reason,
+    /// How it builds.
+    pub fees: FeePolicy,
+    /// Which task for these constraints this is.
+    pub serial: u64,
+    /// Places for node calls clients cause, when a client caused this group: its first
+    /// template takes one.
+    pub client_calls: Option<Arc<Semaphore>>,
+}
+
+/// What a group task listens to: the node's tip, and whether it may build.
+pub(crate) type Inputs = (watch::Receiver<Option<NodeTip>>, watch::Receiver<bool>);
+
+/// Pause before a group the node refused (e.g. constraints it cannot satisfy) tries
+/// again: a node that refuses these constraints would refuse again at once.
+const GROUP_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs one group until `cancel` fires or the connection ends; when the node refuses
+/// its calls, reports it and starts over after [`GROUP_RETRY`].
+pub(crate) async fn run_group(
+    node: NodeClient,
+    mut spec: GroupSpec,
+    mut inputs: Inputs,
+    reports: mpsc::Sender<GroupReport>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let mut task = Task {
+            node: &node,
+            spec: &spec,
+            reports: &reports,
+            cancel: &cancel,
+            last: None,
+            first_place: spec.client_calls.clone(),
+        };
+        let Err(error) = task.follow(&mut inputs).await else {
+            return;
+        };
+        if error.is_disconnect() {
+            // The supervisor reports a lost connection.
+            return;
+        }
+        let failed = GroupReport::Failed {
+            serial: spec.serial,
+            constraints: spec.constraints,
+            error,
+        };
+        if reports.send(failed).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(GROUP_RETRY) => {}
+        }
+        spec.first_reason = Reason::Constraints;
+    }
+}
+
+/// How long a group waits for the follower when the node built on a tip the follower
+/// has not reported yet.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
+/// What the group last published.
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    prev_hash: BlockHash,
+    bits: CompactTarget,
+    fees: Amount,
+    /// When the group last asked the node for a full template.
+    built: Instant,
+}
+
+/// Which template to ask the node for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// No mempool selection, no cooldown: its cost does not grow with the mempool.
+    Empty,
+    /// The node's best block, without waiting (for a tip the node just reported).
+    Full,
+    /// The best block, letting the node wait out IBD and headers ahead (a first template).
+    FullCooldown,
+}
+
+struct Task<'a> {
+    node: &'a NodeClient,
+    spec: &'a GroupSpec,
+    reports: &'a mpsc::Sender<GroupReport>,
+    cancel: &'a CancellationToken,
+    last: Option<Sent>,
+    /// Where the first build takes its place among client-caused node calls, if it must.
+    first_place: Option<Arc<Semaphore>>,
+}
+
+impl Task<'_> {
+    /// Builds templates until cancelled (`Ok`) or the node fails a call.
+    async fn follow(&mut self, inputs: &mut Inputs) -> Result<(), NodeError> {
+        let (tips, active) = inputs;
+        loop {
+            if self.cancel.is_cancelled() {
+                return Ok(());
+            }
+            // Rest until the group may build and the node has named its tip.
+            let tip = loop {
+                let tip = *tips.borrow_and_update();
+                match tip {
+                    Some(tip) if *active.borrow_and_update() => break tip,
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return Ok(()),
+                    r = tips.changed() => if r.is_err() { return Ok(()) },
+                    r = active.changed() => if r.is_err() { return Ok(()) },
+                }
+            };
+            let Some(last) = self.last.filter(|l| l.prev_hash == tip.hash()) else {
+                if !self.on_new_tip(tip, tips).await? {
+                    // The node built on another tip than the follower named: wait for
+                    // the follower to catch up rather than build again at once.
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return Ok(()),
+                        _ = tips.changed() => {}
+                        _ = tokio::time::sleep(CATCH_UP) => {}
+                    }
+                }
+                continue;
+            };
+            // The same tip: wait for the next one, or look at fees when it is time.
+            let due = tokio::time::Instant::from_std(last.built + self.spec.fees.interval);
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(()),
+                r = tips.changed() => if r.is_err() { return Ok(()) },
+                r = active.changed() => if r.is_err() { return Ok(()) },
+                _ = tokio::time::sleep_until(due) => self.check_fees(last).await?,
+            }
+        }
+    }
+
+    /// Publishes the group's templates for a tip it has none for; `false` when the node
+    /// built on another tip.
+    async fn on_new_tip(
+        &mut self,
+        tip: NodeTip,
+        tips: &watch::Receiver<Option<NodeTip>>,
+    ) -> Result<bool, NodeError> {
+        let reason = match self.last {
+            None => self.spec.first_reason,
+            Some(_) => Reason::Tip,
+        };
+        if reason == Reason::Tip && self.spec.fees.tip_first {
+            let Some(empty) = self.build(Kind::Empty).await? else {
+                return Ok(true);
+            };
+            if !self.publish_on(tip, empty, Reason::Tip).await {
+                return Ok(false);
+            }
+            if tips.has_changed().unwrap_or(true) {
+                return Ok(true); // the next tip first
+            }
+            let Some(full) = self.build(Kind::Full).await? else {
+                return Ok(true);
+            };
+            // With nothing in the mempool the full template is the empty one again.
+            if !full.data().tx_fees.is_empty() {
+                self.publish_on(tip, full, Reason::Full).await;
+            }
+            return Ok(true);
+        }
+        let kind = match reason {
+            Reason::Constraints => Kind::FullCooldown,
+            _ => Kind::Full,
+        };
+        match self.build(kind).await? {
+            Some(full) => Ok(self.publish_on(tip, full, reason).await),
+            None => Ok(true),
+        }
+    }
+
+    /// Builds a full template on the same tip and sends it when fees rose enough (or
+    /// the difficulty changed, as testnet's 20-minute rule does).
+    async fn check_fees(&mut self, last: Sent) -> Result<(), NodeError> {
+        let Some(next) = self.build(Kind::Full).await? else {
+            return Ok(());
+        };
+        let data = next.data().clone();
+        if data.header.prev_blockhash != last.prev_hash {
+            // The node moved on; the follower will say so.
+            self.last = Some(Sent {
+                built: Instant::now(),
+                ..last
+            });
+            return Ok(());
+        }
+        let reason = if data.header.bits != last.bits {
+            Some(Reason::Tip)
+        } else if data.total_fees() >= last.fees + self.spec.fees.fee_delta {
+            Some(Reason::Fees)
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => self.publish(next, reason, Instant::now()).await,
+            None => {
+                debug!("no fee rise worth a template");
+                self.last = Some(Sent {
+                    built: Instant::now(),
+                    ..last
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the node for a template; `None` when cancelled meanwhile.
+    ///
+    /// Not `Mining.interrupt()` on cancel: it is sticky, so it would cancel another
+    /// group's next `createNewBlock`. A template made after we left is released by the
+    /// IPC side as soon as its reply finds no one waiting.
+    async fn build(&mut self, kind: Kind) -> Result<Option<Template>, NodeError> {
+        if self.cancel.is_cancelled() {
+            return Ok(None);
+        }
+        let mut options = create_options(self.spec.constraints);
+        options.use_mempool = kind != Kind::Empty;
+        options.cooldown = kind == Kind::FullCooldown;
+        let label = if kind == Kind::Empty { "empty" } else { "full" };
+        metrics()
+            .node_template_builds
+            .with_label_values(&[label])
+            .inc();
+        let Some(places) = self.first_place.take() else {
+            return tokio::select! {
+                _ = self.cancel.cancelled() => Ok(None),
+                r = self.node.create_new_block(options) => r.map(Some),
+            };
+        };
+        // The first template is what a client's constraints cost the node: it waits for
+        // a place among the calls clients may cause at once, and keeps it until the node
+        // has answered, even if the group is cancelled meanwhile (the call goes on).
+        let place = tokio::select! {
+            _ = self.cancel.cancelled() => return Ok(None),
+            place = take_client_call(&places) => place.ok(),
+        };
+        let node = self.node.clone();
+        let call = tokio::spawn(async move {
+            let _place = place;
+            node.create_new_block(options).await
+        });
+        tokio::select! {
+            _ = self.cancel.cancelled() => Ok(None),
+            // A task that died (a panic) is a failure to report and retry, not a lost node.
+            r = call => r.map_err(|e| NodeError::Call {
+                method: "createNewBlock",
+                message: format!("the call's task failed: {e}"),
+            })?.map(Some),
+        }
+    }
+
+    /// Publishes `template` for `tip` if the node built it on that tip; `false` when not
+    /// (the node moved on; the follower will report it).
+    async fn publish_on(&mut self, tip: NodeTip, template: Template, reason: Reason) -> bool {
+        if template.data().header.prev_blockhash != tip.hash() {
+            return false;
+        }
+        // A tip's first template counts from the node's report; the rest from now.
+        let since = match reason {
+            Reason::Tip => tip.seen,
+            _ => Instant::now(),
+        };
+        self.publish(template, reason, since).await;
+        true
+    }
+
+    async fn publish(&mut self, template: Template, reason: Reason, received_at: Instant) {
+        let data = template.data();
+        // The empty template's fees are no baseline: its full one follows at once.
+        self.last = Some(Sent {
+            prev_hash: data.header.prev_blockhash,
+            bits: data.header.bits,
+            fees: data.total_fees(),
+            built: Instant::now(),
+        });
+        let report = GroupReport::Publish {
+            serial: self.spec.serial,
+            constraints: self.spec.constraints,
+            template,
+            reason,
+            received_at,
+        };
+        let _ = self.reports.send(report).await;
+    }
+}
+
+/// Takes a place among the node calls clients may cause, counting a wait when none is free.
+pub(crate) async fn take_client_call(
+    places: &Arc<Semaphore>,
+) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    if places.available_permits() == 0 {
+        metrics()
+            .limit_waits
+            .with_label_values(&["max_node_calls"])
+            .inc();
+    }
+    places.clone().acquire_owned().await
+}

@@ -1,0 +1,165 @@
+//! Following the node's chain tip: one task per connection keeps a `waitTipChanged`
+//! pending (on a node thread of its own) and reports every tip the node moves to —
+//! higher, lower (`invalidateblock`, a node restarted on an older chain state) or
+//! sideways (a reorg). The node decides what the tip is; nobody compares heights.
+//!
+//! Each tip goes to the engine first (so it knows the tip before any template built on
+//! it arrives) and then to the group tasks, which build their templates for it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bitcoin::BlockHash;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::store::TemplateStore;
+use crate::node::{NodeClient, NodeError, Tip};
+
+/// A tip the node reported, and when the report arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NodeTip {
+    /// The node's tip.
+    pub tip: Tip,
+    /// When the follower learnt it.
+    pub seen: Instant,
+}
+
+impl NodeTip {
+    /// The tip's block hash.
+    pub fn hash(&self) -> BlockHash {
+        self.tip.hash
+    }
+}
+
+/// What the follower tells the engine.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TipReport {
+    /// Which follower (one per connection) reports; see [`TipFollower::serial`].
+    pub serial: u64,
+    /// The node's new tip.
+    pub tip: NodeTip,
+}
+
+/// How long one `waitTipChanged` may wait; on timeout the node answers with the
+/// unchanged tip and the follower simply waits again. Short enough that a wait left
+/// behind by a stopped follower frees its node thread soon.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Pause after an answer that makes no sense to wait on at once (an error, or null
+/// before the connection closed: the node is shutting down).
+const BACKOFF: Duration = Duration::from_millis(250);
+
+/// The follower of one connection.
+#[derive(Debug)]
+pub(crate) struct TipFollower {
+    /// Tells this follower's reports from an earlier connection's.
+    pub serial: u64,
+    /// The newest tip, for group tasks; `None` until the node named one.
+    pub tips: watch::Receiver<Option<NodeTip>>,
+    cancel: CancellationToken,
+}
+
+impl TipFollower {
+    /// Starts following `node`'s tip; reports go to `reports` tagged with a serial of
+    /// this follower's own.
+    pub fn start(
+        node: NodeClient,
+        reports: mpsc::Sender<TipReport>,
+        cancel: CancellationToken,
+    ) -> Self {
+        static SERIALS: AtomicU64 = AtomicU64::new(1);
+        let serial = SERIALS.fetch_add(1, Ordering::Relaxed);
+        let (tx, tips) = watch::channel(None);
+        let task = follow(node, serial, tx, reports, cancel.clone());
+        tokio::spawn(tracing::Instrument::instrument(
+            task,
+            tracing::info_span!("tip"),
+        ));
+        Self {
+            serial,
+            tips,
+            cancel,
+        }
+    }
+}
+
+impl Drop for TipFollower {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Makes `tip` the store's tip: from now on, templates are current when built on it.
+pub(crate) fn record<T: Clone>(store: &mut TemplateStore<T>, tip: NodeTip) {
+    let Tip { hash, height } = tip.tip;
+    if store.tip() == Some(hash) {
+        return; // a reconnect to the same tip
+    }
+    let previous = store.set_tip(hash, height, tip.seen);
+    info!(tip = %hash, height, "new chain tip");
+    if previous.is_some_and(|(_, old)| old >= height) {
+        warn!(
+            height,
+            "the node's tip is not higher than the one before (an invalidated block, a \
+             reorg or a restart); following it"
+        );
+    }
+}
+
+/// Reports the node's tip (from `getTip`), then every change (`waitTipChanged`), until
+/// `cancel` fires or the connection ends.
+async fn follow(
+    node: NodeClient,
+    serial: u64,
+    tips: watch::Sender<Option<NodeTip>>,
+    reports: mpsc::Sender<TipReport>,
+    cancel: CancellationToken,
+) {
+    let mut current: Option<BlockHash> = None;
+    loop {
+        let asked = match current {
+            None => node.tip().await,
+            Some(hash) => tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = node.wait_tip_changed(hash, WAIT) => r,
+            },
+        };
+        if cancel.is_cancelled() {
+            return;
+        }
+        match asked {
+            Ok(Some(tip)) if Some(tip.hash) != current => {
+                current = Some(tip.hash);
+                let tip = NodeTip {
+                    tip,
+                    seen: Instant::now(),
+                };
+                debug!(hash = %tip.tip.hash, height = tip.tip.height, "the node moved its tip");
+                // The engine first: it must know the tip before templates built on it.
+                if reports.send(TipReport { serial, tip }).await.is_err() {
+                    return;
+                }
+                tips.send_replace(Some(tip));
+                continue;
+            }
+            // The wait timed out with the tip unchanged.
+            Ok(Some(_)) => continue,
+            Err(e) if is_gone(&e, &node) => return,
+            Err(e) => warn!(error = %e, "cannot follow the node's tip; retrying"),
+            // Null: interrupted or the node is shutting down; the connection will say.
+            Ok(None) if node.is_closed() => return,
+            Ok(None) => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = node.closed() => return,
+            _ = tokio::time::sleep(BACKOFF) => {}
+        }
+    }
+}
+
+fn is_gone(e: &NodeError, node: &NodeClient) -> bool {
+    e.is_disconnect() || node.is_closed()
+}

@@ -1,0 +1,190 @@
+//! Following the tip of a real regtest bitcoin-node: tip-first with a full mempool (the
+//! pair from the empty template, then the full one; blocks on either accepted), and a
+//! tip that goes down (`invalidateblock`) and back (`reconsiderblock`).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bitcoin::absolute::LockTime;
+use bitcoin::transaction::Version;
+use bitcoin::{
+    Amount, BlockHash, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness,
+};
+use serde_json::json;
+use support::tp::*;
+use support::{
+    op_true_address, op_true_script, op_true_witness_script, spend_op_true, BitcoinNode,
+};
+
+macro_rules! node_or_skip {
+    ($test:expr) => {
+        match BitcoinNode::start_if_available($test).expect("bitcoin-node starts") {
+            Some(node) => node,
+            None => return,
+        }
+    };
+}
+
+fn payout() -> ScriptBuf {
+    ScriptBuf::new_p2wsh(&bitcoin::WScriptHash::from_raw_hash(
+        bitcoin::hashes::Hash::from_byte_array([5u8; 32]),
+    ))
+}
+
+/// Mines a block with no mempool transaction (`generateblock` with an empty list), so
+/// the mempool stays as it is.
+fn mine_empty(node: &BitcoinNode) -> BlockHash {
+    let answer = node
+        .rpc("generateblock", json!([op_true_address().to_string(), []]))
+        .expect("generateblock");
+    answer["hash"]
+        .as_str()
+        .and_then(|h| h.parse().ok())
+        .expect("block hash")
+}
+
+/// Puts `count` independent transactions in the mempool: one mature OP_TRUE coinbase is
+/// split into `count` outputs (mined), and each output is spent on its own.
+fn fill_mempool(node: &BitcoinNode, count: usize) {
+    let coin = node.fund_op_true().expect("funding")[0];
+    let each = Amount::from_sat((coin.value.to_sat() - 100_000) / count as u64);
+    let split = Transaction {
+        version: Version::TWO,
+        lock_time: LockTime::ZERO,
+        input: vec![TxIn {
+            previous_output: coin.outpoint,
+            script_sig: ScriptBuf::new(),
+            sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+            witness: Witness::from_slice(&[op_true_witness_script().as_bytes()]),
+        }],
+        output: (0..count)
+            .map(|_| TxOut {
+                value: each,
+                script_pubkey: op_true_script(),
+            })
+            .collect(),
+    };
+    let txid = node
+        .send_raw_transaction(&split)
+        .expect("split transaction");
+    node.generate(1).expect("split mined");
+    for vout in 0..count {
+        let outpoint = OutPoint {
+            txid,
+            vout: vout as u32,
+        };
+        // Fees differ, so the node has something to select by.
+        let fee = Amount::from_sat(1_000 + vout as u64 * 10);
+        node.send_raw_transaction(&spend_op_true(outpoint, each, fee))
+            .expect("spend");
+    }
+    let pooled = node.mempool_txids().expect("mempool").len();
+    assert_eq!(pooled, count, "the mempool holds them all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_full_mempool_the_pair_comes_first_and_blocks_on_either_template_are_taken() {
+    let node = node_or_skip!(
+        "with_a_full_mempool_the_pair_comes_first_and_blocks_on_either_template_are_taken"
+    );
+    fill_mempool(&node, 300);
+    let dir = tempfile::tempdir().unwrap();
+    // No fee checks during the test: every template is a tip's.
+    let config = regtest_config(
+        &node.socket_path(),
+        dir.path(),
+        &[("template_interval", "600")],
+    );
+    let daemon = start_daemon(&config).await;
+    let mut c = client(&daemon, 100, 10).await;
+    next_tip(&mut c).await;
+
+    let mined = mine_empty(&node);
+    let (empty, p) = next_tip(&mut c).await;
+    assert_eq!(prev_hash(&p), mined);
+    assert!(
+        empty.merkle_path.is_empty(),
+        "the pair's template has no transaction"
+    );
+    let full = next_template(&mut c).await;
+    assert!(
+        !full.future_template,
+        "the full template is not a future one"
+    );
+    assert!(
+        full.coinbase_tx_value_remaining > empty.coinbase_tx_value_remaining,
+        "fees in the full template"
+    );
+    assert!(!full.merkle_path.is_empty());
+
+    // The full template on that tip (its SetNewPrevHash is the pair's): the node takes it.
+    let (solution, on_full) = solve(&full, &p, &build_coinbase(&full, &payout(), true));
+    c.submit_solution(solution).await.unwrap();
+    let (empty2, p2) = next_tip(&mut c).await;
+    assert_eq!(
+        prev_hash(&p2),
+        on_full,
+        "the block on the full template is the tip"
+    );
+    let block = node.get_block(&on_full).unwrap();
+    assert_eq!(block.txdata.len(), 301, "coinbase and the mempool");
+
+    // The empty template of the next tip: taken too.
+    let (solution, on_empty) = solve(&empty2, &p2, &build_coinbase(&empty2, &payout(), true));
+    c.submit_solution(solution).await.unwrap();
+    let (_, p3) = next_tip(&mut c).await;
+    assert_eq!(
+        prev_hash(&p3),
+        on_empty,
+        "the block on the empty template is the tip"
+    );
+    assert_eq!(node.best_block_hash().unwrap(), on_empty);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidateblock_and_reconsiderblock_reach_every_client_within_a_second() {
+    let node =
+        node_or_skip!("invalidateblock_and_reconsiderblock_reach_every_client_within_a_second");
+    node.fund_op_true().expect("funding leaves IBD");
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(&regtest_config(&node.socket_path(), dir.path(), &[])).await;
+    let mut clients = vec![
+        client(&daemon, 100, 10).await,
+        client(&daemon, 100, 10).await,
+        client(&daemon, 4_000, 20).await,
+    ];
+    for c in &mut clients {
+        next_tip(c).await;
+    }
+    let top = node.best_block_hash().unwrap();
+    let parent = node.block_hash(node.block_count().unwrap() - 1).unwrap();
+
+    node.rpc("invalidateblock", json!([top.to_string()]))
+        .expect("invalidateblock");
+    let since = Instant::now();
+    for c in &mut clients {
+        let (_, p) = next_tip(c).await;
+        assert_eq!(prev_hash(&p), parent, "the lower tip");
+    }
+    let took = since.elapsed();
+    println!("invalidateblock -> pair at every client: {took:?}");
+    assert!(took < Duration::from_secs(1), "lower tip after {took:?}");
+
+    node.rpc("reconsiderblock", json!([top.to_string()]))
+        .expect("reconsiderblock");
+    let since = Instant::now();
+    for c in &mut clients {
+        assert_eq!(prev_hash(&next_tip(c).await.1), top, "back on the block");
+    }
+    let took = since.elapsed();
+    println!("reconsiderblock -> pair at every client: {took:?}");
+    assert!(took < Duration::from_secs(1), "back after {took:?}");
+
+    let next = node.generate(1).unwrap()[0];
+    for c in &mut clients {
+        assert_eq!(prev_hash(&next_tip(c).await.1), next, "a block after that");
+    }
+    daemon.stop().await;
+}
