@@ -46,6 +46,15 @@ pub enum NodeError {
     /// The IPC connection is gone (node stopped, crashed or restarted).
     #[error("lost the IPC connection to the node")]
     Disconnected,
+    /// The node did not answer a call that should be quick within the deadline
+    /// (`node_call_timeout`): it is hung, or badly overloaded.
+    #[error("the node did not answer {method} within {after:?}")]
+    Timeout {
+        /// The IPC method.
+        method: &'static str,
+        /// The deadline that passed.
+        after: std::time::Duration,
+    },
     /// The node refused a call.
     #[error("the node failed {method}: {message}")]
     Call {
