@@ -151,6 +151,9 @@ pub struct Config {
     pub max_bad_messages: u32,
     /// Solutions of one session waiting for the node at once; more are dropped.
     pub max_solutions_in_flight_per_client: usize,
+    /// Deadline of every IPC call that is not a wait; a node that misses it on the
+    /// periodic probe counts as not responding.
+    pub node_call_timeout: Duration,
 }
 
 impl Config {
@@ -227,6 +230,7 @@ impl Config {
                 "max_solutions_in_flight_per_client" => {
                     self.max_solutions_in_flight_per_client.to_string()
                 }
+                "node_call_timeout" => secs(self.node_call_timeout),
                 _ => continue,
             };
             let source = provenance
@@ -397,6 +401,7 @@ config_keys!(
     max_clients_per_ip,
     max_bad_messages,
     max_solutions_in_flight_per_client,
+    node_call_timeout,
 );
 
 /// Command-line flags, one per configuration key plus `--config`.
@@ -468,11 +473,14 @@ pub struct ConfigArgs {
     /// Solutions of one client waiting for the node at once [default: 4]
     #[arg(long, global = true, value_name = "N")]
     pub max_solutions_in_flight_per_client: Option<String>,
+    /// Seconds the node has to answer an IPC call that is not a wait [default: 5]
+    #[arg(long, global = true, value_name = "SECS")]
+    pub node_call_timeout: Option<String>,
 }
 
 impl ConfigArgs {
     fn values(&self) -> SourcedValues {
-        let flags: [(&'static str, &'static str, &Option<String>); 20] = [
+        let flags: [(&'static str, &'static str, &Option<String>); 21] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
             (
@@ -528,6 +536,11 @@ impl ConfigArgs {
                 "max_solutions_in_flight_per_client",
                 "--max-solutions-in-flight-per-client",
                 &self.max_solutions_in_flight_per_client,
+            ),
+            (
+                "node_call_timeout",
+                "--node-call-timeout",
+                &self.node_call_timeout,
             ),
         ];
         flags
@@ -814,6 +827,7 @@ impl Resolver<'_> {
         )?;
         let max_solutions_in_flight_per_client =
             self.get("max_solutions_in_flight_per_client", count(1), || 4)?;
+        let node_call_timeout = self.get("node_call_timeout", seconds(1), || secs(5))?;
         let config = Config {
             chain,
             datadir,
@@ -835,6 +849,7 @@ impl Resolver<'_> {
             max_clients_per_ip,
             max_bad_messages,
             max_solutions_in_flight_per_client,
+            node_call_timeout,
         };
         Ok((config, self.provenance))
     }

@@ -64,6 +64,7 @@ impl Daemon {
                 template_interval: config.template_interval,
                 stale_grace: config.stale_template_grace,
                 solutions_dir: config.datadir.join("solutions"),
+                node_call_timeout: config.node_call_timeout,
             },
             shutdown.clone(),
         );

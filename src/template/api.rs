@@ -32,19 +32,26 @@ pub struct EngineConfig {
     pub stale_grace: Duration,
     /// Where solved blocks are written before they go to the node.
     pub solutions_dir: PathBuf,
+    /// Deadline of every node call that is not a wait; the periodic probe uses it too.
+    pub node_call_timeout: Duration,
 }
 
 /// What `/health` and the daemon read about the engine.
 #[derive(Debug, Default)]
 pub struct EngineStatus {
     pub(super) node_connected: AtomicBool,
+    /// False while the connected node misses the deadline of the periodic probe.
+    pub(super) node_unresponsive: AtomicBool,
     pub(super) has_template: AtomicBool,
 }
 
 impl EngineStatus {
-    /// True while the node is connected and a current template exists.
+    /// True while the node is connected and answering, and a current template exists
+    /// (one made since the node last answered again).
     pub fn healthy(&self) -> bool {
-        self.node_connected.load(Ordering::Relaxed) && self.has_template.load(Ordering::Relaxed)
+        self.node_connected.load(Ordering::Relaxed)
+            && !self.node_unresponsive.load(Ordering::Relaxed)
+            && self.has_template.load(Ordering::Relaxed)
     }
 }
 

@@ -3,14 +3,13 @@
 //! decisions live beside it — [`super::store`], [`super::fanout`], [`super::group`],
 //! [`super::solutions`] — and take data, not the actor.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stratum_core::template_distribution_sv2::{
     NewTemplateOwned, SetNewPrevHashOwned, SubmitSolutionOwned,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn};
 
@@ -21,10 +20,12 @@ use super::api::{
 use super::blocks::{self, FetchedBlock, TxDataReply};
 use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
 use super::group::{FeePolicy, GroupReport, Groups, Reason};
+use super::health::NodeLink;
 use super::messages::announce;
 use super::solutions::{self, Submission};
-use super::store::{Held, TemplateStore, TxLookup};
+use super::store::{first_template_id, Held, TemplateStore, TxLookup};
 use super::supervisor::{supervise, NodeEvent};
+use super::unknown::UnknownSolutions;
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
 
@@ -45,19 +46,23 @@ pub fn spawn(
     let (reports_tx, reports) = mpsc::channel(QUEUE);
     let (fetched_tx, fetched) = mpsc::channel(QUEUE);
     let status = Arc::new(EngineStatus::default());
-    tokio::spawn(supervise(config.socket.clone(), node_tx, shutdown.clone()));
+    tokio::spawn(supervise(
+        config.socket.clone(),
+        config.node_call_timeout,
+        node_tx,
+        shutdown.clone(),
+    ));
     let fees = FeePolicy {
         fee_delta: config.fee_delta,
         interval: config.template_interval,
     };
     let engine = Engine {
-        store: TemplateStore::new(config.stale_grace),
+        store: TemplateStore::new(config.stale_grace, first_template_id()),
         groups: Groups::new(fees, reports_tx, shutdown.clone()),
         fanout: Fanout::default(),
+        unknown: UnknownSolutions::new(config.solutions_dir.clone()),
         config,
-        status: status.clone(),
-        connected_before: false,
-        current_node: watch::channel(None).0,
+        node: NodeLink::new(status.clone()),
         fetched_tx,
         shutdown,
     };
@@ -89,15 +94,11 @@ struct Published {
 
 struct Engine {
     config: EngineConfig,
-    status: Arc<EngineStatus>,
-    /// Whether a connection was up before (templates after a reconnect count as `tip`).
-    connected_before: bool,
+    node: NodeLink,
     groups: Groups,
     fanout: Fanout,
     store: TemplateStore<Published>,
-    /// The live connection; `submit` also reads it, for solutions whose template died
-    /// with an earlier one.
-    current_node: watch::Sender<Option<NodeClient>>,
+    unknown: UnknownSolutions,
     /// Where background block reads deliver.
     fetched_tx: mpsc::Sender<FetchedBlock>,
     shutdown: CancellationToken,
@@ -115,6 +116,8 @@ impl Engine {
                 Some(event) = inbox.node_events.recv() => match event {
                     NodeEvent::Connected(node) => self.on_connected(node),
                     NodeEvent::Lost => self.on_disconnected(),
+                    NodeEvent::Unresponsive(e) => self.node.unresponsive(&e),
+                    NodeEvent::Responsive => self.on_responsive(),
                     NodeEvent::Unusable(e) => {
                         error!(error = %e, "cannot use this node");
                         break Err(EngineError::Unsupported(e));
@@ -136,57 +139,47 @@ impl Engine {
         self.groups.stop_all();
         self.store.clear();
         self.fanout.clear();
-        if let Some(node) = self.current_node.send_replace(None) {
-            // Let the group tasks interrupt their waits, then release the rest.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            node.release_all().await;
-        }
-        self.status.node_connected.store(false, Ordering::Relaxed);
-        metrics().node_connected.set(0);
+        self.node.stop().await;
     }
 
     fn on_connected(&mut self, node: NodeClient) {
-        let line = node.line().label();
-        info!(interface = line, "node ready; serving templates");
-        let m = metrics();
-        m.node_connected.set(1);
-        m.node_connects.inc();
-        m.node_info.reset();
-        m.node_info.with_label_values(&[line]).set(1);
-        self.status.node_connected.store(true, Ordering::Relaxed);
-        self.current_node.send_replace(Some(node));
         // After a reconnect the first templates stand for the node's (possibly new) tip.
-        let reason = if self.connected_before {
-            Reason::Tip
-        } else {
-            Reason::Constraints
+        let reason = match self.node.connected(node) {
+            true => Reason::Tip,
+            false => Reason::Constraints,
         };
-        self.connected_before = true;
+        self.start_groups(reason);
+    }
+
+    /// Starts the standing group and every group a client uses.
+    fn start_groups(&mut self, first: Reason) {
         self.fanout.forget_gone();
         for constraints in [STANDING_GROUP].into_iter().chain(self.fanout.groups()) {
-            self.ensure_group(constraints, reason);
+            self.ensure_group(constraints, first);
         }
     }
 
+    /// The node answers again: every group starts over, so clients get fresh templates
+    /// even if a wait of the old groups was lost in the node. (While it did not answer,
+    /// clients kept their templates: they stay valid while the tip holds.)
+    fn on_responsive(&mut self) {
+        self.node.responsive();
+        self.groups.stop_all();
+        self.start_groups(Reason::Tip);
+    }
+
     fn on_disconnected(&mut self) {
-        warn!("lost the node; clients stay connected, reconnecting");
+        self.node.lost();
         self.groups.stop_all();
         // The templates stay: their capabilities died with the connection, but pools keep
         // mining them while the tip has not moved, and a solution for one is still saved
         // and handed to the node over the next connection (see `submit`). They go when
         // the tip moves, as always.
-        self.current_node.send_replace(None);
-        self.status.node_connected.store(false, Ordering::Relaxed);
-        self.status.has_template.store(false, Ordering::Relaxed);
-        // `templates_held` is not zeroed here: the old connection's templates are counted
-        // down as their handles drop (the IPC thread releases each one once), and zeroing
-        // first would drive the gauge negative.
-        metrics().node_connected.set(0);
     }
 
     /// Starts a group for `constraints` on the live connection unless one runs.
     fn ensure_group(&mut self, constraints: Constraints, first: Reason) {
-        let Some(node) = self.current_node.borrow().clone() else {
+        let Some(node) = self.node.current() else {
             return;
         };
         self.groups.ensure(&node, constraints, first);
@@ -275,7 +268,7 @@ impl Engine {
             .with_label_values(&[reason.label()])
             .inc();
         self.groups.set_current(constraints, id);
-        self.status.has_template.store(true, Ordering::Relaxed);
+        self.node.template_ready();
         self.fanout
             .publish(constraints, &new_tmpl, future.then_some(&snph));
         if future {
@@ -353,14 +346,14 @@ impl Engine {
         reply: oneshot::Sender<SolutionOutcome>,
     ) {
         let Some(held) = self.store.get(solution.template_id) else {
-            return solutions::refuse_unknown(solution.template_id, reply);
+            return self.unknown.refuse(solution, reply, Instant::now());
         };
         let job = Submission {
             template: held.payload.template.clone(),
             cached_block: held.block.clone(),
             solution,
             dir: self.config.solutions_dir.clone(),
-            nodes: self.current_node.subscribe(),
+            nodes: self.node.subscribe(),
         };
         solutions::spawn(job, reply);
     }

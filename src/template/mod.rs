@@ -9,11 +9,13 @@
 //! One room per job, none of which knows the actor:
 //! - `engine`: the actor that owns the state and wires the rest together;
 //! - `supervisor`: the node connection's lifecycle (connect, IBD, reconnect);
+//! - `health`: what `/health`, the node gauges and the log say about the node;
 //! - `group`: one task per constraint group, following the node with `waitNext`;
 //! - `store`: held templates, ids, pruning and the block cache (no I/O);
 //! - `fanout`: subscribed sessions, group choice, queueing to sessions;
 //! - `blocks`: reading template blocks in the background (prefetch, transaction data);
 //! - `solutions`: from `SubmitSolution` to a block on disk and in the node;
+//! - `unknown`: saving (within a budget) solutions for templates not held;
 //! - [`messages`]: from template data to SV2 messages and back.
 
 mod api;
@@ -21,10 +23,12 @@ mod blocks;
 mod engine;
 mod fanout;
 mod group;
+mod health;
 pub mod messages;
 mod solutions;
 mod store;
 mod supervisor;
+mod unknown;
 
 pub use api::*;
 pub use engine::spawn;

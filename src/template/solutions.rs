@@ -42,16 +42,6 @@ pub(crate) fn spawn(job: Submission, reply: oneshot::Sender<SolutionOutcome>) {
     );
 }
 
-/// Answers a solution whose template is not held.
-pub(crate) fn refuse_unknown(template_id: u64, reply: oneshot::Sender<SolutionOutcome>) {
-    warn!(template_id, "solution for an unknown template");
-    metrics()
-        .solutions
-        .with_label_values(&["unknown-template"])
-        .inc();
-    let _ = reply.send(SolutionOutcome::UnknownTemplate);
-}
-
 /// Writes the block to disk, then hands the solution to the node.
 async fn submit(job: Submission) -> SolutionOutcome {
     let Submission {

@@ -91,12 +91,24 @@ pub(crate) struct TemplateStore<T> {
     grace: Duration,
 }
 
+/// The id of the first template of this run: the time in microseconds since the Unix
+/// epoch. Ids count up from there, one per template, so a later run starts above every id
+/// an earlier one handed out (unless it made more than a million templates a second, or
+/// the clock went back), and a pool that outlived a restart cannot hit the wrong template.
+pub(crate) fn first_template_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+        .unwrap_or(1)
+        .max(1)
+}
+
 impl<T: Clone> TemplateStore<T> {
-    /// An empty store whose first template gets id 1.
-    pub fn new(grace: Duration) -> Self {
+    /// An empty store whose first template gets id `first_id`.
+    pub fn new(grace: Duration, first_id: u64) -> Self {
         Self {
             templates: BTreeMap::new(),
-            next_id: 1,
+            next_id: first_id,
             tip: None,
             previous_tip: None,
             grace,
@@ -266,7 +278,7 @@ mod tests {
     #[test]
     fn ids_count_up_from_one_and_are_never_reused() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         assert_eq!(store.next_id(), 1);
         let (first, new_tip) = store.insert(held(A, 1, t0), 10);
         assert_eq!((first, new_tip), (1, true));
@@ -277,9 +289,22 @@ mod tests {
     }
 
     #[test]
+    fn a_later_run_starts_above_every_id_of_an_earlier_one() {
+        let t0 = Instant::now();
+        let mut earlier = TemplateStore::new(GRACE, first_template_id());
+        let mut last = 0;
+        for _ in 0..1000 {
+            last = earlier.insert(held(A, 1, t0), 10).0;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        let later = TemplateStore::<&str>::new(GRACE, first_template_id());
+        assert!(later.next_id() > last, "{} <= {last}", later.next_id());
+    }
+
+    #[test]
     fn a_template_on_a_lower_other_tip_is_behind() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         assert!(
             !store.is_behind(tip(1), 5),
             "nothing is behind an empty store"
@@ -299,7 +324,7 @@ mod tests {
     #[test]
     fn previous_tip_templates_live_through_the_grace_period_only() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         let (old, _) = store.insert(held(A, 1, t0), 10);
         let (new, _) = store.insert(held(A, 2, t0 + Duration::from_secs(1)), 11);
         store.prune(&[new], t0 + Duration::from_secs(5));
@@ -311,7 +336,7 @@ mod tests {
     #[test]
     fn tips_before_the_previous_one_go_at_once() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         store.insert(held(A, 1, t0), 10);
         let (previous, _) = store.insert(held(A, 2, t0), 11);
         let (current, _) = store.insert(held(A, 3, t0), 12);
@@ -322,7 +347,7 @@ mod tests {
     #[test]
     fn the_current_tip_keeps_at_most_the_cap_per_group_once_old() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         let total = MAX_TEMPLATES_PER_GROUP + 4;
         let mut last = 0;
         for _ in 0..total {
@@ -341,7 +366,7 @@ mod tests {
     #[test]
     fn a_groups_current_template_is_kept_whatever_its_tip() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         let (stuck, _) = store.insert(held(B, 1, t0), 10);
         store.insert(held(A, 2, t0), 11);
         store.insert(held(A, 3, t0), 12);
@@ -352,7 +377,7 @@ mod tests {
     #[test]
     fn only_the_newest_templates_of_a_group_keep_their_block() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         let block = Arc::new(one_tx_block());
         let mut all = Vec::new();
         for _ in 0..BLOCKS_CACHED_PER_GROUP + 2 {
@@ -374,7 +399,7 @@ mod tests {
     #[test]
     fn transaction_data_is_served_for_current_tip_templates_only() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         let (old, _) = store.insert(held(A, 1, t0), 10);
         let (new, _) = store.insert(held(A, 2, t0), 11);
         assert_eq!(

@@ -43,6 +43,7 @@ pub fn regtest_config(socket: &Path, datadir: &Path, extra: &[(&str, &str)]) -> 
             "template_interval" => args.template_interval = v,
             "stale_template_grace" => args.stale_template_grace = v,
             "max_clients" => args.max_clients = v,
+            "node_call_timeout" => args.node_call_timeout = v,
             other => panic!("regtest_config: add {other}"),
         }
     }

@@ -1,0 +1,158 @@
+//! Solutions for templates this daemon does not hold: a pool that outlived a daemon
+//! restart, or a template released long ago. Without the template the block cannot be
+//! rebuilt (its prev hash, merkle path and nBits are unknown), so its proof of work cannot
+//! be checked either; what the pool sent is saved as found, a bounded number a minute so
+//! a client cannot fill the disk, for the operator to rebuild by hand if it mattered.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bitcoin::hex::DisplayHex;
+use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
+use tokio::sync::oneshot;
+use tracing::{error, warn};
+
+use super::api::SolutionOutcome;
+use crate::metrics::metrics;
+
+/// Unknown-template solutions saved per window; more are only counted.
+pub(crate) const SAVED_PER_WINDOW: u32 = 10;
+
+/// The window [`SAVED_PER_WINDOW`] applies to.
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// Saves and logs unknown-template solutions within a budget.
+#[derive(Debug)]
+pub(crate) struct UnknownSolutions {
+    dir: PathBuf,
+    window_start: Option<Instant>,
+    saved: u32,
+    skipped: u32,
+}
+
+impl UnknownSolutions {
+    /// Saves into `dir` (the solutions directory).
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            window_start: None,
+            saved: 0,
+            skipped: 0,
+        }
+    }
+
+    /// Answers `solution` (whose template is not held) as unknown, and saves it unless
+    /// this window's budget is spent.
+    pub fn refuse(
+        &mut self,
+        solution: SubmitSolutionOwned,
+        reply: oneshot::Sender<SolutionOutcome>,
+        now: Instant,
+    ) {
+        metrics()
+            .solutions
+            .with_label_values(&["unknown-template"])
+            .inc();
+        let _ = reply.send(SolutionOutcome::UnknownTemplate);
+        if self
+            .window_start
+            .is_none_or(|t| now.duration_since(t) >= WINDOW)
+        {
+            if self.skipped > 0 {
+                warn!(
+                    skipped = self.skipped,
+                    "solutions for unknown templates were not saved (more than {SAVED_PER_WINDOW} a minute)"
+                );
+            }
+            self.window_start = Some(now);
+            self.saved = 0;
+            self.skipped = 0;
+        }
+        if self.saved >= SAVED_PER_WINDOW {
+            self.skipped += 1;
+            return;
+        }
+        self.saved += 1;
+        let path = self.dir.join(file_name(solution.template_id));
+        warn!(
+            template_id = solution.template_id,
+            path = %path.display(),
+            "solution for an unknown template (from before a restart, or released); saved, not submitted"
+        );
+        tokio::spawn(save(path, contents(&solution)));
+    }
+}
+
+/// `unknown-<template id>-<unix time in ms>.solution.json`.
+fn file_name(template_id: u64) -> String {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    format!("unknown-{template_id}-{millis}.solution.json")
+}
+
+/// What the pool sent, as JSON.
+fn contents(solution: &SubmitSolutionOwned) -> String {
+    serde_json::json!({
+        "template_id": solution.template_id,
+        "version": solution.version,
+        "header_timestamp": solution.header_timestamp,
+        "header_nonce": solution.header_nonce,
+        "coinbase": solution.coinbase_tx.as_bytes().to_lower_hex_string(),
+    })
+    .to_string()
+}
+
+async fn save(path: PathBuf, contents: String) {
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let result = async {
+        tokio::fs::create_dir_all(&dir).await?;
+        tokio::fs::write(&path, contents).await
+    }
+    .await;
+    if let Err(e) = result {
+        error!(path = %path.display(), error = %e, "cannot save the solution");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stratum_core::binary_sv2::B064KOwned;
+
+    fn solution(template_id: u64) -> SubmitSolutionOwned {
+        SubmitSolutionOwned {
+            template_id,
+            version: 0x2000_0000,
+            header_timestamp: 1_700_000_000,
+            header_nonce: 7,
+            coinbase_tx: B064KOwned::new(vec![1, 2, 3]).expect("fits"),
+        }
+    }
+
+    #[tokio::test]
+    async fn saves_a_bounded_number_a_minute() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut unknown = UnknownSolutions::new(dir.path().to_path_buf());
+        let t0 = Instant::now();
+        for id in 0..SAVED_PER_WINDOW as u64 + 5 {
+            let (reply, answer) = oneshot::channel();
+            unknown.refuse(solution(id), reply, t0);
+            assert_eq!(answer.await.unwrap(), SolutionOutcome::UnknownTemplate);
+        }
+        assert_eq!((unknown.saved, unknown.skipped), (SAVED_PER_WINDOW, 5));
+        let (reply, _) = oneshot::channel();
+        unknown.refuse(solution(99), reply, t0 + WINDOW);
+        assert_eq!((unknown.saved, unknown.skipped), (1, 0), "a new window");
+    }
+
+    #[test]
+    fn the_file_holds_what_the_pool_sent() {
+        let json: serde_json::Value = serde_json::from_str(&contents(&solution(42))).unwrap();
+        assert_eq!(json["template_id"], 42);
+        assert_eq!(json["header_nonce"], 7);
+        assert_eq!(json["coinbase"], "010203");
+        assert!(file_name(42).starts_with("unknown-42-"));
+    }
+}
