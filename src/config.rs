@@ -151,6 +151,19 @@ pub struct Config {
     pub max_bad_messages: u32,
     /// Solutions of one session waiting for the node at once; more are dropped.
     pub max_solutions_in_flight_per_client: usize,
+    /// Solutions whose header misses its target tolerated per session before it is disconnected.
+    pub max_bad_solutions: u32,
+    /// Solutions with valid proof of work on their way to the node at once, all clients together; more are refused.
+    pub max_solutions_in_flight: usize,
+    /// Node calls clients can cause at once, all together (a new constraint group's first template, block reads for transaction data).
+    pub max_node_calls: usize,
+    /// `RequestTransactionData` of one session answered at once; more are refused with "throttled".
+    pub max_tx_data_requests_per_client: usize,
+    /// Bytes of transaction-data answers encoded and not yet written, all clients together.
+    pub max_tx_data_bytes_in_flight: usize,
+    /// Least time between two applied `CoinbaseOutputConstraints` of one session; changes
+    /// in between are coalesced, the latest winning.
+    pub constraints_interval: Duration,
     /// Deadline of every IPC call that is not a wait; a node that misses it on the
     /// periodic probe counts as not responding.
     pub node_call_timeout: Duration,
@@ -230,6 +243,14 @@ impl Config {
                 "max_solutions_in_flight_per_client" => {
                     self.max_solutions_in_flight_per_client.to_string()
                 }
+                "max_bad_solutions" => self.max_bad_solutions.to_string(),
+                "max_solutions_in_flight" => self.max_solutions_in_flight.to_string(),
+                "max_node_calls" => self.max_node_calls.to_string(),
+                "max_tx_data_requests_per_client" => {
+                    self.max_tx_data_requests_per_client.to_string()
+                }
+                "max_tx_data_bytes_in_flight" => self.max_tx_data_bytes_in_flight.to_string(),
+                "constraints_interval" => secs(self.constraints_interval),
                 "node_call_timeout" => secs(self.node_call_timeout),
                 _ => continue,
             };
@@ -401,6 +422,12 @@ config_keys!(
     max_clients_per_ip,
     max_bad_messages,
     max_solutions_in_flight_per_client,
+    max_bad_solutions,
+    max_solutions_in_flight,
+    max_node_calls,
+    max_tx_data_requests_per_client,
+    max_tx_data_bytes_in_flight,
+    constraints_interval,
     node_call_timeout,
 );
 
@@ -473,6 +500,24 @@ pub struct ConfigArgs {
     /// Solutions of one client waiting for the node at once [default: 4]
     #[arg(long, global = true, value_name = "N")]
     pub max_solutions_in_flight_per_client: Option<String>,
+    /// Solutions missing their target tolerated per client [default: 3]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_bad_solutions: Option<String>,
+    /// Solutions on their way to the node at once, all clients [default: 64]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_solutions_in_flight: Option<String>,
+    /// Node calls clients can cause at once, all together [default: 4]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_node_calls: Option<String>,
+    /// RequestTransactionData of one client answered at once [default: 4]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_tx_data_requests_per_client: Option<String>,
+    /// Bytes of transaction-data answers in flight, all clients [default: 67108864]
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub max_tx_data_bytes_in_flight: Option<String>,
+    /// Least seconds between two applied constraint changes of one client [default: 1]
+    #[arg(long, global = true, value_name = "SECS")]
+    pub constraints_interval: Option<String>,
     /// Seconds the node has to answer an IPC call that is not a wait [default: 5]
     #[arg(long, global = true, value_name = "SECS")]
     pub node_call_timeout: Option<String>,
@@ -480,7 +525,7 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     fn values(&self) -> SourcedValues {
-        let flags: [(&'static str, &'static str, &Option<String>); 21] = [
+        let flags: [(&'static str, &'static str, &Option<String>); 27] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
             (
@@ -536,6 +581,32 @@ impl ConfigArgs {
                 "max_solutions_in_flight_per_client",
                 "--max-solutions-in-flight-per-client",
                 &self.max_solutions_in_flight_per_client,
+            ),
+            (
+                "max_bad_solutions",
+                "--max-bad-solutions",
+                &self.max_bad_solutions,
+            ),
+            (
+                "max_solutions_in_flight",
+                "--max-solutions-in-flight",
+                &self.max_solutions_in_flight,
+            ),
+            ("max_node_calls", "--max-node-calls", &self.max_node_calls),
+            (
+                "max_tx_data_requests_per_client",
+                "--max-tx-data-requests-per-client",
+                &self.max_tx_data_requests_per_client,
+            ),
+            (
+                "max_tx_data_bytes_in_flight",
+                "--max-tx-data-bytes-in-flight",
+                &self.max_tx_data_bytes_in_flight,
+            ),
+            (
+                "constraints_interval",
+                "--constraints-interval",
+                &self.constraints_interval,
             ),
             (
                 "node_call_timeout",
@@ -827,6 +898,21 @@ impl Resolver<'_> {
         )?;
         let max_solutions_in_flight_per_client =
             self.get("max_solutions_in_flight_per_client", count(1), || 4)?;
+        let max_bad_solutions = self.get(
+            "max_bad_solutions",
+            |s| {
+                s.parse::<u32>()
+                    .map_err(|_| "expected a whole number, 0 to 4294967295".into())
+            },
+            || 3,
+        )?;
+        let max_solutions_in_flight = self.get("max_solutions_in_flight", count(1), || 64)?;
+        let max_node_calls = self.get("max_node_calls", count(1), || 4)?;
+        let max_tx_data_requests_per_client =
+            self.get("max_tx_data_requests_per_client", count(1), || 4)?;
+        let max_tx_data_bytes_in_flight =
+            self.get("max_tx_data_bytes_in_flight", count(1), || 64 << 20)?;
+        let constraints_interval = self.get("constraints_interval", seconds(0), || secs(1))?;
         let node_call_timeout = self.get("node_call_timeout", seconds(1), || secs(5))?;
         let config = Config {
             chain,
@@ -849,6 +935,12 @@ impl Resolver<'_> {
             max_clients_per_ip,
             max_bad_messages,
             max_solutions_in_flight_per_client,
+            max_bad_solutions,
+            max_solutions_in_flight,
+            max_node_calls,
+            max_tx_data_requests_per_client,
+            max_tx_data_bytes_in_flight,
+            constraints_interval,
             node_call_timeout,
         };
         Ok((config, self.provenance))

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::sv2::{serve, ServerConfig, ServerError};
+use crate::sv2::{serve, session::ByteBudget, ServerConfig, ServerError};
 use crate::template::{self, EngineConfig, EngineError, EngineStatus};
 use crate::{keys, metrics_http};
 
@@ -64,6 +64,8 @@ impl Daemon {
                 template_interval: config.template_interval,
                 stale_grace: config.stale_template_grace,
                 solutions_dir: config.datadir.join("solutions"),
+                max_solutions_in_flight: config.max_solutions_in_flight,
+                max_node_calls: config.max_node_calls,
                 node_call_timeout: config.node_call_timeout,
             },
             shutdown.clone(),
@@ -95,6 +97,10 @@ impl Daemon {
             max_clients_per_ip: config.max_clients_per_ip,
             max_bad_messages: config.max_bad_messages,
             max_solutions_in_flight_per_client: config.max_solutions_in_flight_per_client,
+            max_bad_solutions: config.max_bad_solutions,
+            max_tx_data_requests_per_client: config.max_tx_data_requests_per_client,
+            tx_data_bytes: ByteBudget::new(config.max_tx_data_bytes_in_flight),
+            constraints_interval: config.constraints_interval,
             ..ServerConfig::new(sv2_addr)
         };
         let server = tokio::spawn(serve(

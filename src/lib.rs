@@ -11,6 +11,7 @@ pub mod metrics_http;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod node;
+pub mod ratelog;
 pub mod sv2;
 pub mod template;
 pub mod watch;

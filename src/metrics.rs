@@ -44,6 +44,9 @@ pub struct Metrics {
     pub handshakes_pending: IntGauge,
     /// Set-up clients disconnected by a limit, by reason (`bad_messages`).
     pub clients_disconnected: IntCounterVec,
+    /// Times a client-caused piece of work had to wait for a limit (`max_node_calls`,
+    /// `max_tx_data_bytes_in_flight`).
+    pub limit_waits: IntCounterVec,
     /// Constraint changes from set-up sessions by result (`applied`, `deferred`,
     /// `superseded`).
     pub constraint_changes: IntCounterVec,
@@ -152,6 +155,14 @@ impl Metrics {
                 &["reason"],
             )
             .expect("metric"),
+            limit_waits: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_limit_waits_total",
+                    "Client-caused work that waited for a limit to free up",
+                ),
+                &["limit"],
+            )
+            .expect("metric"),
             constraint_changes: IntCounterVec::new(
                 Opts::new(
                     "sv2_tpd_constraint_changes_total",
@@ -190,7 +201,8 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
+            Box::new(m.limit_waits.clone()),
             Box::new(m.node_connected.clone()),
             Box::new(m.node_responsive.clone()),
             Box::new(m.node_info.clone()),
@@ -222,11 +234,21 @@ impl Metrics {
         for reason in crate::sv2::admission::Refusal::ALL {
             m.connections_refused.with_label_values(&[reason.label()]);
         }
-        m.clients_disconnected.with_label_values(&["bad_messages"]);
+        for reason in ["bad_messages", "bad_solutions"] {
+            m.clients_disconnected.with_label_values(&[reason]);
+        }
+        for limit in ["max_node_calls", "max_tx_data_bytes_in_flight"] {
+            m.limit_waits.with_label_values(&[limit]);
+        }
         for result in ["applied", "deferred", "superseded"] {
             m.constraint_changes.with_label_values(&[result]);
         }
-        for result in ["success", "template-id-not-found", "stale-template-id"] {
+        for result in [
+            "success",
+            "template-id-not-found",
+            "stale-template-id",
+            "throttled",
+        ] {
             m.tx_data_requests.with_label_values(&[result]);
         }
         for result in [
@@ -235,6 +257,7 @@ impl Metrics {
             "unknown-template",
             "node-unavailable",
             "throttled",
+            "bad-pow",
         ] {
             m.solutions.with_label_values(&[result]);
         }

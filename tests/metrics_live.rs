@@ -8,13 +8,12 @@ mod support;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use bitcoin::hashes::{sha256d, Hash, HashEngine};
-use bitcoin::{Amount, ScriptBuf, Target, TxMerkleNode};
-use stratum_core::template_distribution_sv2::{
-    NewTemplateOwned, SetNewPrevHashOwned, SubmitSolutionOwned,
-};
+use bitcoin::hashes::Hash;
+use bitcoin::{Amount, ScriptBuf};
 use support::daemon_proc::{DaemonProcess, Metrics};
-use support::tp::{build_coinbase, client_at, next_template, next_tip, prev_hash, recv, solve};
+use support::tp::{
+    bad_nonce_solution, build_coinbase, client_at, next_template, next_tip, prev_hash, recv, solve,
+};
 use sv2_tpd::mock::{MockNode, MockOptions};
 use sv2_tpd::sv2::{TdpClient, TdpMessage};
 use tokio::io::AsyncWriteExt;
@@ -43,33 +42,6 @@ fn declared_families() -> BTreeSet<String> {
 
 fn payout() -> ScriptBuf {
     ScriptBuf::new_p2wsh(&bitcoin::WScriptHash::from_byte_array([9u8; 32]))
-}
-
-/// A solution for `t` on `p` whose header misses the target: the node must refuse it.
-fn bad_nonce_solution(t: &NewTemplateOwned, p: &SetNewPrevHashOwned) -> SubmitSolutionOwned {
-    let coinbase = build_coinbase(t, &payout(), true);
-    let (mut solution, _) = solve(t, p, &coinbase);
-    let mut root = coinbase.compute_txid().to_raw_hash();
-    for sibling in t.merkle_path.clone().into_inner() {
-        let mut e = sha256d::Hash::engine();
-        e.input(root.as_byte_array());
-        e.input(sibling.as_bytes());
-        root = sha256d::Hash::from_engine(e);
-    }
-    let mut header = bitcoin::block::Header {
-        version: bitcoin::block::Version::from_consensus(t.version as i32),
-        prev_blockhash: prev_hash(p),
-        merkle_root: TxMerkleNode::from_raw_hash(root),
-        time: solution.header_timestamp,
-        bits: bitcoin::CompactTarget::from_consensus(p.n_bits),
-        nonce: solution.header_nonce,
-    };
-    let target = Target::from_compact(header.bits);
-    while target.is_met_by(header.block_hash()) {
-        header.nonce = header.nonce.wrapping_add(1);
-    }
-    solution.header_nonce = header.nonce;
-    solution
 }
 
 /// Reads until a `RequestTransactionData` answer, skipping template updates.
@@ -198,13 +170,14 @@ async fn every_metric_moves_with_what_it_counts() {
     let (mut unknown, _) = solve(&t2, &p1, &coinbase);
     unknown.template_id = 424_242;
     c.submit_solution(unknown).await.unwrap();
-    c.submit_solution(bad_nonce_solution(&t2, &p1))
+    c.submit_solution(bad_nonce_solution(&t2, &p1, &payout()))
         .await
         .unwrap();
     let m6 = daemon.wait_for_metrics("the refused solutions", |m| {
         m.value(SOLUTIONS, &[("result", "unknown-template")]) == 1.0
-            && m.value(SOLUTIONS, &[("result", "rejected")]) == 1.0
+            && m.value(SOLUTIONS, &[("result", "bad-pow")]) == 1.0
     });
+    assert_eq!(m6.value(SOLUTIONS, &[("result", "rejected")]), 0.0);
     assert_eq!(m6.value(SOLUTIONS, &[("result", "accepted")]), 0.0);
     assert_eq!(m6.value("sv2_tpd_blocks_found_total", &[]), 0.0);
     assert!(node.accepted_blocks().is_empty());
@@ -218,7 +191,12 @@ async fn every_metric_moves_with_what_it_counts() {
     });
     assert_eq!(m7.value("sv2_tpd_blocks_found_total", &[]), 1.0);
     assert_eq!(m7.value(RECEIVED, &[("type", "SubmitSolution")]), 3.0);
-    assert!(m7.histogram_count(IPC, &[("method", "submitSolution")]) >= 2.0);
+    // Only the real block reached the node: the bad nonce was refused before it.
+    assert_eq!(
+        m7.histogram_count(IPC, &[("method", "submitSolution")])
+            - m6.histogram_count(IPC, &[("method", "submitSolution")]),
+        1.0
+    );
     assert_eq!(m7.value(SOLUTIONS, &[("result", "node-unavailable")]), 0.0);
 
     // A message a Template Distribution client never sends is counted as unexpected.

@@ -500,6 +500,11 @@ fn old_tip_ticks_return_same_tip_templates() {
 fn pipelined_template_reads_cost_no_extra_round_trip() {
     let fx = Fixture::new(MockOptions::default());
     fx.node.add_mempool_tx(Amount::from_sat(1_000));
+    // Delivery is decided by dispatch order; a creating call that takes a while leaves no
+    // doubt that the pipelined reads were dispatched before it returned, on a busy
+    // machine too.
+    fx.node
+        .set_delay(MockMethod::CreateNewBlock, Duration::from_millis(50));
     run(async {
         let (_client, thread, mining) = session(&fx.node).await;
         let mut request = mining.create_new_block_request();

@@ -479,6 +479,7 @@ fn malformed(what: &'static str, detail: impl std::fmt::Display) -> NodeError {
 }
 
 /// Decodes a `BlockRef`.
+#[cfg_attr(not(feature = "mock"), allow(dead_code))] // production use: the tip follower
 fn block_ref(r: super::schema::common_capnp::block_ref::Reader<'_>) -> Result<Tip, NodeError> {
     let hash: [u8; 32] = r
         .get_hash()
@@ -493,6 +494,7 @@ fn block_ref(r: super::schema::common_capnp::block_ref::Reader<'_>) -> Result<Ti
 }
 
 /// Decodes a `BlockRef` result that the node may leave null (`present` false).
+#[cfg_attr(not(feature = "mock"), allow(dead_code))]
 pub(crate) fn optional_block_ref(
     method: &'static str,
     present: bool,

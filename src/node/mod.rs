@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bitcoin::consensus::{deserialize, serialize};
-use bitcoin::hashes::Hash;
-use bitcoin::{Block, BlockHash, Transaction};
+use bitcoin::{Block, Transaction};
 use tokio::sync::watch;
 
 pub use error::NodeError;
@@ -135,7 +134,7 @@ impl NodeClient {
     /// then (the same one on timeout). `None` when interrupted or the node shuts down.
     pub async fn wait_tip_changed(
         &self,
-        current: BlockHash,
+        current: bitcoin::BlockHash,
         timeout: std::time::Duration,
     ) -> Result<Option<Tip>, NodeError> {
         self.jobs
@@ -144,7 +143,7 @@ impl NodeClient {
                 let mut request = s.mining.wait_tip_changed_request();
                 let mut params = request.get();
                 params.reborrow().init_context().set_thread(worker.thread());
-                params.set_current_tip(current.as_byte_array());
+                params.set_current_tip(bitcoin::hashes::Hash::as_byte_array(&current));
                 params.set_timeout(timeout.as_secs_f64() * 1000.0);
                 let response = timed("waitTipChanged", request.send().promise).await?;
                 let results = response

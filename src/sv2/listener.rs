@@ -17,7 +17,7 @@ use crate::{
     metrics::metrics,
     sv2::{
         admission::{Admission, AdmissionLimits, Refusal, Ticket},
-        session::{self, SessionLimits},
+        session::{self, ByteBudget, SessionLimits},
         transport::{self, TransportError},
     },
     template::EngineHandle,
@@ -29,6 +29,12 @@ pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 64;
 pub const DEFAULT_MAX_BAD_MESSAGES: u32 = 16;
 /// Default `max_solutions_in_flight_per_client`.
 pub const DEFAULT_MAX_SOLUTIONS_IN_FLIGHT: usize = 4;
+/// Default `max_bad_solutions`.
+pub const DEFAULT_MAX_BAD_SOLUTIONS: u32 = 3;
+/// Default `max_tx_data_requests_per_client`.
+pub const DEFAULT_MAX_TX_DATA_REQUESTS: usize = 4;
+/// Default `max_tx_data_bytes_in_flight`.
+pub const DEFAULT_MAX_TX_DATA_BYTES: usize = 64 << 20;
 /// Least time between two subscriptions of one session.
 pub const CONSTRAINTS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often refused and failed connections are summed up in the log.
@@ -78,6 +84,12 @@ pub struct ServerConfig {
     pub max_solutions_in_flight_per_client: usize,
     /// Least time between two subscriptions of one session (constraint changes coalesce).
     pub constraints_interval: Duration,
+    /// Solutions missing their target tolerated per session; one more disconnects.
+    pub max_bad_solutions: u32,
+    /// `RequestTransactionData` of one session answered at once.
+    pub max_tx_data_requests_per_client: usize,
+    /// Bytes of transaction-data answers in flight, every session together.
+    pub tx_data_bytes: ByteBudget,
     /// How often refused and failed connections are summed up in one log line.
     pub refusal_summary_interval: Duration,
 }
@@ -97,6 +109,9 @@ impl ServerConfig {
             max_solutions_in_flight_per_client: DEFAULT_MAX_SOLUTIONS_IN_FLIGHT,
             constraints_interval: CONSTRAINTS_INTERVAL,
             refusal_summary_interval: REFUSAL_SUMMARY_INTERVAL,
+            max_bad_solutions: DEFAULT_MAX_BAD_SOLUTIONS,
+            max_tx_data_requests_per_client: DEFAULT_MAX_TX_DATA_REQUESTS,
+            tx_data_bytes: ByteBudget::new(DEFAULT_MAX_TX_DATA_BYTES),
         }
     }
 }
@@ -254,6 +269,9 @@ impl Client {
             max_bad_messages: self.cfg.max_bad_messages,
             max_solutions_in_flight: self.cfg.max_solutions_in_flight_per_client,
             constraints_interval: self.cfg.constraints_interval,
+            max_bad_solutions: self.cfg.max_bad_solutions,
+            max_tx_data_requests: self.cfg.max_tx_data_requests_per_client,
+            tx_data_bytes: self.cfg.tx_data_bytes.clone(),
         };
         session::run(peer, reader, writer, self.engine, limits, self.ticket).await;
     }

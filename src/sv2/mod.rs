@@ -4,7 +4,6 @@ pub mod admission;
 pub mod client;
 pub mod listener;
 pub mod protocol;
-pub mod ratelog;
 pub mod session;
 pub mod transport;
 

@@ -11,6 +11,12 @@
 //!   `max_bad_messages` close the connection;
 //! - at most `max_solutions_in_flight_per_client` solutions wait for the node at once; more
 //!   are dropped and counted as `sv2_tpd_solutions_total{result="throttled"}`;
+//! - a solution whose header misses its target is refused by the engine before it costs
+//!   anything; more than `max_bad_solutions` of them close the connection;
+//! - at most `max_tx_data_requests_per_client` `RequestTransactionData` are answered at
+//!   once (more get `RequestTransactionData.Error` "throttled"); answers are built off the
+//!   main loop, so a slow block read never delays a template, and their bytes count
+//!   against `max_tx_data_bytes_in_flight` (all clients together) until written;
 //! - constraint changes are applied at most once per [`SessionLimits::constraints_interval`];
 //!   changes within that window are coalesced, the latest winning when it ends;
 //! - a frame that fails to decrypt or is over [`MAX_CLIENT_FRAME_BYTES`] closes the
@@ -26,6 +32,7 @@ use stratum_core::{
     binary_sv2::{Seq064K, Str0255Owned, B016M, B064K},
     codec_sv2::MessageFrame,
     common_messages_sv2::{SetupConnectionErrorOwned, SetupConnectionSuccess},
+    framing_sv2::framing::{EncodableFrame, SerializedFrame},
     parsers_sv2::{
         message_type_to_name, CommonMessagesOwned, TemplateDistribution, TemplateDistributionOwned,
     },
@@ -33,17 +40,17 @@ use stratum_core::{
         RequestTransactionDataErrorOwned, RequestTransactionDataSuccess, SubmitSolutionOwned,
     },
 };
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 pub use crate::sv2::protocol::PROTOCOL_VERSION;
 use crate::{
     metrics::metrics,
+    ratelog::LogBudget,
     sv2::{
         admission::{Refusal, Ticket},
         protocol::{self, Action, BadMessage, CloseReason, SetupInfo},
-        ratelog::LogBudget,
         transport::{Frame, FrameReader, FrameWriter, TransportError},
     },
     template::{Constraints, EngineHandle, SolutionOutcome, TemplateEvent, TransactionData},
@@ -59,7 +66,7 @@ const LOG_BURST: u32 = 3;
 const LOG_PERIOD: Duration = Duration::from_secs(60);
 
 /// What one session may make the daemon do.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SessionLimits {
     /// When the setup (through the first `CoinbaseOutputConstraints`) must be done.
     pub setup_deadline: tokio::time::Instant,
@@ -69,6 +76,48 @@ pub struct SessionLimits {
     pub max_solutions_in_flight: usize,
     /// Least time between two subscriptions of this session.
     pub constraints_interval: Duration,
+    /// Solutions whose header misses its target tolerated; one more closes the connection.
+    pub max_bad_solutions: u32,
+    /// `RequestTransactionData` answered at once.
+    pub max_tx_data_requests: usize,
+    /// Bytes of transaction-data answers in flight, shared by every session.
+    pub tx_data_bytes: ByteBudget,
+}
+
+/// A number of bytes shared by every session, taken while an answer is on its way.
+#[derive(Clone, Debug)]
+pub struct ByteBudget {
+    places: Arc<Semaphore>,
+    total: usize,
+}
+
+impl ByteBudget {
+    /// A budget of `total` bytes (at least one).
+    pub fn new(total: usize) -> Self {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            places: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// Waits until `bytes` are free and takes them; an answer larger than the whole
+    /// budget takes all of it, so it still goes out, alone.
+    pub async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let want = u32::try_from(bytes.min(self.total)).unwrap_or(u32::MAX);
+        if self.places.available_permits() < want as usize {
+            metrics()
+                .limit_waits
+                .with_label_values(&["max_tx_data_bytes_in_flight"])
+                .inc();
+        }
+        self.places.clone().acquire_many_owned(want).await.ok()
+    }
+
+    /// Bytes taken now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.places.available_permits()
+    }
 }
 
 /// Why a session ended.
@@ -100,6 +149,9 @@ pub enum SessionError {
     /// The engine dropped this session's event stream (it fell too far behind) or stopped.
     #[error("template engine ended the subscription")]
     EngineGone,
+    /// The client sent more solutions whose header misses its target than tolerated.
+    #[error("{0} solutions that miss their target")]
+    BadSolutions(u32),
 }
 
 /// Serves one client until it leaves, misbehaves, is evicted or the ticket's token fires.
@@ -117,20 +169,28 @@ pub async fn run(
     async move {
         metrics().clients_connected.inc();
         let cancel = ticket.token().clone();
+        let (verdicts_tx, verdicts) = mpsc::channel(limits.max_solutions_in_flight.max(1));
+        let (tx_answers_tx, tx_answers) = mpsc::channel(limits.max_tx_data_requests.max(1));
         let mut session = Session {
             reader,
             writer,
             engine,
             events: None,
-            machine: protocol::Machine::new(limits.max_bad_messages),
-            limits,
             ticket,
             constraints: None,
             deferred: None,
             next_subscribe: tokio::time::Instant::now(),
             solution_slots: Arc::new(Semaphore::new(limits.max_solutions_in_flight)),
+            verdicts_tx,
+            verdicts,
+            bad_solutions: 0,
+            tx_answers_tx,
+            tx_answers,
+            tx_data_pending: 0,
             bad_log: LogBudget::new(LOG_BURST, LOG_PERIOD),
             throttle_log: LogBudget::new(LOG_BURST, LOG_PERIOD),
+            machine: protocol::Machine::new(limits.max_bad_messages),
+            limits,
         };
         let result = session.serve(&cancel).await;
         session.flush_logs();
@@ -170,6 +230,14 @@ struct Session {
     deferred: Option<Constraints>,
     next_subscribe: tokio::time::Instant,
     solution_slots: Arc<Semaphore>,
+    // The node's verdicts on this session's solutions, and how many missed their target.
+    verdicts_tx: mpsc::Sender<SolutionOutcome>,
+    verdicts: mpsc::Receiver<SolutionOutcome>,
+    bad_solutions: u32,
+    // Transaction-data answers built off the main loop, and how many are on their way.
+    tx_answers_tx: mpsc::Sender<Result<TxDataAnswer, SessionError>>,
+    tx_answers: mpsc::Receiver<Result<TxDataAnswer, SessionError>>,
+    tx_data_pending: usize,
     bad_log: LogBudget,
     throttle_log: LogBudget,
 }
@@ -181,6 +249,18 @@ enum Wake {
     DeferredConstraints,
     Frame(Result<Frame, TransportError>),
     Event(Option<TemplateEvent>),
+    TxData(Result<TxDataAnswer, SessionError>),
+    Verdict(SolutionOutcome),
+}
+
+/// A `RequestTransactionData` answer, encoded and waiting to be written.
+struct TxDataAnswer {
+    frame: SerializedFrame<Vec<u8>>,
+    name: &'static str,
+    /// Label for `sv2_tpd_tx_data_requests_total`, counted once written.
+    result: &'static str,
+    /// Its place within `max_tx_data_bytes_in_flight`, freed once written.
+    _bytes: Option<OwnedSemaphorePermit>,
 }
 
 impl Session {
@@ -194,6 +274,8 @@ impl Session {
                     Wake::SetupTimeout
                 }
                 event = next_event(&mut self.events) => Wake::Event(event),
+                Some(answer) = self.tx_answers.recv() => Wake::TxData(answer),
+                Some(verdict) = self.verdicts.recv() => Wake::Verdict(verdict),
                 _ = tokio::time::sleep_until(self.next_subscribe), if self.deferred.is_some() => {
                     Wake::DeferredConstraints
                 }
@@ -210,6 +292,27 @@ impl Session {
                     }
                 }
                 Wake::Frame(frame) => self.handle(frame.map_err(count_bad_frame)?).await?,
+                Wake::TxData(answer) => {
+                    self.tx_data_pending -= 1;
+                    let answer = answer?;
+                    self.writer.write_frame(answer.frame).await?;
+                    count_sent(answer.name);
+                    metrics()
+                        .tx_data_requests
+                        .with_label_values(&[answer.result])
+                        .inc();
+                }
+                Wake::Verdict(SolutionOutcome::BadProofOfWork { .. }) => {
+                    self.bad_solutions += 1;
+                    if self.bad_solutions > self.limits.max_bad_solutions {
+                        metrics()
+                            .clients_disconnected
+                            .with_label_values(&["bad_solutions"])
+                            .inc();
+                        return Err(SessionError::BadSolutions(self.bad_solutions));
+                    }
+                }
+                Wake::Verdict(_) => {}
             }
         }
     }
@@ -358,75 +461,31 @@ impl Session {
         Err(SessionError::SetupRefused(code))
     }
 
+    /// Starts answering `RequestTransactionData` off the main loop; the answer is written
+    /// when it is ready (see [`Wake::TxData`]).
     async fn transaction_data(&mut self, template_id: u64) -> Result<(), SessionError> {
-        let answer = self
-            .engine
-            .transaction_data(template_id)
-            .await
-            .map_err(|_| SessionError::EngineGone)?;
-        match answer {
-            Ok(data) => {
-                metrics()
-                    .tx_data_requests
-                    .with_label_values(&["success"])
-                    .inc();
-                debug!(
-                    template_id,
-                    txs = data.transactions.len(),
-                    "RequestTransactionData"
-                );
-                self.send_transaction_data(template_id, &data).await
-            }
-            Err(e) => {
-                metrics()
-                    .tx_data_requests
-                    .with_label_values(&[e.code()])
-                    .inc();
-                debug!(
-                    template_id,
-                    error = e.code(),
-                    "RequestTransactionData refused"
-                );
-                let error_code =
-                    Str0255Owned::try_from(e.code()).map_err(|e| SessionError::Encode {
-                        name: "RequestTransactionDataError",
-                        reason: format!("{e:?}"),
-                    })?;
-                let msg = TemplateDistributionOwned::RequestTransactionDataError(
-                    RequestTransactionDataErrorOwned {
-                        template_id,
-                        error_code,
-                    },
-                );
-                self.send(msg, "RequestTransactionDataError").await
-            }
+        if self.tx_data_pending >= self.limits.max_tx_data_requests {
+            metrics()
+                .tx_data_requests
+                .with_label_values(&["throttled"])
+                .inc();
+            let frame = encode(tx_data_error(template_id, "throttled")?, TX_DATA_ERROR)?;
+            self.writer.write_frame(frame).await?;
+            count_sent(TX_DATA_ERROR);
+            return Ok(());
         }
-    }
-
-    // Borrows the engine's transactions instead of copying them into owned message types.
-    async fn send_transaction_data(
-        &mut self,
-        template_id: u64,
-        data: &TransactionData,
-    ) -> Result<(), SessionError> {
-        const NAME: &str = "RequestTransactionDataSuccess";
-        let encode_err = |e: stratum_core::binary_sv2::Error| SessionError::Encode {
-            name: NAME,
-            reason: format!("{e:?}"),
-        };
-        let transactions = data
-            .transactions
-            .iter()
-            .map(|tx| B016M::new(tx))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(encode_err)?;
-        let msg =
-            TemplateDistribution::RequestTransactionDataSuccess(RequestTransactionDataSuccess {
-                template_id,
-                excess_data: B064K::new(&data.excess_data).map_err(encode_err)?,
-                transaction_list: Seq064K::new(transactions).map_err(encode_err)?,
-            });
-        self.send(msg, NAME).await
+        self.tx_data_pending += 1;
+        let engine = self.engine.clone();
+        let bytes = self.limits.tx_data_bytes.clone();
+        let answers = self.tx_answers_tx.clone();
+        tokio::spawn(
+            async move {
+                let answer = answer_tx_data(engine, template_id, bytes).await;
+                let _ = answers.send(answer).await;
+            }
+            .in_current_span(),
+        );
+        Ok(())
     }
 
     // The node's verdict can take a while; the session keeps forwarding templates meanwhile.
@@ -449,9 +508,11 @@ impl Session {
         };
         info!(template_id, "SubmitSolution received");
         let engine = self.engine.clone();
+        let verdicts = self.verdicts_tx.clone();
         tokio::spawn(
             async move {
-                match engine.submit_solution(solution).await {
+                let outcome = engine.submit_solution(solution).await;
+                match &outcome {
                     Ok(SolutionOutcome::Accepted { block_hash }) => {
                         info!(template_id, %block_hash, "solution accepted by the node")
                     }
@@ -464,9 +525,14 @@ impl Session {
                     Ok(SolutionOutcome::NodeUnavailable(reason)) => {
                         warn!(template_id, %reason, "solution could not reach the node")
                     }
+                    // Logged by the engine, at a limited rate.
+                    Ok(SolutionOutcome::BadProofOfWork { .. } | SolutionOutcome::Throttled) => {}
                     Err(e) => warn!(template_id, error = %e, "solution not handed to the engine"),
                 }
                 drop(slot);
+                if let Ok(outcome) = outcome {
+                    let _ = verdicts.send(outcome).await;
+                }
             }
             .in_current_span(),
         );
@@ -536,4 +602,108 @@ fn count_received(msg_type: u8, extension_type: u16) {
 
 fn count_sent(name: &str) {
     metrics().messages_sent.with_label_values(&[name]).inc();
+}
+
+const TX_DATA_SUCCESS: &str = "RequestTransactionDataSuccess";
+const TX_DATA_ERROR: &str = "RequestTransactionDataError";
+
+/// Asks the engine for template `template_id`'s transactions and encodes the answer,
+/// holding its size in `bytes` until it is written.
+async fn answer_tx_data(
+    engine: EngineHandle,
+    template_id: u64,
+    bytes: ByteBudget,
+) -> Result<TxDataAnswer, SessionError> {
+    let answer = engine
+        .transaction_data(template_id)
+        .await
+        .map_err(|_| SessionError::EngineGone)?;
+    let data = match answer {
+        Ok(data) => data,
+        Err(e) => {
+            debug!(
+                template_id,
+                error = e.code(),
+                "RequestTransactionData refused"
+            );
+            return Ok(TxDataAnswer {
+                frame: encode(tx_data_error(template_id, e.code())?, TX_DATA_ERROR)?,
+                name: TX_DATA_ERROR,
+                result: e.code(),
+                _bytes: None,
+            });
+        }
+    };
+    debug!(
+        template_id,
+        txs = data.transactions.len(),
+        "RequestTransactionData"
+    );
+    let size: usize = data
+        .transactions
+        .iter()
+        .map(|tx| tx.len() + 3)
+        .sum::<usize>()
+        + data.excess_data.len()
+        + 64;
+    let place = bytes.reserve(size).await;
+    Ok(TxDataAnswer {
+        frame: encode_transaction_data(template_id, &data)?,
+        name: TX_DATA_SUCCESS,
+        result: "success",
+        _bytes: place,
+    })
+}
+
+fn tx_data_error(template_id: u64, code: &str) -> Result<TemplateDistributionOwned, SessionError> {
+    let error_code =
+        Str0255Owned::try_from(code.to_string()).map_err(|e| SessionError::Encode {
+            name: TX_DATA_ERROR,
+            reason: format!("{e:?}"),
+        })?;
+    Ok(TemplateDistributionOwned::RequestTransactionDataError(
+        RequestTransactionDataErrorOwned {
+            template_id,
+            error_code,
+        },
+    ))
+}
+
+/// `RequestTransactionData.Success`, borrowing the engine's shared transactions for as
+/// long as the encoding takes.
+fn encode_transaction_data(
+    template_id: u64,
+    data: &TransactionData,
+) -> Result<SerializedFrame<Vec<u8>>, SessionError> {
+    let encode_err = |e: stratum_core::binary_sv2::Error| SessionError::Encode {
+        name: TX_DATA_SUCCESS,
+        reason: format!("{e:?}"),
+    };
+    let transactions = data
+        .transactions
+        .iter()
+        .map(|tx| B016M::new(tx))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(encode_err)?;
+    let msg = TemplateDistribution::RequestTransactionDataSuccess(RequestTransactionDataSuccess {
+        template_id,
+        excess_data: B064K::new(&data.excess_data).map_err(encode_err)?,
+        transaction_list: Seq064K::new(transactions).map_err(encode_err)?,
+    });
+    encode(msg, TX_DATA_SUCCESS)
+}
+
+/// Frames `msg` into plaintext bytes ready for the writer to encrypt.
+fn encode<M>(msg: M, name: &'static str) -> Result<SerializedFrame<Vec<u8>>, SessionError>
+where
+    MessageFrame<M>: TryFrom<M> + EncodableFrame,
+    <MessageFrame<M> as TryFrom<M>>::Error: std::fmt::Display,
+{
+    let encode_err = |reason: String| SessionError::Encode { name, reason };
+    let frame = MessageFrame::<M>::try_from(msg).map_err(|e| encode_err(e.to_string()))?;
+    let mut bytes = vec![0; frame.encoded_length()];
+    frame
+        .encode_into(&mut bytes)
+        .map_err(|e| encode_err(format!("{e:?}")))?;
+    SerializedFrame::from_bytes(bytes).map_err(|e| encode_err(format!("{e:?}")))
 }

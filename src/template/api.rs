@@ -32,6 +32,13 @@ pub struct EngineConfig {
     pub stale_grace: Duration,
     /// Where solved blocks are written before they go to the node.
     pub solutions_dir: PathBuf,
+    /// Solutions (with valid proof of work) on their way to the node at once, all
+    /// clients together.
+    pub max_solutions_in_flight: usize,
+    /// Node calls clients can cause at once, all together: the first template of a new
+    /// constraint group and block reads for transaction data. Template updates for the
+    /// groups that run and solutions never wait for these.
+    pub max_node_calls: usize,
     /// Deadline of every node call that is not a wait; the periodic probe uses it too.
     pub node_call_timeout: Duration,
 }
@@ -132,6 +139,13 @@ pub enum SolutionOutcome {
         /// The node's reason, where it gave one.
         reason: String,
     },
+    /// The header's hash misses the target: not a block. Neither saved nor submitted.
+    BadProofOfWork {
+        /// Hash of the header as sent.
+        block_hash: bitcoin::BlockHash,
+    },
+    /// Too many solutions are on their way to the node already (`max_solutions_in_flight`).
+    Throttled,
     /// No held template has this id.
     UnknownTemplate,
     /// The solution could not reach the node (it is kept on disk).

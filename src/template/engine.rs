@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use stratum_core::template_distribution_sv2::{
     NewTemplateOwned, SetNewPrevHashOwned, SubmitSolutionOwned,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn};
 
@@ -17,13 +17,13 @@ use super::api::{
     Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus,
     SolutionOutcome,
 };
-use super::blocks::{self, FetchedBlock, TxDataReply};
+use super::blocks::{BlockReads, FetchedBlock, TxDataReply};
 use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
 use super::group::{FeePolicy, GroupReport, Groups, Reason};
 use super::health::NodeLink;
 use super::messages::announce;
-use super::solutions::{self, Submission};
-use super::store::{first_template_id, Held, TemplateStore, TxLookup};
+use super::solutions::{self, Gate, Submission};
+use super::store::{first_template_id, transactions, Held, TemplateStore, TxLookup};
 use super::supervisor::{supervise, NodeEvent};
 use super::unknown::UnknownSolutions;
 use crate::metrics::metrics;
@@ -46,6 +46,7 @@ pub fn spawn(
     let (reports_tx, reports) = mpsc::channel(QUEUE);
     let (fetched_tx, fetched) = mpsc::channel(QUEUE);
     let status = Arc::new(EngineStatus::default());
+    let client_calls = Arc::new(Semaphore::new(config.max_node_calls));
     tokio::spawn(supervise(
         config.socket.clone(),
         config.node_call_timeout,
@@ -57,13 +58,14 @@ pub fn spawn(
         interval: config.template_interval,
     };
     let engine = Engine {
+        reads: BlockReads::new(fetched_tx, client_calls.clone()),
         store: TemplateStore::new(config.stale_grace, first_template_id()),
-        groups: Groups::new(fees, reports_tx, shutdown.clone()),
+        gate: Gate::new(config.max_solutions_in_flight),
+        groups: Groups::new(fees, client_calls, reports_tx, shutdown.clone()),
         fanout: Fanout::default(),
         unknown: UnknownSolutions::new(config.solutions_dir.clone()),
         config,
         node: NodeLink::new(status.clone()),
-        fetched_tx,
         shutdown,
     };
     let inbox = Inbox {
@@ -99,8 +101,10 @@ struct Engine {
     fanout: Fanout,
     store: TemplateStore<Published>,
     unknown: UnknownSolutions,
-    /// Where background block reads deliver.
-    fetched_tx: mpsc::Sender<FetchedBlock>,
+    /// What a solution must pass before it costs a disk write or a node call.
+    gate: Gate,
+    /// Block reads on their way, and who waits for them.
+    reads: BlockReads,
     shutdown: CancellationToken,
 }
 
@@ -123,9 +127,7 @@ impl Engine {
                         break Err(EngineError::Unsupported(e));
                     }
                 },
-                Some(FetchedBlock { template_id, block }) = inbox.fetched.recv() => {
-                    self.store.set_block(template_id, block)
-                }
+                Some(fetched) = inbox.fetched.recv() => self.on_block_read(fetched),
                 Some(report) = inbox.reports.recv() => self.on_group_report(report),
                 Some(request) = inbox.requests.recv() => self.on_request(request),
                 _ = prune.tick() => self.prune(),
@@ -278,8 +280,19 @@ impl Engine {
         }
         // Fetch the block now, so transaction data and solutions need no IPC later and a
         // solution can be written to disk even if the node is gone by then.
-        blocks::fetch(id, template, None, self.fetched_tx.clone());
+        self.reads.prefetch(id, template);
         self.prune();
+    }
+
+    fn on_block_read(&mut self, FetchedBlock { template_id, block }: FetchedBlock) {
+        let transactions = block.map(|block| {
+            self.store.set_block(template_id, block.clone());
+            // A template pruned meanwhile still answers those who waited for it.
+            self.store
+                .transactions(template_id)
+                .unwrap_or_else(|| Arc::new(transactions(&block)))
+        });
+        self.reads.done(template_id, transactions);
     }
 
     /// Releases templates no client can use any more, and groups no client needs.
@@ -288,6 +301,11 @@ impl Engine {
         // until the next template found their channel closed.
         self.fanout.forget_gone();
         self.store.prune(&self.groups.current_ids(), Instant::now());
+        self.stop_unwanted_groups();
+    }
+
+    /// Stops the groups no subscribed session uses (the standing group stays).
+    fn stop_unwanted_groups(&mut self) {
         let fanout = &self.fanout;
         self.groups
             .retain(|c| c == STANDING_GROUP || fanout.wanted(c));
@@ -314,6 +332,9 @@ impl Engine {
                     events,
                 };
                 self.fanout.add(sub, current);
+                // A session that changed its constraints left its old group: stop that
+                // one now, so the group count is what clients use, not what they used.
+                self.stop_unwanted_groups();
                 self.ensure_group(constraints, Reason::Constraints);
             }
             EngineRequest::TransactionData { template_id, reply } => {
@@ -329,8 +350,7 @@ impl Engine {
                         excess_data,
                     }) => {
                         let waiting = TxDataReply { excess_data, reply };
-                        let fetched = self.fetched_tx.clone();
-                        blocks::fetch(template_id, payload.template, Some(waiting), fetched)
+                        self.reads.read_for(template_id, payload.template, waiting)
                     }
                 }
             }
@@ -348,13 +368,21 @@ impl Engine {
         let Some(held) = self.store.get(solution.template_id) else {
             return self.unknown.refuse(solution, reply, Instant::now());
         };
-        let job = Submission {
-            template: held.payload.template.clone(),
-            cached_block: held.block.clone(),
-            solution,
-            dir: self.config.solutions_dir.clone(),
-            nodes: self.node.subscribe(),
-        };
-        solutions::spawn(job, reply);
+        match self.gate.admit(held.payload.template.data(), &solution) {
+            Ok((solved, slot)) => {
+                let job = Submission {
+                    template: held.payload.template.clone(),
+                    cached_block: held.block.clone(),
+                    solved,
+                    dir: self.config.solutions_dir.clone(),
+                    nodes: self.node.subscribe(),
+                    slot,
+                };
+                solutions::spawn(job, reply);
+            }
+            Err(refused) => {
+                let _ = reply.send(refused);
+            }
+        }
     }
 }

@@ -3,10 +3,11 @@
 //! what is worth sending; it never polls. [`Groups`] keeps track of the running tasks.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
@@ -98,6 +99,8 @@ struct GroupSpec {
     fees: FeePolicy,
     /// Which task for these constraints this is.
     serial: u64,
+    /// Places for node calls clients cause (see [`Groups::new`]).
+    client_calls: Arc<Semaphore>,
 }
 
 /// A running group task.
@@ -116,14 +119,18 @@ pub(crate) struct Groups {
     running: HashMap<Constraints, Running>,
     next_serial: u64,
     fees: FeePolicy,
+    /// Places for node calls clients cause; a group's first template takes one.
+    client_calls: Arc<Semaphore>,
     reports: mpsc::Sender<GroupReport>,
     shutdown: CancellationToken,
 }
 
 impl Groups {
-    /// No groups yet; tasks report to `reports` and stop with `shutdown`.
+    /// No groups yet; tasks report to `reports` and stop with `shutdown`; a group's first
+    /// template waits for a `client_calls` place.
     pub fn new(
         fees: FeePolicy,
+        client_calls: Arc<Semaphore>,
         reports: mpsc::Sender<GroupReport>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -131,6 +138,7 @@ impl Groups {
             running: HashMap::new(),
             next_serial: 1,
             fees,
+            client_calls,
             reports,
             shutdown,
         }
@@ -155,6 +163,7 @@ impl Groups {
             first_reason: first,
             fees: self.fees,
             serial,
+            client_calls: self.client_calls.clone(),
         };
         tokio::spawn(
             run_group(node.clone(), spec, self.reports.clone(), cancel.clone()).instrument(span),
@@ -276,7 +285,7 @@ async fn follow(
     reports: &mpsc::Sender<GroupReport>,
     cancel: &CancellationToken,
 ) -> Result<(), NodeError> {
-    let &GroupSpec {
+    let GroupSpec {
         constraints,
         first_reason,
         fees: FeePolicy {
@@ -284,7 +293,8 @@ async fn follow(
             interval,
         },
         serial,
-    } = spec;
+        ref client_calls,
+    } = *spec;
     let publish = |template, reason| {
         let report = GroupReport::Publish {
             serial,
@@ -298,12 +308,26 @@ async fn follow(
         }
     };
 
+    // The first template is what a client's constraints cost the node: it waits for a
+    // place among the calls clients may cause at once, and keeps it until the node has
+    // answered, even if the group is cancelled meanwhile (the node's call goes on).
     // Not `Mining.interrupt()` on cancel: it is node-wide and sticky, so it would cancel
     // another group's next `createNewBlock`. A template made after we left is released
     // by the IPC side as soon as its reply finds no one waiting.
+    let place = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        place = take_client_call(client_calls) => place,
+    };
+    let first = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _place = place;
+            node.create_new_block(create_options(constraints)).await
+        })
+    };
     let mut current = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
-        r = node.create_new_block(create_options(constraints)) => r?,
+        r = first => r.map_err(|_| NodeError::Disconnected)??,
     };
     publish(current.clone(), first_reason).await;
     let mut sent_fees = current.data().total_fees();
@@ -367,4 +391,17 @@ async fn follow(
             }
         }
     }
+}
+
+/// Takes a place among the node calls clients may cause, counting a wait when none is free.
+pub(crate) async fn take_client_call(
+    places: &Arc<Semaphore>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    if places.available_permits() == 0 {
+        crate::metrics::metrics()
+            .limit_waits
+            .with_label_values(&["max_node_calls"])
+            .inc();
+    }
+    places.clone().acquire_owned().await
 }

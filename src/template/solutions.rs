@@ -4,18 +4,19 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bitcoin::hashes::Hash;
 use bitcoin::{Block, BlockHash};
 use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{error, info, info_span, warn, Instrument};
 
 use super::api::SolutionOutcome;
 use super::messages::SolvedBlock;
 use crate::metrics::metrics;
-use crate::node::{NodeClient, NodeError, SubmitVerdict, Template};
+use crate::node::{NodeClient, NodeError, SubmitVerdict, Template, TemplateData};
+use crate::ratelog::LogBudget;
 
 /// A solution on its way to the node, with what it needs to get there.
 pub(crate) struct Submission {
@@ -23,17 +24,87 @@ pub(crate) struct Submission {
     pub template: Template,
     /// The template's block, when cached.
     pub cached_block: Option<Arc<Block>>,
-    /// The solution as received.
-    pub solution: SubmitSolutionOwned,
+    /// The solution, rebuilt and checked by [`check`].
+    pub solved: SolvedBlock,
     /// Where solved blocks are saved.
     pub dir: PathBuf,
     /// The live connection, for a template whose own connection died.
     pub nodes: watch::Receiver<Option<NodeClient>>,
+    /// This solution's place among those in flight; freed when it is done.
+    pub slot: OwnedSemaphorePermit,
+}
+
+/// Full log lines about refused solutions per [`REFUSAL_LOG_PERIOD`]; the rest are summed up.
+const REFUSAL_LOG_BURST: u32 = 5;
+/// Period of the refusal log budget.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// What a solution must pass before it costs anything: a rebuildable header whose hash
+/// meets its target, and a free place among the solutions in flight.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    slots: Arc<Semaphore>,
+    log: LogBudget,
+}
+
+impl Gate {
+    /// A gate letting at most `max_in_flight` solutions be on their way to the node.
+    pub fn new(max_in_flight: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max_in_flight)),
+            log: LogBudget::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PERIOD),
+        }
+    }
+
+    /// Rebuilds the header of `solution` on `data` and checks its proof of work. What fails
+    /// costs no disk write, no node call and no task: a client cannot turn cheap bogus
+    /// solutions into work, and a real block never queues behind them. Refusals are
+    /// counted, and logged at a limited rate.
+    pub fn admit(
+        &mut self,
+        data: &TemplateData,
+        solution: &SubmitSolutionOwned,
+    ) -> Result<(SolvedBlock, OwnedSemaphorePermit), SolutionOutcome> {
+        let refused = |label: &str, outcome: SolutionOutcome| {
+            metrics().solutions.with_label_values(&[label]).inc();
+            outcome
+        };
+        let result = match SolvedBlock::new(data, solution) {
+            Err(e) => Err(refused(
+                "rejected",
+                SolutionOutcome::Rejected {
+                    block_hash: BlockHash::all_zeros(),
+                    reason: e.to_string(),
+                },
+            )),
+            Ok(solved) if !solved.meets_target() => Err(refused(
+                "bad-pow",
+                SolutionOutcome::BadProofOfWork {
+                    block_hash: solved.header.block_hash(),
+                },
+            )),
+            Ok(solved) => match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => return Ok((solved, slot)),
+                Err(_) => Err(refused("throttled", SolutionOutcome::Throttled)),
+            },
+        };
+        let verdict = self.log.hit(Instant::now());
+        if let Some(suppressed) = verdict.suppressed {
+            warn!(
+                suppressed,
+                "more solutions refused before reaching the node"
+            );
+        }
+        if verdict.log {
+            warn!(template_id = solution.template_id, outcome = ?result.as_ref().err(), "solution refused before reaching the node");
+        }
+        result
+    }
 }
 
 /// Hands `job` to a task of its own, which sends the outcome to `reply`.
 pub(crate) fn spawn(job: Submission, reply: oneshot::Sender<SolutionOutcome>) {
-    let span = info_span!("solution", template_id = job.solution.template_id);
+    let span = info_span!("solution", block_hash = %job.solved.header.block_hash());
     tokio::spawn(
         async move {
             let _ = reply.send(submit(job).await);
@@ -47,22 +118,12 @@ async fn submit(job: Submission) -> SolutionOutcome {
     let Submission {
         template,
         cached_block,
-        solution,
+        solved,
         dir,
         nodes,
+        slot: _slot,
     } = job;
     let m = metrics();
-    let solved = match SolvedBlock::new(template.data(), &solution) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "solution rejected before reaching the node");
-            m.solutions.with_label_values(&["rejected"]).inc();
-            return SolutionOutcome::Rejected {
-                block_hash: BlockHash::all_zeros(),
-                reason: e.to_string(),
-            };
-        }
-    };
     let block_hash = solved.header.block_hash();
     let height = template.data().height();
     let to_node = template.submit_solution(

@@ -170,30 +170,38 @@ impl<T: Clone> TemplateStore<T> {
         }
     }
 
-    /// The transactions of template `id`: cached, or what to fetch them with. Only
+    /// The transactions of template `id`: cached, or what to read them with. Only
     /// templates of the current tip are served.
     pub fn transaction_data(&mut self, id: u64) -> Result<TxLookup<T>, TxDataError> {
         let tip = self.tip();
         let held = self
             .templates
-            .get_mut(&id)
+            .get(&id)
             .ok_or(TxDataError::TemplateIdNotFound)?;
         if Some(held.prev_hash) != tip {
             return Err(TxDataError::StaleTemplateId);
         }
+        let (payload, excess_data) = (held.payload.clone(), held.excess_data.clone());
+        Ok(match self.transactions(id) {
+            Some(transactions) => TxLookup::Ready(TransactionData {
+                transactions,
+                excess_data,
+            }),
+            None => TxLookup::Fetch {
+                payload,
+                excess_data,
+            },
+        })
+    }
+
+    /// Template `id`'s non-coinbase transactions, serialized once from its cached block
+    /// and shared from then on.
+    pub fn transactions(&mut self, id: u64) -> Option<Arc<Vec<Vec<u8>>>> {
+        let held = self.templates.get_mut(&id)?;
         if held.tx_data.is_none() {
             held.tx_data = held.block.as_deref().map(|b| Arc::new(transactions(b)));
         }
-        Ok(match &held.tx_data {
-            Some(txs) => TxLookup::Ready(TransactionData {
-                transactions: txs.clone(),
-                excess_data: held.excess_data.clone(),
-            }),
-            None => TxLookup::Fetch {
-                payload: held.payload.clone(),
-                excess_data: held.excess_data.clone(),
-            },
-        })
+        held.tx_data.clone()
     }
 
     /// Drops templates of tips before the previous one, of the previous tip once its

@@ -174,6 +174,25 @@ pub fn solve(
     p: &SetNewPrevHashOwned,
     coinbase: &Transaction,
 ) -> (SubmitSolutionOwned, BlockHash) {
+    grind(t, p, coinbase, true)
+}
+
+/// A solution for `t` on `p` whose header misses the target: not a block.
+pub fn bad_nonce_solution(
+    t: &NewTemplateOwned,
+    p: &SetNewPrevHashOwned,
+    payout: &ScriptBuf,
+) -> SubmitSolutionOwned {
+    grind(t, p, &build_coinbase(t, payout, true), false).0
+}
+
+/// The first nonce from 0 whose header meets the target (`meets`) or misses it.
+fn grind(
+    t: &NewTemplateOwned,
+    p: &SetNewPrevHashOwned,
+    coinbase: &Transaction,
+    meets: bool,
+) -> (SubmitSolutionOwned, BlockHash) {
     let path: Vec<TxMerkleNode> = t
         .merkle_path
         .iter()
@@ -188,7 +207,7 @@ pub fn solve(
         nonce: 0,
     };
     let target = Target::from_compact(header.bits);
-    while !target.is_met_by(header.block_hash()) {
+    while target.is_met_by(header.block_hash()) != meets {
         header.nonce += 1;
     }
     let solution = SubmitSolutionOwned {
