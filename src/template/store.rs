@@ -18,10 +18,6 @@ use super::api::{Constraints, TransactionData, TxDataError};
 /// test networks; solutions for anything but the newest few are not expected.
 pub(crate) const MAX_TEMPLATES_PER_GROUP: usize = 16;
 
-/// Templates per group whose block we keep in memory (for transaction data, and to save
-/// a solution without asking the node).
-pub(crate) const BLOCKS_CACHED_PER_GROUP: usize = 3;
-
 /// One template handed out to clients. `T` is what the engine keeps with it (the node's
 /// template handle and the messages sent for it); the store only moves it around.
 #[derive(Debug)]
@@ -133,8 +129,8 @@ impl<T: Clone> TemplateStore<T> {
     }
 
     /// Records `held` under [`TemplateStore::next_id`] and returns that id with whether
-    /// its tip is a new one. Older templates of its group drop their cached blocks, so
-    /// only the newest [`BLOCKS_CACHED_PER_GROUP`] keep theirs.
+    /// its tip is a new one. Every held template keeps its cached block (see
+    /// [`super::cache`]), so a solution for any of them can be saved and submitted whole.
     pub fn insert(&mut self, held: Held<T>, tip_height: u32) -> (u64, bool) {
         let id = self.next_id;
         self.next_id += 1;
@@ -143,16 +139,6 @@ impl<T: Clone> TemplateStore<T> {
             if let Some((old, _)) = self.tip.replace((held.prev_hash, tip_height)) {
                 self.previous_tip = Some((old, held.made));
             }
-        }
-        for older in self
-            .templates
-            .values_mut()
-            .rev()
-            .filter(|h| h.group == held.group)
-            .skip(BLOCKS_CACHED_PER_GROUP - 1)
-        {
-            older.block = None;
-            older.tx_data = None;
         }
         self.templates.insert(id, held);
         (id, new_tip)
@@ -163,10 +149,21 @@ impl<T: Clone> TemplateStore<T> {
         self.templates.get(&id)
     }
 
-    /// Caches the node's block for template `id`, if still held.
+    /// Caches the node's block for template `id`, if still held, sharing the block and
+    /// transaction list of a held template with the same transactions.
     pub fn set_block(&mut self, id: u64, block: Arc<Block>) {
+        let Some(prev_hash) = self.templates.get(&id).map(|h| h.prev_hash) else {
+            return;
+        };
+        let cached = self
+            .templates
+            .values()
+            .filter(|h| h.prev_hash == prev_hash)
+            .filter_map(|h| Some((h.block.clone()?, h.tx_data.clone())));
+        let (block, tx_data) = super::cache::share(block, cached);
         if let Some(held) = self.templates.get_mut(&id) {
             held.block = Some(block);
+            held.tx_data = tx_data;
         }
     }
 
@@ -195,13 +192,21 @@ impl<T: Clone> TemplateStore<T> {
     }
 
     /// Template `id`'s non-coinbase transactions, serialized once from its cached block
-    /// and shared from then on.
+    /// and shared from then on, with every template sharing that block too.
     pub fn transactions(&mut self, id: u64) -> Option<Arc<Vec<Vec<u8>>>> {
-        let held = self.templates.get_mut(&id)?;
-        if held.tx_data.is_none() {
-            held.tx_data = held.block.as_deref().map(|b| Arc::new(transactions(b)));
+        let held = self.templates.get(&id)?;
+        if let Some(list) = &held.tx_data {
+            return Some(list.clone());
         }
-        held.tx_data.clone()
+        // Serialized once for every template sharing this block (see `super::cache`).
+        let block = held.block.clone()?;
+        let list = Arc::new(transactions(&block));
+        for held in self.templates.values_mut() {
+            if held.block.as_ref().is_some_and(|b| Arc::ptr_eq(b, &block)) {
+                held.tx_data.get_or_insert_with(|| list.clone());
+            }
+        }
+        Some(list)
     }
 
     /// Drops templates of tips before the previous one, of the previous tip once its
@@ -383,25 +388,25 @@ mod tests {
     }
 
     #[test]
-    fn only_the_newest_templates_of_a_group_keep_their_block() {
+    fn every_template_keeps_its_block_and_equal_ones_share_it() {
         let t0 = Instant::now();
         let mut store = TemplateStore::new(GRACE, 1);
-        let block = Arc::new(one_tx_block());
         let mut all = Vec::new();
-        for _ in 0..BLOCKS_CACHED_PER_GROUP + 2 {
-            let (id, _) = store.insert(held(A, 1, t0), 10);
-            store.set_block(id, block.clone());
+        for group in [A, A, A, A, A, B] {
+            let (id, _) = store.insert(held(group, 1, t0), 10);
+            store.set_block(id, Arc::new(one_tx_block()));
             all.push(id);
         }
-        let (other, _) = store.insert(held(B, 1, t0), 10);
-        store.set_block(other, block.clone());
-        let cached: Vec<u64> = all
+        let first = store.get(all[0]).and_then(|h| h.block.clone()).unwrap();
+        for id in &all {
+            let block = store.get(*id).and_then(|h| h.block.clone());
+            assert!(block.is_some_and(|b| Arc::ptr_eq(&b, &first)), "{id}");
+        }
+        let lists: Vec<_> = all
             .iter()
-            .copied()
-            .filter(|id| store.get(*id).is_some_and(|h| h.block.is_some()))
+            .map(|id| store.transactions(*id).unwrap())
             .collect();
-        assert_eq!(cached, all[all.len() - BLOCKS_CACHED_PER_GROUP..].to_vec());
-        assert!(store.get(other).is_some_and(|h| h.block.is_some()));
+        assert!(lists.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
     }
 
     #[test]
