@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use bitcoin::ScriptBuf;
 use support::daemon_proc::DaemonProcess;
 use support::tp::*;
@@ -179,4 +181,46 @@ async fn the_v32_line_is_learnt_from_the_first_solution_without_a_probe() {
         m.get(info, &[("interface", "v32")]) == Some(1.0)
     });
     assert_eq!(after.get(info, &[("interface", "v31.99")]), None);
+}
+
+/// A block solved on an older template of the group while the node is away is saved
+/// whole and submitted once the node is back, however long that takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_of_an_older_template_found_while_the_node_is_away_reaches_it_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(&dir, MockLine::V31_99);
+    let config = regtest_config(node.socket_path(), dir.path(), &[]);
+    let daemon = start_daemon(&config).await;
+    let mut c = client(&daemon, 100, 10).await;
+    let (old, p) = next_tip(&mut c).await;
+    node.add_mempool_tx(bitcoin::Amount::from_sat(50_000));
+    let newer = next_template(&mut c).await;
+    assert!(newer.template_id > old.template_id && !newer.future_template);
+
+    // Stopping the node too soon after the template could leave its block unread.
+    eventually("a template block in the node's getBlock count", || {
+        node.stats().calls.get("getBlock").copied().unwrap_or(0) >= 2
+    })
+    .await;
+    node.stop();
+    let (solution, hash) = solve(&old, &p, &build_coinbase(&old, &payout(), true));
+    c.submit_solution(solution).await.unwrap();
+    let solutions = dir.path().join("solutions");
+    eventually("the block saved whole", || {
+        files(&solutions)
+            .iter()
+            .any(|f| f.ends_with(&format!("{hash}.block.hex")))
+    })
+    .await;
+    // Several retry rounds pass with no node at all.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    node.restart().unwrap();
+    eventually("the block accepted", || {
+        node.accepted_blocks()
+            .iter()
+            .any(|b| b.block_hash() == hash)
+    })
+    .await;
+    assert_eq!(node.tip().0, hash);
+    daemon.stop().await;
 }

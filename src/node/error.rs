@@ -55,6 +55,12 @@ pub enum NodeError {
         /// The deadline that passed.
         after: std::time::Duration,
     },
+    /// The node does not have this method (an earlier interface line), so it did nothing.
+    #[error("the node does not implement {method}")]
+    Unimplemented {
+        /// The IPC method.
+        method: &'static str,
+    },
     /// The node refused a call.
     #[error("the node failed {method}: {message}")]
     Call {
@@ -78,6 +84,7 @@ impl NodeError {
     pub(crate) fn from_capnp(method: &'static str, err: capnp::Error) -> Self {
         match err.kind {
             capnp::ErrorKind::Disconnected => NodeError::Disconnected,
+            capnp::ErrorKind::Unimplemented => NodeError::Unimplemented { method },
             _ => NodeError::Call {
                 method,
                 message: err.extra,

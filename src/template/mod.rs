@@ -13,18 +13,22 @@
 //! - `group`: one task per constraint group, following the node with `waitNext`;
 //! - `store`: held templates, ids, pruning and the block cache (no I/O);
 //! - `fanout`: subscribed sessions, group choice, queueing to sessions;
+//! - `cache`: one shared block and transaction list for templates with equal transactions;
 //! - `blocks`: reading template blocks in the background (prefetch, transaction data);
 //! - `solutions`: from `SubmitSolution` to a block on disk and in the node;
+//! - `resubmit`: a block the node did not take, tried again until the chain moves on;
 //! - `unknown`: saving (within a budget) solutions for templates not held;
 //! - [`messages`]: from template data to SV2 messages and back.
 
 mod api;
 mod blocks;
+mod cache;
 mod engine;
 mod fanout;
 mod group;
 mod health;
 pub mod messages;
+mod resubmit;
 mod solutions;
 mod store;
 mod supervisor;
