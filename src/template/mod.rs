@@ -11,6 +11,7 @@
 //! - `supervisor`: the node connection's lifecycle (connect, IBD, reconnect);
 //! - `health`: what `/health`, the node gauges and the log say about the node;
 //! - `group`: one task per constraint group, following the node with `waitNext`;
+//! - `ids`: template ids that never repeat across restarts;
 //! - `store`: held templates, ids, pruning and the block cache (no I/O);
 //! - `fanout`: subscribed sessions, group choice, queueing to sessions;
 //! - `cache`: one shared block and transaction list for templates with equal transactions;
@@ -27,6 +28,7 @@ mod engine;
 mod fanout;
 mod group;
 mod health;
+mod ids;
 pub mod messages;
 mod resubmit;
 mod solutions;
