@@ -168,10 +168,13 @@ impl Session {
     ) -> Result<Result<T, capnp::Error>, NodeError> {
         let started = Instant::now();
         let result = tokio::time::timeout(self.call_timeout, call).await;
-        metrics()
-            .ipc_call_seconds
-            .with_label_values(&[method])
-            .observe(started.elapsed().as_secs_f64());
+        // A method the node does not have ran nothing (e.g. `@10` on v31.99): not a call.
+        if !matches!(&result, Ok(Err(e)) if is_unimplemented(e)) {
+            metrics()
+                .ipc_call_seconds
+                .with_label_values(&[method])
+                .observe(started.elapsed().as_secs_f64());
+        }
         result.map_err(|_| {
             if let Some(worker) = worker {
                 worker.busy.set(true);

@@ -92,14 +92,29 @@ impl NodeClient {
 
     /// The current chain tip, `None` before the node has one.
     pub async fn tip(&self) -> Result<Option<Tip>, NodeError> {
+        self.get_tip(true).await
+    }
+
+    /// [`NodeClient::tip`] without the call deadline, for a caller that applies its own
+    /// and keeps the one call pending when it passes (the liveness probe), rather than
+    /// abandoning it and sending another to a node that does not answer.
+    pub async fn tip_unbounded(&self) -> Result<Option<Tip>, NodeError> {
+        self.get_tip(false).await
+    }
+
+    async fn get_tip(&self, bounded: bool) -> Result<Option<Tip>, NodeError> {
         self.jobs
-            .run(|s| async move {
+            .run(move |s| async move {
                 let worker = s.worker();
                 let mut request = s.mining.get_tip_request();
                 request.get().init_context().set_thread(worker.thread());
-                let response = s
-                    .call(Some(&worker), "getTip", request.send().promise)
-                    .await?;
+                let response = match bounded {
+                    true => {
+                        s.call(Some(&worker), "getTip", request.send().promise)
+                            .await?
+                    }
+                    false => timed("getTip", request.send().promise).await?,
+                };
                 let results = response
                     .get()
                     .map_err(|e| NodeError::from_capnp("getTip", e))?;

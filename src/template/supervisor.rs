@@ -36,7 +36,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often a node that cannot be reached is mentioned in the log.
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(5);
 
-/// Pause between two liveness probes (`getTip`, bounded by the node call timeout).
+/// Pause between two liveness probes (`getTip`, answered within the node call timeout).
 pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(2);
 
 /// Keeps a connection to the node at `socket` until `shutdown`, reporting to `events`.
@@ -68,7 +68,7 @@ pub(crate) async fn supervise(
         {
             return;
         }
-        if !probe_until_closed(&node, &events, &shutdown).await {
+        if !probe_until_closed(&node, call_timeout, &events, &shutdown).await {
             return;
         }
         if events.send(NodeEvent::Lost).await.is_err() {
@@ -129,36 +129,58 @@ async fn wait_out_ibd(node: &NodeClient, shutdown: &CancellationToken) -> Result
 }
 
 /// Probes `node` every [`PROBE_EVERY`] until its connection ends (`true`) or `shutdown`
-/// (`false`), reporting when it stops and starts answering again — each change once.
+/// (`false`), reporting when it stops answering within `call_timeout` and when it answers
+/// again — each change once. A probe that overran stays pending (one call, not one more
+/// every round): its answer is the news that the node is back.
 async fn probe_until_closed(
     node: &NodeClient,
+    call_timeout: Duration,
     events: &mpsc::Sender<NodeEvent>,
     shutdown: &CancellationToken,
 ) -> bool {
     let mut answering = true;
+    let mut pending = None;
     loop {
-        let probe = tokio::select! {
+        if pending.is_none() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = node.closed() => return true,
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+            }
+        }
+        let probe = pending.get_or_insert_with(|| Box::pin(node.tip_unbounded()));
+        let deadline = match answering {
+            true => call_timeout,
+            false => PROBE_EVERY,
+        };
+        let outcome = tokio::select! {
             _ = shutdown.cancelled() => return false,
             _ = node.closed() => return true,
-            probe = async {
-                tokio::time::sleep(PROBE_EVERY).await;
-                node.tip().await
-            } => probe,
+            outcome = tokio::time::timeout(deadline, probe) => outcome,
         };
-        let event = match probe {
-            Err(e @ NodeError::Timeout { .. }) if answering => {
+        let event = match outcome {
+            Err(_) if answering => {
                 answering = false;
-                NodeEvent::Unresponsive(e)
+                NodeEvent::Unresponsive(NodeError::Timeout {
+                    method: "getTip",
+                    after: call_timeout,
+                })
             }
-            Ok(_) if !answering => {
-                answering = true;
-                NodeEvent::Responsive
+            Err(_) => continue,
+            Ok(answer) => {
+                pending = None;
+                match answer {
+                    Ok(_) if !answering => {
+                        answering = true;
+                        NodeEvent::Responsive
+                    }
+                    Err(e) if !e.is_disconnect() => {
+                        debug!(error = %e, "liveness probe failed");
+                        continue;
+                    }
+                    _ => continue,
+                }
             }
-            Err(e) if !e.is_disconnect() && !matches!(e, NodeError::Timeout { .. }) => {
-                debug!(error = %e, "liveness probe failed");
-                continue;
-            }
-            _ => continue,
         };
         if events.send(event).await.is_err() {
             return false;
