@@ -26,9 +26,12 @@ use super::messages::announce;
 use super::solutions::{self, Gate, Submission};
 use super::store::{transactions, Held, TemplateStore, TxLookup};
 use super::supervisor::{supervise, NodeEvent};
-use super::unknown::UnknownSolutions;
+use super::unknown::{self, UnknownSolutions};
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
+
+/// Templates of the tip an unknown-template solution is tried against.
+const UNKNOWN_CANDIDATES: usize = 64;
 
 /// Room in each of the engine's inbound queues.
 const QUEUE: usize = 1024;
@@ -367,7 +370,12 @@ impl Engine {
         reply: oneshot::Sender<SolutionOutcome>,
     ) {
         let Some(held) = self.store.get(solution.template_id) else {
-            return self.unknown.refuse(solution, reply, Instant::now());
+            let tip = self
+                .store
+                .on_tip()
+                .map(|held| &**held.payload.template.data());
+            let proven = unknown::proven(tip.take(UNKNOWN_CANDIDATES), &solution);
+            return self.unknown.refuse(solution, reply, proven, Instant::now());
         };
         match self.gate.admit(held.payload.template.data(), &solution) {
             Ok((solved, slot)) => {

@@ -137,6 +137,15 @@ impl<T: Clone> TemplateStore<T> {
         self.templates.get(&id)
     }
 
+    /// The held templates of the current tip, newest first.
+    pub fn on_tip(&self) -> impl Iterator<Item = &Held<T>> {
+        let tip = self.tip();
+        self.templates
+            .values()
+            .rev()
+            .filter(move |h| Some(h.prev_hash) == tip)
+    }
+
     /// Caches the node's block for template `id`, if still held, sharing the block and
     /// transaction list of a held template with the same transactions.
     pub fn set_block(&mut self, id: u64, block: Arc<Block>) {

@@ -1,8 +1,9 @@
 //! Solutions for templates this daemon does not hold: a pool that outlived a daemon
-//! restart, or a template released long ago. Without the template the block cannot be
-//! rebuilt (its prev hash, merkle path and nBits are unknown), so its proof of work cannot
-//! be checked either; what the pool sent is saved as found, a bounded number a minute so
-//! a client cannot fill the disk, for the operator to rebuild by hand if it mattered.
+//! restart, or a template released long ago. Without its template the block cannot be
+//! rebuilt for sure; the engine tries the header on the tip's templates (after a restart
+//! one may have the same transactions). Only a solution whose header then meets its
+//! target is saved — what the pool sent, for the operator — and at most a few a minute:
+//! a bogus solution never costs a disk write.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -10,10 +11,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bitcoin::hex::DisplayHex;
 use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
 use tokio::sync::oneshot;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::api::SolutionOutcome;
+use super::messages::SolvedBlock;
 use crate::metrics::metrics;
+use crate::node::TemplateData;
 
 /// Unknown-template solutions saved per window; more are only counted.
 pub(crate) const SAVED_PER_WINDOW: u32 = 10;
@@ -41,12 +44,13 @@ impl UnknownSolutions {
         }
     }
 
-    /// Answers `solution` (whose template is not held) as unknown, and saves it unless
-    /// this window's budget is spent.
+    /// Answers `solution` (whose template is not held) as unknown, and, when `proven`
+    /// (its header meets its target), saves it unless this window's budget is spent.
     pub fn refuse(
         &mut self,
         solution: SubmitSolutionOwned,
         reply: oneshot::Sender<SolutionOutcome>,
+        proven: bool,
         now: Instant,
     ) {
         metrics()
@@ -54,6 +58,13 @@ impl UnknownSolutions {
             .with_label_values(&["unknown-template"])
             .inc();
         let _ = reply.send(SolutionOutcome::UnknownTemplate);
+        if !proven {
+            debug!(
+                template_id = solution.template_id,
+                "solution for an unknown template without proof of work; not saved"
+            );
+            return;
+        }
         if self
             .window_start
             .is_none_or(|t| now.duration_since(t) >= WINDOW)
@@ -81,6 +92,23 @@ impl UnknownSolutions {
         );
         tokio::spawn(save(path, contents(&solution)));
     }
+}
+
+/// Whether `solution`'s header, rebuilt on one of `candidates` (templates of the tip)
+/// whose height push its coinbase starts with, meets its target. After a restart a
+/// template of the same tip may have the same transactions; a bogus or stale solution
+/// never passes, so it never costs a disk write.
+pub(crate) fn proven<'a>(
+    candidates: impl IntoIterator<Item = &'a TemplateData>,
+    solution: &SubmitSolutionOwned,
+) -> bool {
+    candidates.into_iter().any(|data| {
+        SolvedBlock::new(data, solution).is_ok_and(|s| {
+            let prefix = &data.coinbase.script_sig_prefix;
+            let script_sig = s.coinbase.input.first().map(|i| i.script_sig.as_bytes());
+            script_sig.is_some_and(|b| b.starts_with(prefix)) && s.meets_target()
+        })
+    })
 }
 
 /// `unknown-<template id>-<unix time in ms>.solution.json`.
@@ -138,13 +166,16 @@ mod tests {
         let t0 = Instant::now();
         for id in 0..SAVED_PER_WINDOW as u64 + 5 {
             let (reply, answer) = oneshot::channel();
-            unknown.refuse(solution(id), reply, t0);
+            unknown.refuse(solution(id), reply, true, t0);
             assert_eq!(answer.await.unwrap(), SolutionOutcome::UnknownTemplate);
         }
         assert_eq!((unknown.saved, unknown.skipped), (SAVED_PER_WINDOW, 5));
         let (reply, _) = oneshot::channel();
-        unknown.refuse(solution(99), reply, t0 + WINDOW);
+        unknown.refuse(solution(99), reply, true, t0 + WINDOW);
         assert_eq!((unknown.saved, unknown.skipped), (1, 0), "a new window");
+        let (reply, _) = oneshot::channel();
+        unknown.refuse(solution(100), reply, false, t0 + WINDOW);
+        assert_eq!(unknown.saved, 1, "no proof of work, not saved");
     }
 
     #[test]
