@@ -167,6 +167,9 @@ pub struct Config {
     /// Least time between two applied `CoinbaseOutputConstraints` of one session; changes
     /// in between are coalesced, the latest winning.
     pub constraints_interval: Duration,
+    /// Deadline of every IPC call that is not a wait; a node that misses it on the
+    /// periodic probe counts as not responding.
+    pub node_call_timeout: Duration,
 }
 
 impl Config {
@@ -252,6 +255,7 @@ impl Config {
                 }
                 "max_tx_data_bytes_in_flight" => self.max_tx_data_bytes_in_flight.to_string(),
                 "constraints_interval" => secs(self.constraints_interval),
+                "node_call_timeout" => secs(self.node_call_timeout),
                 _ => continue,
             };
             let source = provenance
@@ -429,6 +433,7 @@ config_keys!(
     max_tx_data_requests_per_client,
     max_tx_data_bytes_in_flight,
     constraints_interval,
+    node_call_timeout,
 );
 
 /// Command-line flags, one per configuration key plus `--config`.
@@ -521,11 +526,14 @@ pub struct ConfigArgs {
     /// Least seconds between two applied constraint changes of one client [default: 1]
     #[arg(long, global = true, value_name = "SECS")]
     pub constraints_interval: Option<String>,
+    /// Seconds the node has to answer an IPC call that is not a wait [default: 5]
+    #[arg(long, global = true, value_name = "SECS")]
+    pub node_call_timeout: Option<String>,
 }
 
 impl ConfigArgs {
     fn values(&self) -> SourcedValues {
-        let flags: [(&'static str, &'static str, &Option<String>); 27] = [
+        let flags: [(&'static str, &'static str, &Option<String>); 28] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
             (
@@ -608,6 +616,11 @@ impl ConfigArgs {
                 "constraints_interval",
                 "--constraints-interval",
                 &self.constraints_interval,
+            ),
+            (
+                "node_call_timeout",
+                "--node-call-timeout",
+                &self.node_call_timeout,
             ),
         ];
         flags
@@ -918,6 +931,7 @@ impl Resolver<'_> {
         let max_tx_data_bytes_in_flight =
             self.get("max_tx_data_bytes_in_flight", count(1), || 64 << 20)?;
         let constraints_interval = self.get("constraints_interval", seconds(0), || secs(1))?;
+        let node_call_timeout = self.get("node_call_timeout", seconds(1), || secs(5))?;
         let config = Config {
             chain,
             datadir,
@@ -946,6 +960,7 @@ impl Resolver<'_> {
             max_tx_data_requests_per_client,
             max_tx_data_bytes_in_flight,
             constraints_interval,
+            node_call_timeout,
         };
         Ok((config, self.provenance))
     }

@@ -69,6 +69,7 @@ impl Daemon {
                 solutions_dir: config.datadir.join("solutions"),
                 max_solutions_in_flight: config.max_solutions_in_flight,
                 max_node_calls: config.max_node_calls,
+                node_call_timeout: config.node_call_timeout,
             },
             shutdown.clone(),
         );

@@ -26,6 +26,8 @@ pub struct Metrics {
     registry: Registry,
     /// 1 while the IPC connection to the node is up.
     pub node_connected: IntGauge,
+    /// 1 while the connected node answers the periodic probe within `node_call_timeout`.
+    pub node_responsive: IntGauge,
     /// Always 1, labelled with the node's interface line (`v31.0`, `v31.99`, `v32`).
     pub node_info: IntGaugeVec,
     /// Successful connections to the node (the first and every reconnect).
@@ -90,6 +92,11 @@ impl Metrics {
             node_connected: IntGauge::new(
                 "sv2_tpd_node_connected",
                 "1 while the IPC connection to the node is up",
+            )
+            .expect("metric"),
+            node_responsive: IntGauge::new(
+                "sv2_tpd_node_responsive",
+                "1 while the connected node answers the periodic probe within node_call_timeout",
             )
             .expect("metric"),
             node_info: IntGaugeVec::new(
@@ -234,10 +241,11 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 24] = [
             Box::new(m.solutions_unawaited.clone()),
             Box::new(m.limit_waits.clone()),
             Box::new(m.node_connected.clone()),
+            Box::new(m.node_responsive.clone()),
             Box::new(m.node_info.clone()),
             Box::new(m.node_connects.clone()),
             Box::new(m.ipc_call_seconds.clone()),

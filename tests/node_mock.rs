@@ -518,35 +518,75 @@ async fn v30_is_refused_as_unsupported() {
     );
 }
 
-/// Connects to a mock of `line`, checks the line before and after the first template,
-/// then mines that template; returns the verdict.
-async fn line_round(line: MockLine, at_connect: NodeLine, after_template: NodeLine) {
+/// Connects to a mock of `line` and mines two blocks. Nothing is submitted to find the
+/// line out: a template alone leaves it as detected at connect, and no `submitSolution`
+/// reaches the node before a solution. The first solution's submit learns the ordinal
+/// (`@10` first, `@7` only after UNIMPLEMENTED: `ordinals`) and the line; the second goes
+/// straight to the ordinal that worked.
+async fn line_round(
+    line: MockLine,
+    at_connect: NodeLine,
+    after_submit: NodeLine,
+    ordinals: &[u16],
+) {
     let f = Fixture::line(line);
     let client = f.connect().await;
     assert_eq!(client.line(), at_connect, "{line:?} at connect");
     let template = new_template(&client).await;
-    assert_eq!(client.line(), after_template, "{line:?} after a template");
+    assert_eq!(
+        client.line(),
+        at_connect,
+        "{line:?}: a template teaches nothing"
+    );
+    assert_eq!(
+        f.mock.stats().submit_ordinals,
+        [0u16; 0],
+        "{line:?}: a probe submit"
+    );
     let (accepted, solved) = mine(&template).await;
     assert!(accepted, "{line:?}: the block was refused");
     assert_eq!(f.mock.tip().0, solved.header.block_hash());
-    assert_eq!(client.line(), after_template);
+    assert_eq!(client.line(), after_submit, "{line:?} after a submit");
+    assert_eq!(
+        f.mock.stats().submit_ordinals,
+        ordinals,
+        "{line:?}: submit order"
+    );
+
+    let template = new_template(&client).await;
+    let (accepted, solved) = mine(&template).await;
+    assert!(accepted, "{line:?}: the second block was refused");
+    assert_eq!(f.mock.tip().0, solved.header.block_hash());
+    let mut twice = ordinals.to_vec();
+    twice.extend(ordinals.last());
+    assert_eq!(
+        f.mock.stats().submit_ordinals,
+        twice,
+        "{line:?}: remembered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v31_0_line_is_detected_and_mines() {
-    line_round(MockLine::V31_0, NodeLine::V31_0, NodeLine::V31_0).await;
+async fn v31_0_line_is_detected_and_mines_through_at_7() {
+    line_round(MockLine::V31_0, NodeLine::V31_0, NodeLine::V31_0, &[7]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v31_99_line_is_detected_and_mines() {
-    line_round(MockLine::V31_99, NodeLine::V31_99, NodeLine::V31_99).await;
+async fn v31_99_line_tries_at_10_once_then_mines_through_at_7() {
+    line_round(
+        MockLine::V31_99,
+        NodeLine::V31_99,
+        NodeLine::V31_99,
+        &[10, 7],
+    )
+    .await;
 }
 
 /// The v32 mock's `submitSolution @7` refuses without submitting, so an accepted block
 /// went through `@10`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v32_line_is_detected_and_mines_through_at_10() {
-    line_round(MockLine::V32, NodeLine::V31_99, NodeLine::V32).await;
+async fn v32_line_is_learnt_from_the_first_submit_and_mines_through_at_10() {
+    line_round(MockLine::V32, NodeLine::V31_99, NodeLine::V32, &[10]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -680,4 +720,42 @@ async fn an_abandoned_wait_defers_the_destroy_and_leaks_nothing() {
     .await;
     assert_eq!(f.mock.stats().templates_created, 2);
     drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_node_misses_the_call_deadline_and_answers_once_thawed() {
+    let f = Fixture::start(MockOptions::default());
+    let deadline = Duration::from_millis(300);
+    let client = within(
+        "connect",
+        NodeClient::connect_with_timeout(&f.socket(), deadline),
+    )
+    .await
+    .expect("connects to the mock");
+    let tip = within("getTip", client.tip()).await.expect("getTip");
+    f.mock.hang(true);
+    let started = std::time::Instant::now();
+    let error = within("getTip while hung", client.tip())
+        .await
+        .expect_err("no answer from a hung node");
+    assert!(
+        matches!(
+            error,
+            NodeError::Timeout {
+                method: "getTip",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(started.elapsed() >= deadline);
+    assert!(
+        !client.is_closed(),
+        "a missed deadline keeps the connection"
+    );
+    f.mock.hang(false);
+    let again = within("getTip after the hang", client.tip())
+        .await
+        .expect("answers again");
+    assert_eq!(again, tip);
 }

@@ -5,12 +5,13 @@
 //! templates and coinbase requirements, proof-of-work checked solutions, per-`Thread` FIFO
 //! execution, sticky interrupts, IBD with cooldown, the ordinal differences between the
 //! v30 / v31.0 / v31.99 / v32 interface lines, and injected faults (slow calls, dropped
-//! connections, stop and restart).
+//! connections, a hang, stop and restart).
 //!
 //! capnp-rpc is `!Send`, so the server runs on its own OS thread (current-thread tokio
 //! runtime and `LocalSet`); [`MockNode`] is the `Send + Sync` handle that controls it.
 
 mod chain;
+mod hang;
 mod queue;
 mod runtime;
 mod server;
@@ -170,6 +171,9 @@ pub struct MockStats {
     pub template_calls_after_delivery: u64,
     /// Distinct `blockReservedWeight` values `createNewBlock` was asked for.
     pub reserved_weights: std::collections::BTreeSet<u64>,
+    /// Ordinals of the `submitSolution` calls received (7 or 10), in arrival order,
+    /// including those UNIMPLEMENTED on the imitated line.
+    pub submit_ordinals: Vec<u16>,
 }
 
 /// Errors starting or restarting the mock node.
@@ -195,6 +199,8 @@ pub(crate) struct Shared {
     changes: watch::Sender<u64>,
     line: MockLine,
     old_tip_ticks: bool,
+    /// The hang fault ([`MockNode::hang`]).
+    hang: Arc<hang::HangSwitch>,
 }
 
 pub(crate) struct State {
@@ -262,6 +268,7 @@ impl MockNode {
             changes,
             line: opts.line,
             old_tip_ticks: opts.old_tip_ticks,
+            hang: Arc::default(),
         });
         let server = runtime::spawn(socket_path, shared.clone())?;
         Ok(MockNode {
@@ -371,6 +378,13 @@ impl MockNode {
         let server = runtime::spawn(&self.socket_path, self.shared.clone())?;
         *self.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
         Ok(())
+    }
+
+    /// Stops answering (`true`), as a node under `kill -STOP` does: nothing is read from or
+    /// written to any connection, new ones included, until `hang(false)`; then everything
+    /// held back flows again. The node's own state (chain, pending waits) carries on.
+    pub fn hang(&self, hung: bool) {
+        self.shared.hang.set(hung);
     }
 
     /// Enters or leaves initial block download; wakes waits.

@@ -19,6 +19,7 @@ use super::chain::{
     SubmitOutcome, TemplateData, TemplateOptions, MAX_BLOCK_SIGOPS_COST, MAX_MONEY,
     MIN_BLOCK_RESERVED_WEIGHT,
 };
+use super::hang::Freezable;
 use super::queue::{Permit, SerialQueue, Ticket};
 use super::{MockLine, MockMethod, Shared};
 use crate::node::schema::init_capnp::init;
@@ -37,9 +38,10 @@ const PIPELINE_SETTLE_YIELDS: usize = 16;
 pub(crate) async fn serve_connection(stream: tokio::net::UnixStream, ctx: Rc<ServerCtx>) {
     use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
     let (reader, writer) = stream.into_split();
+    let switch = ctx.shared.hang.clone();
     let network = twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
+        Freezable::new(reader.compat(), switch.clone()),
+        Freezable::new(writer.compat_write(), switch),
         rpc_twoparty_capnp::Side::Server,
         Default::default(),
     );
@@ -885,6 +887,7 @@ impl block_template::Server for TemplateImpl {
         params: block_template::SubmitSolutionParams,
         mut results: block_template::SubmitSolutionResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
+        self.ctx.shared.lock().stats.submit_ordinals.push(7);
         let entry = self.enter(
             MockMethod::SubmitSolution,
             params.get().and_then(|p| p.get_context()),
@@ -914,6 +917,7 @@ impl block_template::Server for TemplateImpl {
         params: block_template::SubmitSolutionV32Params,
         mut results: block_template::SubmitSolutionV32Results,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
+        self.ctx.shared.lock().stats.submit_ordinals.push(10);
         let available = self.ctx.line() == MockLine::V32;
         let entry = available.then(|| {
             self.enter(

@@ -46,6 +46,21 @@ pub enum NodeError {
     /// The IPC connection is gone (node stopped, crashed or restarted).
     #[error("lost the IPC connection to the node")]
     Disconnected,
+    /// The node did not answer a call that should be quick within the deadline
+    /// (`node_call_timeout`): it is hung, or badly overloaded.
+    #[error("the node did not answer {method} within {after:?}")]
+    Timeout {
+        /// The IPC method.
+        method: &'static str,
+        /// The deadline that passed.
+        after: std::time::Duration,
+    },
+    /// The node does not have this method (an earlier interface line), so it did nothing.
+    #[error("the node does not implement {method}")]
+    Unimplemented {
+        /// The IPC method.
+        method: &'static str,
+    },
     /// The node refused a call.
     #[error("the node failed {method}: {message}")]
     Call {
@@ -69,6 +84,7 @@ impl NodeError {
     pub(crate) fn from_capnp(method: &'static str, err: capnp::Error) -> Self {
         match err.kind {
             capnp::ErrorKind::Disconnected => NodeError::Disconnected,
+            capnp::ErrorKind::Unimplemented => NodeError::Unimplemented { method },
             _ => NodeError::Call {
                 method,
                 message: err.extra,

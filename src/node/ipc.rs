@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bitcoin::consensus::deserialize;
 use bitcoin::hashes::Hash;
@@ -89,12 +89,17 @@ pub(crate) struct Session {
     submit_v32: Cell<Option<bool>>,
     line: Cell<NodeLine>,
     line_tx: watch::Sender<NodeLine>,
+    /// Deadline of every call that is not a wait (see [`Session::call`]).
+    call_timeout: Duration,
 }
 
 /// A node-side worker thread borrowed from the pool; returned when dropped.
 pub(crate) struct Worker {
     session: Rc<Session>,
     thread: Option<proxy_capnp::thread::Client>,
+    /// A call on it overran its deadline and may still run in the node: the thread is
+    /// not handed out again, or later calls would queue behind it.
+    busy: Cell<bool>,
 }
 
 impl Worker {
@@ -108,6 +113,9 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        if self.busy.get() {
+            return;
+        }
         if let Some(thread) = self.thread.take() {
             let mut idle = self.session.idle_threads.borrow_mut();
             if idle.len() < IDLE_THREADS_KEPT {
@@ -143,7 +151,51 @@ impl Session {
         Worker {
             session: self.clone(),
             thread: Some(thread),
+            busy: Cell::new(false),
         }
+    }
+
+    /// Runs `call`, a call that is not a wait, within the node call deadline. On the
+    /// deadline the call is abandoned (the node may still run it) with
+    /// [`NodeError::Timeout`], and `worker`, whose node thread may still be busy with it,
+    /// is not reused. The raw Cap'n Proto result is handed back for callers that look at
+    /// its kind (UNIMPLEMENTED).
+    pub(crate) async fn call_raw<T>(
+        &self,
+        worker: Option<&Worker>,
+        method: &'static str,
+        call: impl Future<Output = Result<T, capnp::Error>>,
+    ) -> Result<Result<T, capnp::Error>, NodeError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.call_timeout, call).await;
+        // A method the node does not have ran nothing (e.g. `@10` on v31.99): not a call.
+        if !matches!(&result, Ok(Err(e)) if is_unimplemented(e)) {
+            metrics()
+                .ipc_call_seconds
+                .with_label_values(&[method])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result.map_err(|_| {
+            if let Some(worker) = worker {
+                worker.busy.set(true);
+            }
+            NodeError::Timeout {
+                method,
+                after: self.call_timeout,
+            }
+        })
+    }
+
+    /// [`Session::call_raw`] with the node's error mapped to a [`NodeError`].
+    pub(crate) async fn call<T>(
+        &self,
+        worker: Option<&Worker>,
+        method: &'static str,
+        call: impl Future<Output = Result<T, capnp::Error>>,
+    ) -> Result<T, NodeError> {
+        self.call_raw(worker, method, call)
+            .await?
+            .map_err(|e| NodeError::from_capnp(method, e))
     }
 
     /// The interface line as known now.
@@ -154,6 +206,9 @@ impl Session {
     fn set_line(&self, line: NodeLine) {
         self.line.set(line);
         self.line_tx.send_replace(line);
+        let info = &metrics().node_info;
+        info.reset();
+        info.with_label_values(&[line.label()]).set(1);
     }
 
     /// Holds `client` and returns its key.
@@ -266,7 +321,10 @@ impl Session {
             let worker = session.worker();
             let mut request = held.client.destroy_request();
             request.get().init_context().set_thread(worker.thread());
-            if let Err(e) = timed("destroy", request.send().promise).await {
+            if let Err(e) = session
+                .call(Some(&worker), "destroy", request.send().promise)
+                .await
+            {
                 tracing::debug!(error = %e, "destroying a template failed");
             }
             session
@@ -290,11 +348,8 @@ impl Session {
             .collect();
         for (key, client, pending) in keys {
             if pending > 0 {
-                let _ = timed(
-                    "interruptWait",
-                    client.interrupt_wait_request().send().promise,
-                )
-                .await;
+                let interrupt = client.interrupt_wait_request().send().promise;
+                let _ = self.call(None, "interruptWait", interrupt).await;
             }
             self.release(key);
         }
@@ -315,28 +370,11 @@ impl Session {
         path.get().init_context().set_thread(worker.thread());
         let mut fees = template.get_tx_fees_request();
         fees.get().init_context().set_thread(worker.thread());
-        // The v32 line is told apart by its submitSolution @10: probed once, on the
-        // first template, with an empty coinbase the node cannot even decode (so nothing
-        // is ever submitted). UNIMPLEMENTED means an earlier line. Pipelined like the
-        // reads, so it costs no round trip.
-        let probe =
-            (self.submit_v32.get().is_none() && self.line() != NodeLine::V31_0).then(|| {
-                let mut probe = template.submit_solution_v32_request();
-                probe.get().init_context().set_thread(worker.thread());
-                probe.send().promise
-            });
-        let probe = async move {
-            match probe {
-                Some(p) => Some(p.await.map(|_| ())),
-                None => None,
-            }
-        };
-        let (header, coinbase, path, fees, probe) = futures::join!(
+        let (header, coinbase, path, fees) = futures::join!(
             timed("getBlockHeader", header.send().promise),
             timed("getCoinbaseTx", coinbase.send().promise),
             timed("getCoinbaseMerklePath", path.send().promise),
             timed("getTxFees", fees.send().promise),
-            probe,
         );
         let (header, coinbase, path, fees) = (header?, coinbase?, path?, fees?);
 
@@ -407,20 +445,6 @@ impl Session {
             ));
         }
 
-        // Only a template that exists answers the probe meaningfully; the reads above
-        // have just shown it does.
-        if let Some(outcome) = probe {
-            let v32 = match outcome {
-                Err(e) if is_unimplemented(&e) => false,
-                Err(e) if e.kind == capnp::ErrorKind::Disconnected => {
-                    return Err(NodeError::Disconnected)
-                }
-                _ => true,
-            };
-            self.learn_submit_v32(v32);
-            tracing::info!(line = self.line().label(), "node interface line confirmed");
-        }
-
         Ok(TemplateData {
             header,
             coinbase,
@@ -434,12 +458,19 @@ impl Session {
         self.submit_v32.get()
     }
 
-    /// Remembers which submit ordinal works.
+    /// Remembers which submit ordinal this connection's node serves, learnt from a real
+    /// submit (no probe is ever sent). `@10` answering marks the v32 line.
     pub(crate) fn learn_submit_v32(&self, v32: bool) {
-        self.submit_v32.set(Some(v32));
+        if self.submit_v32.replace(Some(v32)) == Some(v32) {
+            return;
+        }
         if v32 {
             self.set_line(NodeLine::V32);
         }
+        tracing::info!(
+            line = self.line().label(),
+            "node interface line confirmed by a submit"
+        );
     }
 }
 
@@ -486,7 +517,8 @@ pub(crate) struct Connected {
 }
 
 /// Opens the socket and runs the libmultiprocess bootstrap on a new IPC thread.
-pub(crate) async fn connect(path: &Path) -> Result<Connected, NodeError> {
+/// Every later call that is not a wait must be answered within `call_timeout`.
+pub(crate) async fn connect(path: &Path, call_timeout: Duration) -> Result<Connected, NodeError> {
     let path = path.to_path_buf();
     let (ready_tx, ready_rx) = oneshot::channel();
     std::thread::Builder::new()
@@ -506,7 +538,7 @@ pub(crate) async fn connect(path: &Path) -> Result<Connected, NodeError> {
                 }
             };
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, run(path, ready_tx));
+            local.block_on(&runtime, run(path, call_timeout, ready_tx));
         })
         .map_err(|e| NodeError::Connect {
             path: PathBuf::new(),
@@ -534,7 +566,11 @@ async fn open(path: &Path) -> Result<tokio::net::UnixStream, NodeError> {
         })
 }
 
-async fn run(path: PathBuf, ready: oneshot::Sender<Result<Connected, NodeError>>) {
+async fn run(
+    path: PathBuf,
+    call_timeout: Duration,
+    ready: oneshot::Sender<Result<Connected, NodeError>>,
+) {
     let stream = match open(&path).await {
         Ok(s) => s,
         Err(e) => {
@@ -559,7 +595,7 @@ async fn run(path: PathBuf, ready: oneshot::Sender<Result<Connected, NodeError>>
         let _ = closed_tx.send(true);
     });
 
-    let session = match bootstrap(init).await {
+    let session = match bootstrap(init, call_timeout).await {
         Ok(s) => Rc::new(s),
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -589,10 +625,20 @@ async fn run(path: PathBuf, ready: oneshot::Sender<Result<Connected, NodeError>>
 
 /// `Init.construct`, one worker thread, `makeMining`, and the line detection — all
 /// without side effects in the node.
-async fn bootstrap(init: init_capnp::init::Client) -> Result<Session, NodeError> {
+async fn bootstrap(
+    init: init_capnp::init::Client,
+    call_timeout: Duration,
+) -> Result<Session, NodeError> {
     let construct = init.construct_request().send();
     let thread_map = construct.pipeline.get_thread_map();
-    timed("construct", construct.promise).await?;
+    // `makeMining` below is a wait (it blocks until the chainstate is loaded), but a node
+    // that cannot even answer `construct` from its event loop is hung.
+    tokio::time::timeout(call_timeout, timed("construct", construct.promise))
+        .await
+        .map_err(|_| NodeError::Timeout {
+            method: "construct",
+            after: call_timeout,
+        })??;
 
     let mut request = init.make_mining_request();
     let thread = {
@@ -629,15 +675,19 @@ async fn bootstrap(init: init_capnp::init::Client) -> Result<Session, NodeError>
         submit_v32: Cell::new(None),
         line: Cell::new(NodeLine::V31_99),
         line_tx,
+        call_timeout,
     };
 
     let mut probe = session.mining.get_transactions_by_tx_i_d_request();
     probe.get().init_context().set_thread(thread.clone());
     probe.get().init_txids(0);
-    match probe.send().promise.await {
+    match session
+        .call_raw(None, "getTransactionsByTxID", probe.send().promise)
+        .await?
+    {
         Err(e) if is_unimplemented(&e) => {
             session.line.set(NodeLine::V31_0);
-            // v31.0 has no @10; never probe it.
+            // v31.0 has no @10: its submits go straight to @7.
             session.submit_v32.set(Some(false));
         }
         Err(e) => return Err(NodeError::from_capnp("getTransactionsByTxID", e)),

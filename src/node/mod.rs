@@ -14,6 +14,7 @@ mod types;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::{Block, Transaction};
@@ -26,6 +27,9 @@ pub use types::{
 
 use error::is_unimplemented;
 use ipc::{timed, Jobs};
+
+/// Deadline of calls that are not waits when none is configured (`node_call_timeout`).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The node's socket for `chain_subdir` under `datadir`, as Bitcoin Core places it:
 /// `<datadir>/<subdir>/node.sock` (no subdir for mainnet).
@@ -46,9 +50,20 @@ pub struct NodeClient {
 
 impl NodeClient {
     /// Connects to the node at `socket`, bootstraps, and detects its interface line.
-    /// A v30 node is refused with [`NodeError::UnsupportedVersion`].
+    /// A v30 node is refused with [`NodeError::UnsupportedVersion`]. Calls that are not
+    /// waits get [`DEFAULT_CALL_TIMEOUT`] (see [`NodeClient::connect_with_timeout`]).
     pub async fn connect(socket: &Path) -> Result<Self, NodeError> {
-        let connected = ipc::connect(socket).await?;
+        Self::connect_with_timeout(socket, DEFAULT_CALL_TIMEOUT).await
+    }
+
+    /// Like [`NodeClient::connect`], with every call that is not a wait (everything but
+    /// `createNewBlock`, `waitNext`, `waitTipChanged` and `makeMining`) failing with
+    /// [`NodeError::Timeout`] when the node has not answered within `call_timeout`.
+    pub async fn connect_with_timeout(
+        socket: &Path,
+        call_timeout: Duration,
+    ) -> Result<Self, NodeError> {
+        let connected = ipc::connect(socket, call_timeout).await?;
         let client = Self {
             jobs: connected.jobs,
             line: connected.line,
@@ -58,8 +73,8 @@ impl NodeClient {
         Ok(client)
     }
 
-    /// The interface line: v31.0 or v31.99 from connect; v32 once the first template
-    /// showed `submitSolution @10`.
+    /// The interface line: v31.0 or v31.99 from connect; v32 once a submit was answered
+    /// by `submitSolution @10` (nothing is sent to find out).
     pub fn line(&self) -> NodeLine {
         *self.line.borrow()
     }
@@ -77,12 +92,29 @@ impl NodeClient {
 
     /// The current chain tip, `None` before the node has one.
     pub async fn tip(&self) -> Result<Option<Tip>, NodeError> {
+        self.get_tip(true).await
+    }
+
+    /// [`NodeClient::tip`] without the call deadline, for a caller that applies its own
+    /// and keeps the one call pending when it passes (the liveness probe), rather than
+    /// abandoning it and sending another to a node that does not answer.
+    pub async fn tip_unbounded(&self) -> Result<Option<Tip>, NodeError> {
+        self.get_tip(false).await
+    }
+
+    async fn get_tip(&self, bounded: bool) -> Result<Option<Tip>, NodeError> {
         self.jobs
-            .run(|s| async move {
+            .run(move |s| async move {
                 let worker = s.worker();
                 let mut request = s.mining.get_tip_request();
                 request.get().init_context().set_thread(worker.thread());
-                let response = timed("getTip", request.send().promise).await?;
+                let response = match bounded {
+                    true => {
+                        s.call(Some(&worker), "getTip", request.send().promise)
+                            .await?
+                    }
+                    false => timed("getTip", request.send().promise).await?,
+                };
                 let results = response
                     .get()
                     .map_err(|e| NodeError::from_capnp("getTip", e))?;
@@ -98,7 +130,13 @@ impl NodeClient {
                 let worker = s.worker();
                 let mut request = s.mining.is_initial_block_download_request();
                 request.get().init_context().set_thread(worker.thread());
-                let response = timed("isInitialBlockDownload", request.send().promise).await?;
+                let response = s
+                    .call(
+                        Some(&worker),
+                        "isInitialBlockDownload",
+                        request.send().promise,
+                    )
+                    .await?;
                 response
                     .get()
                     .map(|r| r.get_result())
@@ -142,7 +180,12 @@ impl NodeClient {
     pub async fn interrupt(&self) -> Result<(), NodeError> {
         self.jobs
             .run(|s| async move {
-                timed("interrupt", s.mining.interrupt_request().send().promise).await?;
+                s.call(
+                    None,
+                    "interrupt",
+                    s.mining.interrupt_request().send().promise,
+                )
+                .await?;
                 Ok(())
             })
             .await
@@ -159,7 +202,9 @@ impl NodeClient {
                 let mut p = request.get();
                 p.reborrow().init_context().set_thread(worker.thread());
                 p.set_block(&bytes);
-                let response = timed("submitBlock", request.send().promise).await?;
+                let response = s
+                    .call(Some(&worker), "submitBlock", request.send().promise)
+                    .await?;
                 let r = response
                     .get()
                     .map_err(|e| NodeError::from_capnp("submitBlock", e))?;
@@ -312,11 +357,8 @@ impl Template {
         self.jobs()
             .run(move |s| async move {
                 let client = s.template(key)?;
-                timed(
-                    "interruptWait",
-                    client.interrupt_wait_request().send().promise,
-                )
-                .await?;
+                let interrupt = client.interrupt_wait_request().send().promise;
+                s.call(None, "interruptWait", interrupt).await?;
                 Ok(())
             })
             .await
@@ -375,7 +417,9 @@ async fn get_block(
     let worker = s.worker();
     let mut request = client.get_block_request();
     request.get().init_context().set_thread(worker.thread());
-    let response = timed("getBlock", request.send().promise).await?;
+    let response = s
+        .call(Some(&worker), "getBlock", request.send().promise)
+        .await?;
     let bytes = response
         .get()
         .and_then(|r| r.get_result())
@@ -400,7 +444,10 @@ async fn submit(
         p.set_timestamp(solution.timestamp);
         p.set_nonce(solution.nonce);
         p.set_coinbase(&solution.coinbase);
-        match request.send().promise.await {
+        match s
+            .call_raw(Some(&worker), "submitSolution", request.send().promise)
+            .await?
+        {
             Err(e) if is_unimplemented(&e) => s.learn_submit_v32(false),
             Err(e) => return Err(NodeError::from_capnp("submitSolution", e)),
             Ok(response) => {
@@ -419,7 +466,9 @@ async fn submit(
     p.set_timestamp(solution.timestamp);
     p.set_nonce(solution.nonce);
     p.set_coinbase(&solution.coinbase);
-    let response = timed("submitSolution", request.send().promise).await?;
+    let response = s
+        .call(Some(&worker), "submitSolution", request.send().promise)
+        .await?;
     let accepted = response
         .get()
         .map(|r| r.get_result())

@@ -45,19 +45,26 @@ pub struct EngineConfig {
     /// constraint group and block reads for transaction data. Template updates for the
     /// groups that run and solutions never wait for these.
     pub max_node_calls: usize,
+    /// Deadline of every node call that is not a wait; the periodic probe uses it too.
+    pub node_call_timeout: Duration,
 }
 
 /// What `/health` and the daemon read about the engine.
 #[derive(Debug, Default)]
 pub struct EngineStatus {
     pub(super) node_connected: AtomicBool,
+    /// False while the connected node misses the deadline of the periodic probe.
+    pub(super) node_unresponsive: AtomicBool,
     pub(super) has_template: AtomicBool,
 }
 
 impl EngineStatus {
-    /// True while the node is connected and a current template exists.
+    /// True while the node is connected and answering, and a current template exists
+    /// (one made since the node last answered again).
     pub fn healthy(&self) -> bool {
-        self.node_connected.load(Ordering::Relaxed) && self.has_template.load(Ordering::Relaxed)
+        self.node_connected.load(Ordering::Relaxed)
+            && !self.node_unresponsive.load(Ordering::Relaxed)
+            && self.has_template.load(Ordering::Relaxed)
     }
 }
 

@@ -2,8 +2,9 @@
 //! published (so transaction data and solutions need no IPC later, and a solution can be
 //! saved even if the node is gone by then) and for transaction data not cached yet.
 //!
-//! Prefetches run one at a time, for each group's newest template only, so they never
-//! pile up on the node beside the templates clients wait for. A template without
+//! Prefetches run one at a time on one worker, newest first, so they never pile up on the
+//! node beside the templates clients wait for; every published template is read (every
+//! held template keeps its block, see [`super::cache`]). A template without
 //! transactions needs no read at all: its block is made here. Reads for transaction data
 //! not cached: one per template at a time, requests for a block already on its way wait
 //! for it and share its one transaction list, and each takes a place among the node
@@ -16,7 +17,7 @@ use bitcoin::{absolute::LockTime, transaction::Version, Block, Transaction};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, warn};
 
-use super::api::{Constraints, TransactionData, TxDataError};
+use super::api::{TransactionData, TxDataError};
 use super::build::take_client_call;
 use super::store::{transactions, TxLookup};
 use crate::node::Template;
@@ -65,20 +66,14 @@ impl BlockReads {
         }
     }
 
-    /// Reads published template `id` of `group` ahead, on the prefetch worker. A
-    /// template without transactions needs no read: its block is returned at once.
-    pub fn prefetch(
-        &mut self,
-        id: u64,
-        group: Constraints,
-        template: Template,
-    ) -> Option<(Arc<Block>, TxList)> {
+    /// Reads published template `id` ahead, on the prefetch worker. A template without
+    /// transactions needs no read: its block is returned at once.
+    pub fn prefetch(&mut self, id: u64, template: Template) -> Option<(Arc<Block>, TxList)> {
         if let Some(block) = coinbase_only_block(&template) {
             return Some((Arc::new(block), Arc::new(Vec::new())));
         }
         let job = Prefetch {
             template_id: id,
-            group,
             template,
         };
         let _ = self.prefetch.send(job);
@@ -185,8 +180,6 @@ pub(crate) fn coinbase_only_block(template: &Template) -> Option<Block> {
 pub(crate) struct Prefetch {
     /// The template's id.
     pub template_id: u64,
-    /// Its group: only the group's newest queued template is read.
-    pub group: Constraints,
     /// The node's template.
     pub template: Template,
 }
@@ -197,18 +190,17 @@ fn prefetcher(fetched: mpsc::Sender<FetchedBlock>) -> mpsc::UnboundedSender<Pref
     let (tx, mut rx) = mpsc::unbounded_channel::<Prefetch>();
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
-            // What queued up meanwhile: only each group's newest is still worth a read.
-            let mut newest: HashMap<Constraints, Prefetch> = HashMap::new();
-            newest.insert(first.group, first);
+            // What queued up meanwhile, newest first: the templates clients most likely
+            // mine get their blocks first; the older ones follow (every held template
+            // keeps its block).
+            let mut jobs = vec![first];
             while let Ok(job) = rx.try_recv() {
-                newest.insert(job.group, job);
+                jobs.push(job);
             }
-            let mut jobs: Vec<Prefetch> = newest.into_values().collect();
-            jobs.sort_by_key(|j| j.template_id);
+            jobs.sort_by_key(|j| std::cmp::Reverse(j.template_id));
             for Prefetch {
                 template_id,
                 template,
-                ..
             } in jobs
             {
                 match read(&template).await {

@@ -3,14 +3,13 @@
 //! decisions live beside it — [`super::store`], [`super::fanout`], [`super::group`],
 //! [`super::solutions`] — and take data, not the actor.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::error;
 
 use super::api::{
     Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus,
@@ -20,13 +19,19 @@ use super::blocks::{BlockReads, FetchedBlock};
 use super::build::{FeePolicy, GroupReport, Reason};
 use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
 use super::group::Groups;
+use super::health::NodeLink;
+use super::ids::first_template_id;
 use super::publish::{self, Published};
 use super::solutions::{self, Gate, Submission};
 use super::store::TemplateStore;
 use super::supervisor::{supervise, NodeEvent};
 use super::tip::{self, TipFollower, TipReport};
+use super::unknown::{self, UnknownSolutions};
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
+
+/// Templates of the tip an unknown-template solution is tried against.
+const UNKNOWN_CANDIDATES: usize = 64;
 
 /// Room in each of the engine's inbound queues.
 const QUEUE: usize = 1024;
@@ -47,7 +52,12 @@ pub fn spawn(
     let (tips_tx, tips) = mpsc::channel(QUEUE);
     let status = Arc::new(EngineStatus::default());
     let client_calls = Arc::new(Semaphore::new(config.max_node_calls));
-    tokio::spawn(supervise(config.socket.clone(), node_tx, shutdown.clone()));
+    tokio::spawn(supervise(
+        config.socket.clone(),
+        config.node_call_timeout,
+        node_tx,
+        shutdown.clone(),
+    ));
     let fees = FeePolicy {
         fee_delta: config.fee_delta,
         interval: config.template_interval,
@@ -55,14 +65,13 @@ pub fn spawn(
     };
     let engine = Engine {
         reads: BlockReads::new(fetched_tx, client_calls.clone()),
-        store: TemplateStore::new(config.stale_grace),
+        store: TemplateStore::new(config.stale_grace, first_template_id()),
         gate: Gate::new(config.max_solutions_in_flight),
         groups: Groups::new(fees, client_calls, reports_tx, shutdown.clone()),
         fanout: Fanout::default(),
+        unknown: UnknownSolutions::new(config.solutions_dir.clone()),
         config,
-        status: status.clone(),
-        connected_before: false,
-        current_node: watch::channel(None).0,
+        node: NodeLink::new(status.clone()),
         follower: None,
         tips_tx,
         shutdown,
@@ -89,17 +98,13 @@ struct Inbox {
 
 struct Engine {
     config: EngineConfig,
-    status: Arc<EngineStatus>,
-    /// Whether a connection was up before (templates after a reconnect count as `tip`).
-    connected_before: bool,
+    node: NodeLink,
     groups: Groups,
     fanout: Fanout,
     store: TemplateStore<Published>,
+    unknown: UnknownSolutions,
     /// What a solution must pass before it costs a disk write or a node call.
     gate: Gate,
-    /// The live connection; `submit` also reads it, for solutions whose template died
-    /// with an earlier one.
-    current_node: watch::Sender<Option<NodeClient>>,
     /// Block reads on their way (prefetches, one at a time; reads clients wait for).
     reads: BlockReads,
     /// The live connection's tip follower.
@@ -121,6 +126,8 @@ impl Engine {
                 Some(event) = inbox.node_events.recv() => match event {
                     NodeEvent::Connected(node) => self.on_connected(node),
                     NodeEvent::Lost => self.on_disconnected(),
+                    NodeEvent::Unresponsive(e) => self.node.unresponsive(&e),
+                    NodeEvent::Responsive => self.on_responsive(),
                     NodeEvent::Unusable(e) => {
                         error!(error = %e, "cannot use this node");
                         break Err(EngineError::Unsupported(e));
@@ -145,63 +152,58 @@ impl Engine {
         self.groups.stop_all();
         self.store.clear();
         self.fanout.clear();
-        if let Some(node) = self.current_node.send_replace(None) {
-            // Let the group tasks interrupt their waits, then release the rest.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            node.release_all().await;
-        }
-        self.status.node_connected.store(false, Ordering::Relaxed);
-        metrics().node_connected.set(0);
+        self.node.stop().await;
     }
 
     fn on_connected(&mut self, node: NodeClient) {
-        let line = node.line().label();
-        info!(interface = line, "node ready; serving templates");
-        let m = metrics();
-        m.node_connected.set(1);
-        m.node_connects.inc();
-        m.node_info.reset();
-        m.node_info.with_label_values(&[line]).set(1);
-        crate::status::node_facts().connected(line);
-        self.status.node_connected.store(true, Ordering::Relaxed);
-        let (tips, cancel) = (self.tips_tx.clone(), self.shutdown.child_token());
-        self.follower = Some(TipFollower::start(node.clone(), tips, cancel));
-        self.current_node.send_replace(Some(node));
         // After a reconnect the first templates stand for the node's (possibly new) tip.
-        let reason = if self.connected_before {
-            Reason::Tip
-        } else {
-            Reason::Constraints
+        let reason = match self.node.connected(node.clone()) {
+            true => Reason::Tip,
+            false => Reason::Constraints,
         };
-        self.connected_before = true;
+        self.follow(node);
+        self.start_groups(reason);
+    }
+
+    /// Starts the tip follower for `node` (dropping the old one stops it).
+    fn follow(&mut self, node: NodeClient) {
+        let (tips, cancel) = (self.tips_tx.clone(), self.shutdown.child_token());
+        self.follower = Some(TipFollower::start(node, tips, cancel));
+    }
+
+    /// Starts the standing group and every group a client uses.
+    fn start_groups(&mut self, first: Reason) {
         self.fanout.forget_gone();
         for constraints in [STANDING_GROUP].into_iter().chain(self.fanout.groups()) {
-            self.ensure_group(constraints, reason, false);
+            self.ensure_group(constraints, first, false);
         }
     }
 
+    /// The node answers again: the tip follower and every group start over, so clients
+    /// get fresh templates even if a wait was lost in the node. (While it did not answer,
+    /// clients kept their templates: they stay valid while the tip holds.)
+    fn on_responsive(&mut self) {
+        self.node.responsive();
+        self.groups.stop_all();
+        if let Some(node) = self.node.current() {
+            self.follow(node);
+        }
+        self.start_groups(Reason::Tip);
+    }
+
     fn on_disconnected(&mut self) {
-        warn!("lost the node; clients stay connected, reconnecting");
+        self.node.lost();
         self.follower = None;
         self.groups.stop_all();
         // The templates stay: their capabilities died with the connection, but pools keep
         // mining them while the tip has not moved, and a solution for one is still saved
         // and handed to the node over the next connection (see `submit`). They go when
         // the tip moves, as always.
-        self.current_node.send_replace(None);
-        self.status.node_connected.store(false, Ordering::Relaxed);
-        self.status.has_template.store(false, Ordering::Relaxed);
-        // `templates_held` is not zeroed here: the old connection's templates are counted
-        // down as their handles drop (the IPC thread releases each one once), and zeroing
-        // first would drive the gauge negative.
-        metrics().node_connected.set(0);
-        crate::status::node_facts().lost();
     }
 
     /// Starts a group for `constraints` on the live connection unless one runs.
     fn ensure_group(&mut self, constraints: Constraints, first: Reason, client_caused: bool) {
-        let (Some(node), Some(follower)) = (self.current_node.borrow().clone(), &self.follower)
-        else {
+        let (Some(node), Some(follower)) = (self.node.current(), &self.follower) else {
             return;
         };
         let active = constraints != STANDING_GROUP || self.standing_needed();
@@ -260,7 +262,7 @@ impl Engine {
         let future = held.payload.new_template.future_template;
         let (new_tmpl, snph) = held.payload.frames.clone();
         self.groups.set_current(constraints, id);
-        self.status.has_template.store(true, Ordering::Relaxed);
+        self.node.template_ready();
         let snph = future.then_some(TemplateEvent::Encoded(snph));
         self.fanout
             .publish(constraints, TemplateEvent::Encoded(new_tmpl), snph);
@@ -271,7 +273,7 @@ impl Engine {
         }
         // Now that the clients have it: the block, so transaction data and solutions
         // need no IPC later and a solution can be saved even if the node is gone by then.
-        if let Some((block, txs)) = self.reads.prefetch(id, constraints, template) {
+        if let Some((block, txs)) = self.reads.prefetch(id, template) {
             self.store.set_block(id, block, txs);
         }
         self.prune();
@@ -340,8 +342,13 @@ impl Engine {
         reply: oneshot::Sender<SolutionOutcome>,
     ) {
         let Some(held) = self.store.get(solution.template_id) else {
+            let tip = self
+                .store
+                .on_tip()
+                .map(|held| &**held.payload.template.data());
+            let proven = unknown::proven(tip.take(UNKNOWN_CANDIDATES), &solution);
             let _ = reply.send(self.gate.refuse_unknown(solution.template_id));
-            return;
+            return self.unknown.save(solution, proven, Instant::now());
         };
         match self.gate.admit(held.payload.template.data(), &solution) {
             Ok((solved, slot)) => {
@@ -350,7 +357,7 @@ impl Engine {
                     cached_block: held.block.clone(),
                     solved,
                     dir: self.config.solutions_dir.clone(),
-                    nodes: self.current_node.subscribe(),
+                    nodes: self.node.subscribe(),
                     slot,
                 };
                 solutions::spawn(job, reply);

@@ -13,26 +13,36 @@
 //! - `engine`: the actor that owns the state and wires the rest together;
 //! - `supervisor`: the node connection's lifecycle (connect, IBD, reconnect);
 //! - `tip`: the tip follower, one `waitTipChanged` loop per connection;
+//! - `health`: what `/health`, the node gauges and the log say about the node;
 //! - `group`: the constraint groups' registry; `build`: one group's task, which builds
 //!   its templates in the daemon's order (empty, full, fee checks);
+//! - `ids`: template ids that never repeat across restarts;
 //! - `store`: held templates, ids, pruning and the block cache (no I/O);
 //! - `fanout`: subscribed sessions, group choice, queueing to sessions;
+//! - `cache`: one shared block and transaction list for templates with equal transactions;
 //! - `blocks`: reading template blocks in the background (prefetch, transaction data);
 //! - `solutions`: from `SubmitSolution` to a block on disk and in the node;
+//! - `resubmit`: a block the node did not take, tried again until the chain moves on;
+//! - `unknown`: saving (within a budget) solutions for templates not held;
 //! - [`messages`]: from template data to SV2 messages and back.
 
 mod api;
 mod blocks;
 mod build;
+mod cache;
 mod engine;
 mod fanout;
 mod group;
+mod health;
+mod ids;
 pub mod messages;
 mod publish;
+mod resubmit;
 mod solutions;
 mod store;
 mod supervisor;
 mod tip;
+mod unknown;
 
 pub use api::*;
 pub use build::{block_reserved_weight, create_options, Reason};

@@ -1,6 +1,6 @@
 //! The solution pipeline: a `SubmitSolution` becomes a block that is written to disk and
-//! handed to the node at once; a block whose template died with an earlier connection is
-//! submitted whole over the next one.
+//! handed to the node at once; one the node did not take goes on to
+//! [`super::resubmit`].
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -14,8 +14,9 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use super::api::SolutionOutcome;
 use super::messages::SolvedBlock;
+use super::resubmit::{self, Pending};
 use crate::metrics::metrics;
-use crate::node::{NodeClient, NodeError, SubmitVerdict, Template, TemplateData};
+use crate::node::{NodeClient, Template, TemplateData};
 use crate::ratelog::LogBudget;
 
 /// A solution on its way to the node, with what it needs to get there.
@@ -166,26 +167,31 @@ async fn submit(job: Submission) -> SolutionOutcome {
     // The block goes to disk and to the node at once: neither waits for the other (a
     // slow disk must not delay a block). Without a cached template block, the node is
     // asked for it only after the submit (a getBlock may not overlap a submit).
-    let (verdict, template_block) = match cached_block {
+    let (verdict, template_block, file) = match cached_block {
         Some(block) => {
-            let (verdict, ()) =
+            let (verdict, file) =
                 tokio::join!(to_node, save_solution(&dir, height, &solved, Some(&block)));
-            (verdict, Some(block))
+            (verdict, Some(block), file)
         }
         None => {
             let verdict = to_node.await;
             let block = template.block().await.ok().map(Arc::new);
-            save_solution(&dir, height, &solved, block.as_deref()).await;
-            (verdict, block)
+            let file = save_solution(&dir, height, &solved, block.as_deref()).await;
+            (verdict, block, file)
         }
     };
-    let verdict = match (verdict, template_block) {
-        // The template died with an earlier connection: hand the whole block to the
-        // node over the current one.
-        (Err(e), Some(block)) if e.is_disconnect() => {
-            resubmit(solved.block(&block), nodes).await.map_err(|_| e)
+    let verdict = match verdict {
+        Err(e) => {
+            let pending = Pending {
+                template,
+                solved,
+                template_block,
+                nodes,
+                file,
+            };
+            resubmit::until_settled(pending, e).await
         }
-        (verdict, _) => verdict,
+        verdict => verdict,
     };
     match verdict {
         Ok(v) if v.accepted => {
@@ -210,41 +216,14 @@ async fn submit(job: Submission) -> SolutionOutcome {
     }
 }
 
-/// How long a solution whose connection died waits for the node to be back.
-const RESUBMIT_PATIENCE: Duration = Duration::from_secs(60);
-
-/// Submits `block` with `submitBlock` over the first live connection within
-/// [`RESUBMIT_PATIENCE`].
-async fn resubmit(
-    block: Block,
-    mut nodes: watch::Receiver<Option<NodeClient>>,
-) -> Result<SubmitVerdict, NodeError> {
-    info!(block_hash = %block.block_hash(), "the template's connection is gone; submitting the whole block once the node is back");
-    let node = tokio::time::timeout(RESUBMIT_PATIENCE, async {
-        loop {
-            if let Some(node) = nodes.borrow_and_update().clone().filter(|n| !n.is_closed()) {
-                return Some(node);
-            }
-            if nodes.changed().await.is_err() {
-                return None;
-            }
-        }
-    })
-    .await
-    .ok()
-    .flatten()
-    .ok_or(NodeError::Disconnected)?;
-    node.submit_block(&block).await
-}
-
 /// Saves the solved block as hex (ready for `bitcoin-cli submitblock`), or, when the
-/// template's transactions could not be read, the header and coinbase.
+/// template's transactions could not be read, the header and coinbase; returns the file.
 async fn save_solution(
     dir: &Path,
     height: u32,
     solved: &SolvedBlock,
     template_block: Option<&Block>,
-) {
+) -> Option<PathBuf> {
     let hash = solved.header.block_hash();
     let (path, contents) = match template_block {
         Some(block) => (
@@ -266,7 +245,13 @@ async fn save_solution(
     }
     .await;
     match result {
-        Ok(()) => info!(path = %path.display(), "solution saved"),
-        Err(e) => error!(path = %path.display(), error = %e, "cannot save the solution"),
+        Ok(()) => {
+            info!(path = %path.display(), "solution saved");
+            Some(path)
+        }
+        Err(e) => {
+            error!(path = %path.display(), error = %e, "cannot save the solution");
+            None
+        }
     }
 }

@@ -18,10 +18,6 @@ use super::api::{Constraints, TransactionData, TxDataError};
 /// test networks; solutions for anything but the newest few are not expected.
 pub(crate) const MAX_TEMPLATES_PER_GROUP: usize = 16;
 
-/// Templates per group whose block we keep in memory (for transaction data, and to save
-/// a solution without asking the node).
-pub(crate) const BLOCKS_CACHED_PER_GROUP: usize = 3;
-
 /// One template handed out to clients. `T` is what the engine keeps with it (the node's
 /// template handle and the messages sent for it); the store only moves it around.
 #[derive(Debug)]
@@ -92,11 +88,11 @@ pub(crate) struct TemplateStore<T> {
 }
 
 impl<T: Clone> TemplateStore<T> {
-    /// An empty store whose first template gets id 1.
-    pub fn new(grace: Duration) -> Self {
+    /// An empty store whose first template gets id `first_id`.
+    pub fn new(grace: Duration, first_id: u64) -> Self {
         Self {
             templates: BTreeMap::new(),
-            next_id: 1,
+            next_id: first_id,
             tip: None,
             previous_tip: None,
             grace,
@@ -129,22 +125,12 @@ impl<T: Clone> TemplateStore<T> {
         self.next_id
     }
 
-    /// Records `held` under [`TemplateStore::next_id`] and returns that id. Older
-    /// templates of its group drop their cached blocks, so only the newest
-    /// [`BLOCKS_CACHED_PER_GROUP`] keep theirs.
+    /// Records `held` under [`TemplateStore::next_id`] and returns that id. Every held
+    /// template keeps its cached block (see [`super::cache`]), so a solution for any of
+    /// them can be saved and submitted whole.
     pub fn insert(&mut self, held: Held<T>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        for older in self
-            .templates
-            .values_mut()
-            .rev()
-            .filter(|h| h.group == held.group)
-            .skip(BLOCKS_CACHED_PER_GROUP - 1)
-        {
-            older.block = None;
-            older.tx_data = None;
-        }
         self.templates.insert(id, held);
         id
     }
@@ -154,24 +140,31 @@ impl<T: Clone> TemplateStore<T> {
         self.templates.get(&id)
     }
 
-    /// Caches the node's block for template `id` with its serialized `transactions`,
-    /// if the template is held and among the newest [`BLOCKS_CACHED_PER_GROUP`] of its
-    /// group: a client asking about an older one gets its answer, but cannot make the
-    /// daemon keep a block for every template it names.
+    /// The held templates of the current tip, newest first.
+    pub fn on_tip(&self) -> impl Iterator<Item = &Held<T>> {
+        let tip = self.tip();
+        self.templates
+            .values()
+            .rev()
+            .filter(move |h| Some(h.prev_hash) == tip)
+    }
+
+    /// Caches the node's block for template `id` with its serialized `transactions`, if
+    /// still held, sharing the block and transaction list of a held template with the
+    /// same transactions.
     pub fn set_block(&mut self, id: u64, block: Arc<Block>, transactions: Arc<Vec<Vec<u8>>>) {
-        let Some(group) = self.templates.get(&id).map(|h| h.group) else {
+        let Some(prev_hash) = self.templates.get(&id).map(|h| h.prev_hash) else {
             return;
         };
-        let newest = self
+        let cached = self
             .templates
-            .iter()
-            .rev()
-            .filter(|(_, h)| h.group == group)
-            .take(BLOCKS_CACHED_PER_GROUP)
-            .any(|(newer, _)| *newer == id);
-        if let (true, Some(held)) = (newest, self.templates.get_mut(&id)) {
+            .values()
+            .filter(|h| h.prev_hash == prev_hash)
+            .filter_map(|h| Some((h.block.clone()?, h.tx_data.clone())));
+        let (block, tx_data) = super::cache::share(block, cached);
+        if let Some(held) = self.templates.get_mut(&id) {
             held.block = Some(block);
-            held.tx_data = Some(transactions);
+            held.tx_data = Some(tx_data.unwrap_or(transactions));
         }
     }
 
@@ -305,7 +298,7 @@ mod tests {
     #[test]
     fn ids_count_up_from_one_and_are_never_reused() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         assert_eq!(store.next_id(), 1);
         assert_eq!(at(&mut store, A, 1, t0), 1);
         assert_eq!(at(&mut store, A, 1, t0), 2);
@@ -316,7 +309,7 @@ mod tests {
     #[test]
     fn the_node_decides_the_tip_even_a_lower_one() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         assert_eq!(store.tip(), None);
         assert_eq!(store.set_tip(tip(2), 11, t0), None);
         let higher = at(&mut store, A, 2, t0);
@@ -343,7 +336,7 @@ mod tests {
     #[test]
     fn previous_tip_templates_live_through_the_grace_period_only() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         let old = at(&mut store, A, 1, t0);
         let new = at(&mut store, A, 2, t0 + Duration::from_secs(1));
         store.prune(&[new], t0 + Duration::from_secs(5));
@@ -355,7 +348,7 @@ mod tests {
     #[test]
     fn tips_before_the_previous_one_go_at_once() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         at(&mut store, A, 1, t0);
         let previous = at(&mut store, A, 2, t0);
         let current = at(&mut store, A, 3, t0);
@@ -366,7 +359,7 @@ mod tests {
     #[test]
     fn the_current_tip_keeps_at_most_the_cap_per_group_once_old() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         let total = MAX_TEMPLATES_PER_GROUP + 4;
         let mut last = 0;
         for _ in 0..total {
@@ -385,7 +378,7 @@ mod tests {
     #[test]
     fn a_groups_current_template_is_kept_whatever_its_tip() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         let stuck = at(&mut store, B, 1, t0);
         at(&mut store, A, 2, t0);
         at(&mut store, A, 3, t0);
@@ -394,34 +387,31 @@ mod tests {
     }
 
     #[test]
-    fn only_the_newest_templates_of_a_group_keep_their_block() {
+    fn every_template_keeps_its_block_and_equal_ones_share_it() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
-        let block = Arc::new(one_tx_block());
+        let mut store = TemplateStore::new(GRACE, 1);
         let mut all = Vec::new();
-        for _ in 0..BLOCKS_CACHED_PER_GROUP + 2 {
-            let id = at(&mut store, A, 1, t0);
-            cache(&mut store, id, &block);
+        for group in [A, A, A, A, A, B] {
+            let id = at(&mut store, group, 1, t0);
+            cache(&mut store, id, &Arc::new(one_tx_block()));
             all.push(id);
         }
-        let other = at(&mut store, B, 1, t0);
-        cache(&mut store, other, &block);
-        let cached: Vec<u64> = all
+        let first = store.get(all[0]).and_then(|h| h.block.clone()).unwrap();
+        for id in &all {
+            let block = store.get(*id).and_then(|h| h.block.clone());
+            assert!(block.is_some_and(|b| Arc::ptr_eq(&b, &first)), "{id}");
+        }
+        let lists: Vec<_> = all
             .iter()
-            .copied()
-            .filter(|id| store.get(*id).is_some_and(|h| h.block.is_some()))
+            .map(|id| store.transactions(*id).unwrap())
             .collect();
-        assert_eq!(cached, all[all.len() - BLOCKS_CACHED_PER_GROUP..].to_vec());
-        assert!(store.get(other).is_some_and(|h| h.block.is_some()));
-        // A read for an old template answers its client but is not kept.
-        cache(&mut store, all[0], &block);
-        assert!(store.get(all[0]).is_some_and(|h| h.block.is_none()));
+        assert!(lists.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
     }
 
     #[test]
     fn transaction_data_is_served_for_current_tip_templates_only() {
         let t0 = Instant::now();
-        let mut store = TemplateStore::new(GRACE);
+        let mut store = TemplateStore::new(GRACE, 1);
         let old = at(&mut store, A, 1, t0);
         let new = at(&mut store, A, 2, t0);
         assert_eq!(

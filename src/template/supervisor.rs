@@ -1,5 +1,6 @@
 //! The node connection's lifecycle: connect (retrying with backoff), wait out initial
-//! block download, report the connection, notice when it ends, and connect again.
+//! block download, report the connection, probe that the node still answers, notice when
+//! it ends, and connect again.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,6 +18,11 @@ pub(crate) enum NodeEvent {
     Connected(NodeClient),
     /// The connection reported last ended; a new one is being made.
     Lost,
+    /// The connected node missed the deadline of the periodic probe (hung, stopped, a
+    /// stalled disk). The connection is kept: a node that answers again carries on.
+    Unresponsive(NodeError),
+    /// The node answers the probe again after [`NodeEvent::Unresponsive`].
+    Responsive,
     /// The node cannot be driven by this version (e.g. a v30 node); the supervisor stops.
     Unusable(NodeError),
 }
@@ -30,9 +36,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often a node that cannot be reached is mentioned in the log.
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(5);
 
+/// Pause between two liveness probes (`getTip`, answered within the node call timeout).
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(2);
+
 /// Keeps a connection to the node at `socket` until `shutdown`, reporting to `events`.
+/// Calls that are not waits must be answered within `call_timeout`.
 pub(crate) async fn supervise(
     socket: PathBuf,
+    call_timeout: Duration,
     events: mpsc::Sender<NodeEvent>,
     shutdown: CancellationToken,
 ) {
@@ -42,7 +53,7 @@ pub(crate) async fn supervise(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(first_delay) => {}
         }
-        let node = match connect(&socket, &shutdown).await {
+        let node = match connect(&socket, call_timeout, &shutdown).await {
             Some(Ok(node)) => node,
             Some(Err(e)) => {
                 let _ = events.send(NodeEvent::Unusable(e)).await;
@@ -57,9 +68,8 @@ pub(crate) async fn supervise(
         {
             return;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = node.closed() => {}
+        if !probe_until_closed(&node, call_timeout, &events, &shutdown).await {
+            return;
         }
         if events.send(NodeEvent::Lost).await.is_err() {
             return;
@@ -72,6 +82,7 @@ pub(crate) async fn supervise(
 /// `None` on shutdown; `Some(Err)` only for a node this version cannot use.
 async fn connect(
     socket: &std::path::Path,
+    call_timeout: Duration,
     shutdown: &CancellationToken,
 ) -> Option<Result<NodeClient, NodeError>> {
     let mut delay = Duration::from_millis(100);
@@ -80,7 +91,7 @@ async fn connect(
         if shutdown.is_cancelled() {
             return None;
         }
-        match NodeClient::connect(socket).await {
+        match NodeClient::connect_with_timeout(socket, call_timeout).await {
             Ok(node) => match wait_out_ibd(&node, shutdown).await {
                 Ok(()) => return Some(Ok(node)),
                 Err(e) => debug!(error = %e, "lost the node during IBD"),
@@ -115,4 +126,64 @@ async fn wait_out_ibd(node: &NodeClient, shutdown: &CancellationToken) -> Result
         }
     }
     Ok(())
+}
+
+/// Probes `node` every [`PROBE_EVERY`] until its connection ends (`true`) or `shutdown`
+/// (`false`), reporting when it stops answering within `call_timeout` and when it answers
+/// again — each change once. A probe that overran stays pending (one call, not one more
+/// every round): its answer is the news that the node is back.
+async fn probe_until_closed(
+    node: &NodeClient,
+    call_timeout: Duration,
+    events: &mpsc::Sender<NodeEvent>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut answering = true;
+    let mut pending = None;
+    loop {
+        if pending.is_none() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = node.closed() => return true,
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+            }
+        }
+        let probe = pending.get_or_insert_with(|| Box::pin(node.tip_unbounded()));
+        let deadline = match answering {
+            true => call_timeout,
+            false => PROBE_EVERY,
+        };
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = node.closed() => return true,
+            outcome = tokio::time::timeout(deadline, probe) => outcome,
+        };
+        let event = match outcome {
+            Err(_) if answering => {
+                answering = false;
+                NodeEvent::Unresponsive(NodeError::Timeout {
+                    method: "getTip",
+                    after: call_timeout,
+                })
+            }
+            Err(_) => continue,
+            Ok(answer) => {
+                pending = None;
+                match answer {
+                    Ok(_) if !answering => {
+                        answering = true;
+                        NodeEvent::Responsive
+                    }
+                    Err(e) if !e.is_disconnect() => {
+                        debug!(error = %e, "liveness probe failed");
+                        continue;
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        if events.send(event).await.is_err() {
+            return false;
+        }
+    }
 }

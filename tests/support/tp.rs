@@ -44,6 +44,7 @@ pub fn regtest_config(socket: &Path, datadir: &Path, extra: &[(&str, &str)]) -> 
             "stale_template_grace" => args.stale_template_grace = v,
             "max_clients" => args.max_clients = v,
             "tip_first" => args.tip_first = v,
+            "node_call_timeout" => args.node_call_timeout = v,
             other => panic!("regtest_config: add {other}"),
         }
     }
