@@ -155,8 +155,9 @@ async fn invalidateblock_and_reconsiderblock_reach_every_client_within_a_second(
         client(&daemon, 100, 10).await,
         client(&daemon, 4_000, 20).await,
     ];
+    let mut on_top = Vec::new();
     for c in &mut clients {
-        next_tip(c).await;
+        on_top.push(next_tip(c).await);
     }
     let top = node.best_block_hash().unwrap();
     let parent = node.block_hash(node.block_count().unwrap() - 1).unwrap();
@@ -171,6 +172,23 @@ async fn invalidateblock_and_reconsiderblock_reach_every_client_within_a_second(
     let took = since.elapsed();
     println!("invalidateblock -> pair at every client: {took:?}");
     assert!(took < Duration::from_secs(1), "lower tip after {took:?}");
+
+    // A block found on the template of the tip just invalidated is still handed to the
+    // node (it decides what it is worth): its verdict comes back as a rejection.
+    let rejected = || {
+        sv2_tpd::metrics::metrics()
+            .solutions
+            .with_label_values(&["rejected"])
+            .get()
+    };
+    let rejected_before = rejected();
+    let (t, p) = &on_top[0];
+    let (late, _) = solve(t, p, &build_coinbase(t, &payout(), true));
+    clients[0].submit_solution(late).await.unwrap();
+    eventually("the node's verdict on the invalidated tip's block", || {
+        rejected() > rejected_before
+    })
+    .await;
 
     node.rpc("reconsiderblock", json!([top.to_string()]))
         .expect("reconsiderblock");
