@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::daemon_proc::{DaemonProcess, CHILD_PATIENCE};
-use support::tp::{client_at, closed_by_server, next_tip, prev_hash};
+use support::tp::{closed_by_server, next_tip, prev_hash};
 use sv2_tpd::mock::{MockNode, MockOptions};
 use sv2_tpd::sv2::TdpClient;
 use tokio::{
@@ -22,16 +22,6 @@ const MAX_PENDING: usize = 16;
 /// Memory the attacks below may add to the daemon; far above what they cost, far below
 /// what an unbounded buffer per connection would.
 const RSS_BOUND_KIB: u64 = 64 * 1024;
-
-async fn pool(daemon: &DaemonProcess) -> TdpClient {
-    client_at(
-        daemon.sv2_addr.expect("SV2 address"),
-        daemon.authority.expect("authority key"),
-        100,
-        10,
-    )
-    .await
-}
 
 /// Mines a block and checks every pool gets its tip.
 async fn every_pool_gets_the_next_tip(node: &MockNode, pools: &mut [&mut TdpClient]) {
@@ -87,7 +77,7 @@ async fn hostile_connections_do_not_cost_a_pool_its_tips() {
         ],
     );
     let addr = daemon.sv2_addr.unwrap();
-    let mut steady = pool(&daemon).await;
+    let mut steady = daemon.client().await;
     next_tip(&mut steady).await;
     let rss_before = daemon.rss_kib();
 
@@ -97,7 +87,7 @@ async fn hostile_connections_do_not_cost_a_pool_its_tips() {
         silent.push(TcpStream::connect(addr).await.unwrap());
     }
     let asked = Instant::now();
-    let mut newcomer = pool(&daemon).await;
+    let mut newcomer = daemon.client().await;
     next_tip(&mut newcomer).await;
     let newcomer_latency = asked.elapsed();
     every_pool_gets_the_next_tip(&node, &mut [&mut steady, &mut newcomer]).await;
@@ -198,8 +188,8 @@ async fn the_per_ip_cap_is_off_for_loopback() {
         &dir.path().join("tpd"),
         &["--max-clients-per-ip", "1"],
     );
-    let mut a = pool(&daemon).await;
-    let mut b = pool(&daemon).await;
+    let mut a = daemon.client().await;
+    let mut b = daemon.client().await;
     next_tip(&mut a).await;
     next_tip(&mut b).await;
     every_pool_gets_the_next_tip(&node, &mut [&mut a, &mut b]).await;

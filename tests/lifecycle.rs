@@ -10,7 +10,6 @@ use support::daemon_proc::{DaemonProcess, CHILD_PATIENCE};
 use support::tp::{client_at, closed_by_server, next_tip, prev_hash};
 use support::BitcoinNode;
 use sv2_tpd::mock::{MockLine, MockNode, MockOptions};
-use sv2_tpd::sv2::TdpClient;
 
 /// The acceptance bound for a clean stop with clients and pending waits.
 const STOP_BOUND: Duration = Duration::from_secs(5);
@@ -27,15 +26,6 @@ fn real_node(test: &str) -> Option<BitcoinNode> {
 }
 
 /// A client of the child daemon that sent `CoinbaseOutputConstraints`.
-async fn connect(daemon: &DaemonProcess) -> TdpClient {
-    client_at(
-        daemon.sv2_addr.expect("SV2 address"),
-        daemon.authority.expect("authority key"),
-        100,
-        10,
-    )
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_crash_keeps_clients_and_reconnects() {
@@ -49,7 +39,7 @@ async fn node_crash_keeps_clients_and_reconnects() {
     assert_eq!(up.value(CONNECTS, &[]), 1.0);
     assert_eq!(up.value(CONNECTED, &[]), 1.0);
 
-    let mut c = connect(&daemon).await;
+    let mut c = daemon.client().await;
     let (_, p0) = next_tip(&mut c).await;
     assert_eq!(prev_hash(&p0), node.best_block_hash().unwrap());
 
@@ -93,7 +83,7 @@ async fn node_crash_keeps_clients_and_reconnects() {
 async fn stops_cleanly(socket: &std::path::Path, signal: &str, wait_pending: impl Fn() -> bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = DaemonProcess::start(socket, dir.path(), &[]);
-    let mut a = connect(&daemon).await;
+    let mut a = daemon.client().await;
     let mut b = client_at(
         daemon.sv2_addr.unwrap(),
         daemon.authority.unwrap(),
@@ -191,7 +181,7 @@ async fn waits_for_a_node_that_is_not_there_yet() {
     assert_eq!(daemon.health(), 503, "not healthy without a node");
 
     // A pool may connect before the node exists; it gets templates once the node is up.
-    let mut c = connect(&daemon).await;
+    let mut c = daemon.client().await;
     assert_eq!(daemon.scrape().value(CONNECTED, &[]), 0.0);
     let node = MockNode::start(&socket, MockOptions::default()).unwrap();
     let (_, p) = next_tip(&mut c).await;
@@ -249,7 +239,7 @@ async fn a_client_that_stops_reading_is_dropped_and_others_carry_on() {
             "1000000000",
         ],
     );
-    let mut slow = connect(&daemon).await;
+    let mut slow = daemon.client().await;
     let mut steady = client_at(
         daemon.sv2_addr.unwrap(),
         daemon.authority.unwrap(),

@@ -10,7 +10,6 @@ use bitcoin::ScriptBuf;
 use support::daemon_proc::DaemonProcess;
 use support::tp::*;
 use sv2_tpd::mock::{MockLine, MockNode, MockOptions};
-use sv2_tpd::sv2::TdpClient;
 
 const RESPONSIVE: &str = "sv2_tpd_node_responsive";
 const CLIENTS: &str = "sv2_tpd_clients_connected";
@@ -26,16 +25,6 @@ fn mock(dir: &tempfile::TempDir, line: MockLine) -> MockNode {
         ..MockOptions::default()
     };
     MockNode::start(&dir.path().join("node.sock"), options).expect("mock starts")
-}
-
-async fn connect(daemon: &DaemonProcess) -> TdpClient {
-    client_at(
-        daemon.sv2_addr.expect("SV2 address"),
-        daemon.authority.expect("authority key"),
-        100,
-        10,
-    )
-    .await
 }
 
 /// Names of the files in `dir` (none if it does not exist).
@@ -58,8 +47,8 @@ async fn a_hung_node_turns_health_503_and_back_with_fresh_templates_and_no_clien
         &dir.path().join("tpd"),
         &["--node-call-timeout", "1"],
     );
-    let mut a = connect(&daemon).await;
-    let mut b = connect(&daemon).await;
+    let mut a = daemon.client().await;
+    let mut b = daemon.client().await;
     let (t0, _) = next_tip(&mut a).await;
     next_tip(&mut b).await;
     daemon.wait_for_health(200);
@@ -135,7 +124,7 @@ async fn a_solution_for_an_unknown_template_is_saved_and_logged() {
     let dir = tempfile::tempdir().unwrap();
     let node = mock(&dir, MockLine::V31_99);
     let daemon = DaemonProcess::start(node.socket_path(), &dir.path().join("tpd"), &[]);
-    let mut c = connect(&daemon).await;
+    let mut c = daemon.client().await;
     let (t, p) = next_tip(&mut c).await;
     let (mut solution, _) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
     solution.template_id = 424_242;
@@ -165,7 +154,7 @@ async fn the_v32_line_is_learnt_from_the_first_solution_without_a_probe() {
     let dir = tempfile::tempdir().unwrap();
     let node = mock(&dir, MockLine::V32);
     let daemon = DaemonProcess::start(node.socket_path(), &dir.path().join("tpd"), &[]);
-    let mut c = connect(&daemon).await;
+    let mut c = daemon.client().await;
     let (t, p) = next_tip(&mut c).await;
     let info = "sv2_tpd_node_info";
     let before = daemon.scrape();

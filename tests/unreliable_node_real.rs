@@ -53,16 +53,6 @@ impl Drop for Resume<'_> {
     }
 }
 
-async fn connect(daemon: &DaemonProcess) -> TdpClient {
-    client_at(
-        daemon.sv2_addr.expect("SV2 address"),
-        daemon.authority.expect("authority key"),
-        100,
-        10,
-    )
-    .await
-}
-
 fn start_daemon(node: &BitcoinNode, dir: &Path) -> DaemonProcess {
     let timeout = CALL_TIMEOUT.as_secs().to_string();
     DaemonProcess::start(&node.socket_path(), dir, &["--node-call-timeout", &timeout])
@@ -126,8 +116,8 @@ async fn a_stopped_node_turns_health_503_and_back_without_restarting_anything() 
     node.generate(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let daemon = start_daemon(&node, dir.path());
-    let mut a = connect(&daemon).await;
-    let mut b = connect(&daemon).await;
+    let mut a = daemon.client().await;
+    let mut b = daemon.client().await;
     let (t0, _) = next_tip(&mut a).await;
     next_tip(&mut b).await;
     daemon.wait_for_health(200);
@@ -185,7 +175,7 @@ async fn a_block_found_while_the_node_is_shut_down_for_90_s_reaches_it() {
     node.fund_op_true().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let daemon = start_daemon(&node, dir.path());
-    let mut c = connect(&daemon).await;
+    let mut c = daemon.client().await;
     let (old, p) = next_tip(&mut c).await;
     // A newer template of the same group, on the same tip; the pool solves the older.
     node.send_fee_tx(Amount::from_sat(20_000)).unwrap();
@@ -219,7 +209,7 @@ async fn a_block_found_while_the_node_is_killed_is_resubmitted_or_its_loss_expla
     node.generate(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let daemon = start_daemon(&node, dir.path());
-    let mut c = connect(&daemon).await;
+    let mut c = daemon.client().await;
     let (t, p) = next_tip(&mut c).await;
     cache_block(&mut c, t.template_id).await;
     let parent = prev_hash(&p);

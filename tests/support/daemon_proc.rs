@@ -95,6 +95,18 @@ impl DaemonProcess {
         self.child.id()
     }
 
+    /// A set-up SV2 client of this daemon, with small coinbase constraints (100 bytes,
+    /// 10 sigops), as a pool would connect.
+    pub async fn client(&self) -> sv2_tpd::sv2::TdpClient {
+        super::tp::client_at(
+            self.sv2_addr.expect("SV2 address"),
+            self.authority.expect("authority key"),
+            100,
+            10,
+        )
+        .await
+    }
+
     /// The daemon's resident set size in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status =
