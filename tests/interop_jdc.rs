@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use bitcoin::{Address, Network, ScriptBuf};
-use support::sri::{free_local_port, mine_through, sri_bin_dir_with, Jdc, MiningDevice, Sv2Tpd};
+use support::sri::{
+    assert_coinbase_pays, free_local_port, mine_through, sri_bin_dir_with, Jdc, MiningDevice,
+    Sv2Tpd,
+};
 use support::BitcoinNode;
 
 /// Blocks the miner must get into the chain through the JDC.
@@ -162,18 +165,7 @@ fn jdc_solo_mines_blocks_on_sv2_tpd_templates() -> anyhow::Result<()> {
             tpd.process.log_tail()
         );
         let block = node.get_block(&hash)?;
-        let coinbase = block
-            .txdata
-            .first()
-            .with_context(|| format!("block {h} has no transactions"))?;
-        assert!(
-            coinbase
-                .output
-                .iter()
-                .any(|out| out.script_pubkey == payout && out.value.to_sat() > 0),
-            "block {h} does not pay the JDC's coinbase_reward_script {payout}: {:?}",
-            coinbase.output
-        );
+        assert_coinbase_pays(&block, h, &payout, "the JDC's coinbase_reward_script")?;
     }
     let problems = jdc.problems();
     assert!(

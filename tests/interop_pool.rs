@@ -25,7 +25,9 @@ use stratum_core::{
     binary_sv2::{B0255Owned, B064KOwned, Seq0255Owned, U256Owned},
     template_distribution_sv2::{NewTemplateOwned, SetNewPrevHashOwned},
 };
-use support::sri::{mine_through, sri_bin_dir, MiningDevice, Pool, PoolSettings, Sv2Tpd};
+use support::sri::{
+    assert_coinbase_pays, mine_through, sri_bin_dir, MiningDevice, Pool, PoolSettings, Sv2Tpd,
+};
 use support::BitcoinNode;
 use sv2_tpd::{
     keys::ServerKeys,
@@ -103,18 +105,7 @@ fn sri_pool_and_cpu_miner_mine_blocks_through_sv2_tpd() -> anyhow::Result<()> {
 
     for h in start_height + 1..=height {
         let block = node.get_block(&node.block_hash(h)?)?;
-        let coinbase = block
-            .txdata
-            .first()
-            .with_context(|| format!("block {h} has no transactions"))?;
-        assert!(
-            coinbase
-                .output
-                .iter()
-                .any(|out| out.script_pubkey == payout && out.value.to_sat() > 0),
-            "block {h} does not pay the pool's script {payout}: {:?}",
-            coinbase.output
-        );
+        assert_coinbase_pays(&block, h, &payout, "the pool's script")?;
     }
     let problems = pool.template_provider_problems();
     assert!(

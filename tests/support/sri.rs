@@ -561,3 +561,26 @@ pub fn mine_through(
     }
     Ok(())
 }
+
+/// Checks that block `h`'s coinbase pays `payout` (named `whose` in the message) a
+/// positive amount.
+pub fn assert_coinbase_pays(
+    block: &bitcoin::Block,
+    h: u64,
+    payout: &Script,
+    whose: &str,
+) -> anyhow::Result<()> {
+    let coinbase = block
+        .txdata
+        .first()
+        .with_context(|| format!("block {h} has no transactions"))?;
+    assert!(
+        coinbase
+            .output
+            .iter()
+            .any(|out| out.script_pubkey.as_script() == payout && out.value.to_sat() > 0),
+        "block {h} does not pay {whose} {payout}: {:?}",
+        coinbase.output
+    );
+    Ok(())
+}
