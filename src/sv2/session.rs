@@ -62,6 +62,10 @@ use crate::{
 /// client message, `SubmitSolution` with a 64 KiB coinbase, is about 65.6 KB encrypted.
 pub const MAX_CLIENT_FRAME_BYTES: usize = 128 * 1024;
 
+/// Template events written together at most: what one tip brings (the empty template,
+/// its `SetNewPrevHash`, the full template) with room to spare.
+const EVENTS_PER_WRITE: usize = 4;
+
 /// How long bogus solutions count against `max_bad_solutions`: a pool that now and then
 /// sends a solution for a template already gone is not thrown out for it over weeks.
 const BAD_SOLUTION_WINDOW: Duration = Duration::from_secs(600);
@@ -563,28 +567,45 @@ impl Session {
         Ok(())
     }
 
+    /// Writes `event` and whatever else is already queued for this session (up to
+    /// [`EVENTS_PER_WRITE`]) in one write: a `NewTemplate` and its `SetNewPrevHash` reach
+    /// the client together, at the cost of one system call.
     async fn forward(&mut self, event: TemplateEvent) -> Result<(), SessionError> {
+        let mut sent = Vec::with_capacity(2);
+        sent.push(self.queue(event)?);
+        while sent.len() < EVENTS_PER_WRITE {
+            let Some(Ok(event)) = self.events.as_mut().map(|events| events.try_recv()) else {
+                break;
+            };
+            sent.push(self.queue(event)?);
+        }
+        self.writer.flush().await?;
+        sent.into_iter().for_each(count_sent);
+        Ok(())
+    }
+
+    /// Encrypts `event` into the writer's queue; returns its name for the sent metric.
+    fn queue(&mut self, event: TemplateEvent) -> Result<&'static str, SessionError> {
         match event {
             TemplateEvent::NewTemplate(t) => {
                 let msg = TemplateDistributionOwned::NewTemplate((*t).clone());
-                self.send(msg, "NewTemplate").await
+                self.queue_message(msg, "NewTemplate")
             }
             TemplateEvent::SetNewPrevHash(p) => {
                 let msg = TemplateDistributionOwned::SetNewPrevHash((*p).clone());
-                self.send(msg, "SetNewPrevHash").await
+                self.queue_message(msg, "SetNewPrevHash")
             }
-            // Encoded once by the engine for every session: only encrypt and write.
+            // Encoded once by the engine for every session: only encrypt.
             TemplateEvent::Encoded(frame) => {
                 let name = frame.name();
-                self.writer.write_frame(frame).await?;
-                count_sent(name);
-                Ok(())
+                self.writer.queue_frame(frame)?;
+                Ok(name)
             }
         }
     }
 
-    /// Frames, encrypts and writes one message, counting it under `name`.
-    async fn send<M>(&mut self, msg: M, name: &'static str) -> Result<(), SessionError>
+    /// Frames and encrypts one message into the writer's queue; returns `name`.
+    fn queue_message<M>(&mut self, msg: M, name: &'static str) -> Result<&'static str, SessionError>
     where
         MessageFrame<M>: TryFrom<M> + stratum_core::framing_sv2::framing::EncodableFrame,
         <MessageFrame<M> as TryFrom<M>>::Error: std::fmt::Display,
@@ -593,7 +614,18 @@ impl Session {
             name,
             reason: e.to_string(),
         })?;
-        self.writer.write_frame(frame).await?;
+        self.writer.queue_frame(frame)?;
+        Ok(name)
+    }
+
+    /// Frames, encrypts and writes one message, counting it under `name`.
+    async fn send<M>(&mut self, msg: M, name: &'static str) -> Result<(), SessionError>
+    where
+        MessageFrame<M>: TryFrom<M> + stratum_core::framing_sv2::framing::EncodableFrame,
+        <MessageFrame<M> as TryFrom<M>>::Error: std::fmt::Display,
+    {
+        self.queue_message(msg, name)?;
+        self.writer.flush().await?;
         count_sent(name);
         Ok(())
     }

@@ -15,7 +15,7 @@ use stratum_core::{
     noise_sv2::{self, Initiator, Responder, ELLSWIFT_ENCODING_SIZE},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt, BufReader},
     net::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpStream,
@@ -25,6 +25,10 @@ use tokio::{
 /// How long one frame may take to leave; a peer that reads nothing for this long is
 /// dropped.
 pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Bytes read from the socket at a time after the handshake: a few small frames (a
+/// `NewTemplate` with its `SetNewPrevHash`) arrive in one read instead of two per frame.
+const READ_BUFFER_BYTES: usize = 2048;
 
 /// Why a Noise connection failed or ended.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +68,7 @@ pub type Frame = SerializedFrame;
 
 /// The decrypting half of a Noise connection.
 pub struct FrameReader {
-    socket: OwnedReadHalf,
+    socket: BufReader<OwnedReadHalf>,
     frames: FrameDecoder,
 }
 
@@ -89,6 +93,8 @@ pub struct FrameWriter {
     socket: OwnedWriteHalf,
     encoder: NoiseEncoder,
     state: TransportEncryptState,
+    // Encrypted frames queued by [`FrameWriter::queue_frame`], written by the next flush.
+    queued: Vec<u8>,
 }
 
 /// Runs the Noise NX responder handshake on `stream` with a certificate signed by the authority
@@ -190,13 +196,14 @@ fn halves(
     let (encrypt, decrypt) = transport.split();
     (
         FrameReader {
-            socket: reader,
+            socket: BufReader::with_capacity(READ_BUFFER_BYTES, reader),
             frames: FrameDecoder::with_decoder(decoder, decrypt, max_frame_bytes),
         },
         FrameWriter {
             socket: writer,
             encoder,
             state: encrypt,
+            queued: Vec::new(),
         },
     )
 }
@@ -224,6 +231,18 @@ async fn read_exact(reader: &mut OwnedReadHalf, buf: &mut [u8]) -> Result<(), Tr
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(TransportError::Closed),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Writes `bytes`, failing when the peer has not taken them within [`WRITE_TIMEOUT`]: a
+/// peer that stops reading must not hold its session (and what is queued for it) forever.
+async fn write_within_timeout(
+    socket: &mut OwnedWriteHalf,
+    bytes: &[u8],
+) -> Result<(), TransportError> {
+    tokio::time::timeout(WRITE_TIMEOUT, socket.write_all(bytes))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    Ok(())
 }
 
 impl FrameReader {
@@ -321,16 +340,34 @@ impl FrameDecoder {
 }
 
 impl FrameWriter {
-    /// Encrypts and writes one frame. Not cancel-safe: a cancelled write leaves the
-    /// connection unusable.
+    /// Encrypts and writes one frame (after any queued ones). Not cancel-safe: a cancelled
+    /// write leaves the connection unusable.
     pub async fn write_frame<F: EncodableFrame>(&mut self, frame: F) -> Result<(), TransportError> {
+        if !self.queued.is_empty() {
+            self.queue_frame(frame)?;
+            return self.flush().await;
+        }
+        // Straight from the encoder's buffer: a large answer is not copied again.
         let bytes = self.encoder.encode_transport(frame, &mut self.state)?;
-        // A peer that stops reading must not hold its session (and the frames queued
-        // for it) forever.
-        tokio::time::timeout(WRITE_TIMEOUT, self.socket.write_all(bytes.as_ref()))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        write_within_timeout(&mut self.socket, bytes.as_ref()).await
+    }
+
+    /// Encrypts one frame and keeps it for the next [`FrameWriter::flush`], so frames that
+    /// go out together (a `NewTemplate` and its `SetNewPrevHash`) take one write.
+    pub fn queue_frame<F: EncodableFrame>(&mut self, frame: F) -> Result<(), TransportError> {
+        let bytes = self.encoder.encode_transport(frame, &mut self.state)?;
+        self.queued.extend_from_slice(bytes.as_ref());
         Ok(())
+    }
+
+    /// Writes the queued frames. Not cancel-safe.
+    pub async fn flush(&mut self) -> Result<(), TransportError> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        let written = write_within_timeout(&mut self.socket, &self.queued).await;
+        self.queued.clear();
+        written
     }
 
     /// Writes bytes to the socket as they are, outside the encryption (for negative tests).
