@@ -22,6 +22,7 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /build
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 COPY schema ./schema
 COPY src ./src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
