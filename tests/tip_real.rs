@@ -6,16 +6,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use bitcoin::absolute::LockTime;
-use bitcoin::transaction::Version;
-use bitcoin::{
-    Amount, BlockHash, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness,
-};
+use bitcoin::ScriptBuf;
 use serde_json::json;
 use support::tp::*;
-use support::{
-    op_true_address, op_true_script, op_true_witness_script, spend_op_true, BitcoinNode,
-};
+use support::BitcoinNode;
 
 macro_rules! node_or_skip {
     ($test:expr) => {
@@ -32,63 +26,12 @@ fn payout() -> ScriptBuf {
     ))
 }
 
-/// Mines a block with no mempool transaction (`generateblock` with an empty list), so
-/// the mempool stays as it is.
-fn mine_empty(node: &BitcoinNode) -> BlockHash {
-    let answer = node
-        .rpc("generateblock", json!([op_true_address().to_string(), []]))
-        .expect("generateblock");
-    answer["hash"]
-        .as_str()
-        .and_then(|h| h.parse().ok())
-        .expect("block hash")
-}
-
-/// Puts `count` independent transactions in the mempool: one mature OP_TRUE coinbase is
-/// split into `count` outputs (mined), and each output is spent on its own.
-fn fill_mempool(node: &BitcoinNode, count: usize) {
-    let coin = node.fund_op_true().expect("funding")[0];
-    let each = Amount::from_sat((coin.value.to_sat() - 100_000) / count as u64);
-    let split = Transaction {
-        version: Version::TWO,
-        lock_time: LockTime::ZERO,
-        input: vec![TxIn {
-            previous_output: coin.outpoint,
-            script_sig: ScriptBuf::new(),
-            sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
-            witness: Witness::from_slice(&[op_true_witness_script().as_bytes()]),
-        }],
-        output: (0..count)
-            .map(|_| TxOut {
-                value: each,
-                script_pubkey: op_true_script(),
-            })
-            .collect(),
-    };
-    let txid = node
-        .send_raw_transaction(&split)
-        .expect("split transaction");
-    node.generate(1).expect("split mined");
-    for vout in 0..count {
-        let outpoint = OutPoint {
-            txid,
-            vout: vout as u32,
-        };
-        // Fees differ, so the node has something to select by.
-        let fee = Amount::from_sat(1_000 + vout as u64 * 10);
-        node.send_raw_transaction(&spend_op_true(outpoint, each, fee))
-            .expect("spend");
-    }
-    let pooled = node.mempool_txids().expect("mempool").len();
-    assert_eq!(pooled, count, "the mempool holds them all");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_full_mempool_the_pair_comes_first_and_blocks_on_either_template_are_taken() {
     let node = node_or_skip!(
         "with_a_full_mempool_the_pair_comes_first_and_blocks_on_either_template_are_taken"
     );
-    fill_mempool(&node, 300);
+    node.fill_mempool(300).expect("mempool filled");
     let dir = tempfile::tempdir().unwrap();
     // No fee checks during the test: every template is a tip's.
     let config = regtest_config(
@@ -100,7 +43,7 @@ async fn with_a_full_mempool_the_pair_comes_first_and_blocks_on_either_template_
     let mut c = client(&daemon, 100, 10).await;
     next_tip(&mut c).await;
 
-    let mined = mine_empty(&node);
+    let mined = node.generate_empty().expect("generateblock");
     let (empty, p) = next_tip(&mut c).await;
     assert_eq!(prev_hash(&p), mined);
     assert!(

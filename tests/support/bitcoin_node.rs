@@ -158,6 +158,7 @@ fn default_cache_path() -> Option<PathBuf> {
 /// that must keep their runtime responsive.
 pub struct BitcoinNode {
     binary: PathBuf,
+    extra_args: Vec<String>,
     datadir: TempDir,
     rpc_port: u16,
     p2p_port: u16,
@@ -183,6 +184,11 @@ impl BitcoinNode {
     /// Starts `binary` on a fresh regtest data directory and waits until it answers RPC
     /// and listens on its IPC socket.
     pub fn start(binary: &Path) -> Result<Self> {
+        Self::start_with_args(binary, &[])
+    }
+
+    /// Same as [`Self::start`], with more command-line options (e.g. `-debug=bench`).
+    pub fn start_with_args(binary: &Path, extra_args: &[&str]) -> Result<Self> {
         // Unix socket paths must fit in 108 bytes, so keep the data directory short.
         let datadir = tempfile::Builder::new()
             .prefix("btn-")
@@ -190,6 +196,7 @@ impl BitcoinNode {
             .map_err(|source| io_error("creating a data directory in /tmp", source))?;
         let node = Self {
             binary: binary.to_path_buf(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             datadir,
             rpc_port: free_local_port()?,
             p2p_port: free_local_port()?,
@@ -448,6 +455,7 @@ impl BitcoinNode {
             .arg("-connect=0")
             .arg("-printtoconsole=0")
             .arg("-debug=ipc")
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

@@ -24,6 +24,10 @@ const COINBASE_MATURITY: u64 = 100;
 /// recent, so the node leaves initial block download.
 const FUNDING_BLOCKS: u64 = 101;
 
+/// Outputs of one transaction that splits a coin for [`BitcoinNode::fill_mempool`]: about
+/// 65 kvB, under the node's 100 kvB standardness limit.
+const SPLIT_OUTPUTS: usize = 1_500;
+
 /// An unspent output locked to [`op_true_script`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OpTrueCoin {
@@ -140,6 +144,72 @@ impl BitcoinNode {
             value: tx.output[0].value,
         });
         Ok(txid)
+    }
+
+    /// Mines a block with no mempool transaction (`generateblock` with an empty list), so
+    /// the mempool stays as it is; returns its hash.
+    pub fn generate_empty(&self) -> Result<BlockHash> {
+        let method = "generateblock";
+        let answer = self.rpc(method, json!([op_true_address().to_string(), []]))?;
+        answer["hash"]
+            .as_str()
+            .and_then(|h| h.parse().ok())
+            .ok_or_else(|| NodeError::BadResponse {
+                method: method.to_owned(),
+                detail: format!("no block hash in {answer}"),
+            })
+    }
+
+    /// Puts `count` independent transactions in the mempool, each spending an output of
+    /// its own, with fees that differ (the node has something to select by): mature
+    /// OP_TRUE coinbases are split into `count` outputs (mined in one block, which also
+    /// takes whatever the mempool held), then each output is spent on its own.
+    pub fn fill_mempool(&self, count: usize) -> Result<()> {
+        let splits = count.div_ceil(SPLIT_OUTPUTS);
+        let mut coins = self.mature_op_true_coins()?;
+        if coins.len() < splits {
+            // Each block beyond maturity makes one more coinbase spendable.
+            self.generate((splits - coins.len()) as u64)?;
+            coins = self.mature_op_true_coins()?;
+        }
+        let mut outputs = Vec::with_capacity(count);
+        for (coin, first) in coins.iter().zip((0..count).step_by(SPLIT_OUTPUTS)) {
+            let n = SPLIT_OUTPUTS.min(count - first);
+            let each = Amount::from_sat((coin.value.to_sat() - 100_000) / n as u64);
+            let split = Transaction {
+                version: Version::TWO,
+                lock_time: LockTime::ZERO,
+                input: vec![TxIn {
+                    previous_output: coin.outpoint,
+                    script_sig: ScriptBuf::new(),
+                    sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+                    witness: Witness::from_slice(&[op_true_witness_script().as_bytes()]),
+                }],
+                output: vec![
+                    TxOut {
+                        value: each,
+                        script_pubkey: op_true_script(),
+                    };
+                    n
+                ],
+            };
+            let txid = self.send_raw_transaction(&split)?;
+            self.coin_tracker().spent.insert(coin.outpoint);
+            outputs.extend((0..n as u32).map(|vout| (OutPoint { txid, vout }, each)));
+        }
+        self.generate(1)?;
+        for (i, (outpoint, value)) in outputs.into_iter().enumerate() {
+            let fee = Amount::from_sat(1_000 + i as u64 * 10);
+            self.send_raw_transaction(&spend_op_true(outpoint, value, fee))?;
+        }
+        let pooled = self.mempool_txids()?.len();
+        if pooled < count {
+            return Err(NodeError::BadResponse {
+                method: "getrawmempool".to_owned(),
+                detail: format!("{pooled} transactions in the mempool, {count} sent"),
+            });
+        }
+        Ok(())
     }
 
     fn coin_tracker(&self) -> std::sync::MutexGuard<'_, CoinTracker> {
