@@ -12,8 +12,9 @@
 //! idle and with the most clients. `--vs ADDR --vs-authority KEY [--vs-pid PID]` measures
 //! another Template Provider on the same node the same way. Results go to `--out`.
 
-#[path = "../tests/support/bench_harness.rs"]
+#[path = "../../tests/support/bench_harness.rs"]
 mod support;
+mod tip_first;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -35,7 +36,7 @@ use support::BitcoinNode;
 /// What a benchmark run drives: the mock or a real node.
 enum Node {
     Mock(MockNode),
-    Real(BitcoinNode),
+    Real(Arc<BitcoinNode>),
 }
 
 impl Node {
@@ -84,6 +85,16 @@ struct Args {
     rounds: usize,
     out: Option<PathBuf>,
     vs: Option<(SocketAddr, Secp256k1PublicKey, Option<u32>)>,
+    parts: Parts,
+    full_mempool: tip_first::FullMempoolArgs,
+}
+
+/// Which parts of the benchmark run (`--parts basic,mempool`).
+struct Parts {
+    /// Tips at 1..N clients, fee bumps, transaction data, RSS.
+    basic: bool,
+    /// The full-mempool measurements (real node only).
+    mempool: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -93,6 +104,15 @@ fn parse_args() -> anyhow::Result<Args> {
         rounds: 20,
         out: None,
         vs: None,
+        parts: Parts {
+            basic: true,
+            mempool: true,
+        },
+        full_mempool: tip_first::FullMempoolArgs {
+            mempool: 5_000,
+            rounds: 20,
+            idle: Duration::from_secs(60),
+        },
     };
     let mut vs_addr = None;
     let mut vs_key = None;
@@ -110,6 +130,16 @@ fn parse_args() -> anyhow::Result<Args> {
                     .context("--clients takes numbers like 1,100,1000")?
             }
             "--rounds" => args.rounds = value()?.parse()?,
+            "--parts" => {
+                let parts = value()?;
+                args.parts = Parts {
+                    basic: parts.split(',').any(|p| p == "basic"),
+                    mempool: parts.split(',').any(|p| p == "mempool"),
+                };
+            }
+            "--mempool" => args.full_mempool.mempool = value()?.parse()?,
+            "--mempool-rounds" => args.full_mempool.rounds = value()?.parse()?,
+            "--idle-secs" => args.full_mempool.idle = Duration::from_secs(value()?.parse()?),
             "--out" => args.out = Some(value()?.into()),
             "--vs" => vs_addr = Some(value()?.parse::<SocketAddr>()?),
             "--vs-authority" => {
@@ -192,6 +222,7 @@ async fn measure_tips(
         next_tip(&mut c).await;
         handles.push(spawn_listener(c, i, tx.clone()).await);
     }
+    eprintln!("{n} clients connected");
     let mut figures = TipFigures {
         first: Vec::new(),
         last: Vec::new(),
@@ -296,36 +327,130 @@ async fn measure_tx_data(
     Ok((samples, shape.0, shape.1))
 }
 
-/// Runs sv2-tpd as a child: this executable in daemon mode.
-fn start_daemon_process(socket: &Path, datadir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let child = Command::new(std::env::current_exe()?)
-        .arg("--serve-daemon")
-        .env("BENCH_SOCKET", socket)
-        .env("BENCH_DATADIR", datadir)
-        .env("BENCH_PORT", port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    for _ in 0..200 {
+/// sv2-tpd as a child process: this executable re-run in daemon mode. Killed on drop.
+pub struct DaemonProcess {
+    child: Child,
+    /// Its SV2 listener.
+    pub addr: SocketAddr,
+    /// Its authority public key.
+    pub key: Secp256k1PublicKey,
+    metrics_port: u16,
+}
+
+impl DaemonProcess {
+    /// Starts sv2-tpd on the node at `socket` with its data in `datadir`; `settings` are
+    /// extra config keys as `key=value,key=value`.
+    pub fn start(socket: &Path, datadir: &Path, settings: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(datadir)?;
+        let free_port = || -> anyhow::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let (port, metrics_port) = (free_port()?, free_port()?);
+        // `BENCH_DAEMON_EXE` runs another build of this benchmark as the daemon (A/B).
+        let exe = match std::env::var_os("BENCH_DAEMON_EXE") {
+            Some(exe) => PathBuf::from(exe),
+            None => std::env::current_exe()?,
+        };
+        let mut child = Command::new(exe)
+            .arg("--serve-daemon")
+            .env("BENCH_SOCKET", socket)
+            .env("BENCH_DATADIR", datadir)
+            .env("BENCH_PORT", port.to_string())
+            .env("BENCH_METRICS_PORT", metrics_port.to_string())
+            .env("BENCH_SETTINGS", settings)
+            .stdout(Stdio::null())
+            .stderr(daemon_log()?)
+            .spawn()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let key = wait_listening(addr).and_then(|()| {
+            Ok(sv2_tpd::keys::load(&datadir.join("authority.key"))?.authority_pubkey())
+        });
+        match key {
+            Ok(key) => Ok(DaemonProcess {
+                child,
+                addr,
+                key,
+                metrics_port,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `sv2_tpd_node_template_builds_total`, all kinds, from its `/metrics`.
+    pub fn template_builds(&self) -> anyhow::Result<f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        let response = minreq::get(&url).with_timeout(10).send()?;
+        Ok(response
+            .as_str()?
+            .lines()
+            .filter(|l| l.starts_with("sv2_tpd_node_template_builds_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+/// Where a daemon's log goes: the file named by `BENCH_DAEMON_LOG` (appended to, with the
+/// level `RUST_LOG` sets), else nowhere.
+fn daemon_log() -> anyhow::Result<Stdio> {
+    let Some(path) = std::env::var_os("BENCH_DAEMON_LOG") else {
+        return Ok(Stdio::null());
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("BENCH_DAEMON_LOG {}", Path::new(&path).display()))?;
+    Ok(file.into())
+}
+
+/// Waits until something accepts connections at `addr`.
+fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
+    for _ in 0..400 {
         if std::net::TcpStream::connect(addr).is_ok() {
-            return Ok((child, addr));
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    bail!("daemon did not start listening")
+    bail!("daemon did not start listening at {addr}")
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn serve_daemon() -> anyhow::Result<()> {
     let socket = PathBuf::from(std::env::var("BENCH_SOCKET")?);
     let datadir = PathBuf::from(std::env::var("BENCH_DATADIR")?);
     let port = std::env::var("BENCH_PORT")?;
-    let mut config = regtest_config(&socket, &datadir, &[("max_clients", "5000")]);
+    let metrics_port: u16 = std::env::var("BENCH_METRICS_PORT")?.parse()?;
+    let settings = std::env::var("BENCH_SETTINGS").unwrap_or_default();
+    let mut extra: Vec<(&str, &str)> = vec![("max_clients", "5000")];
+    for pair in settings.split(',').filter(|p| !p.is_empty()) {
+        extra.push(
+            pair.split_once('=')
+                .context("BENCH_SETTINGS: key=value,...")?,
+        );
+    }
+    let mut config = regtest_config(&socket, &datadir, &extra);
     config.sv2_port = port.parse()?;
-    config.metrics_bind = None;
+    config.metrics_bind = Some(SocketAddr::from(([127, 0, 0, 1], metrics_port)));
+    if std::env::var_os("BENCH_DAEMON_LOG").is_some() {
+        sv2_tpd::logging::init(&config.log_level, config.log_format)?;
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -336,9 +461,7 @@ async fn bench_target(
     report: &mut String,
     name: &str,
     node: &Node,
-    addr: SocketAddr,
-    key: Secp256k1PublicKey,
-    pid: Option<u32>,
+    (addr, key, pid): (SocketAddr, Secp256k1PublicKey, Option<u32>),
     args: &Args,
 ) -> anyhow::Result<()> {
     writeln!(report, "\n### {name} on {}\n", node.label())?;
@@ -419,60 +542,55 @@ fn main() -> anyhow::Result<()> {
         "real" => {
             let binary = support::bitcoin_node_binary()
                 .context("no bitcoin-node: run tests/build-bitcoin-node.sh or set BITCOIN_NODE")?;
-            let n = BitcoinNode::start(&binary)?;
+            // The node's own log times its template builds (`-debug=bench`).
+            let n = BitcoinNode::start_with_args(
+                &binary,
+                // Mainnet's default: regtest's checks the whole mempool after each block,
+                // before the node reports the tip to anyone (~35 ms at 5,000 transactions).
+                &["-debug=bench", "-logtimemicros", "-checkmempool=0"],
+            )?;
             n.fund_op_true()?;
-            Node::Real(n)
+            Node::Real(Arc::new(n))
         }
         other => bail!("--node is mock or real, not {other}"),
     };
-    let (mut child, addr) = start_daemon_process(&node.socket(), dir.path())?;
-    let key_path = dir.path().join("authority.key");
-    let key = sv2_tpd::keys::load(&key_path)?.authority_pubkey();
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            std::env::var("BENCH_WORKERS")
+                .ok()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()?;
     let mut report = String::new();
     writeln!(
         report,
-        "Machine: {} cores; `cargo run --release --example bench -- --node {} --clients {}`",
+        "Machine: {} cores; `target/release/examples/bench {}`",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
-        args.node,
-        args.clients
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     )?;
-    let node = Arc::new(node);
     let result = runtime.block_on(async {
-        bench_target(
-            &mut report,
-            "sv2-tpd",
-            &node,
-            addr,
-            key,
-            Some(child.id()),
-            &args,
-        )
-        .await?;
-        if let Some((vs_addr, vs_key, vs_pid)) = args.vs {
-            bench_target(
-                &mut report,
-                &format!("other TP at {vs_addr}"),
-                &node,
-                vs_addr,
-                vs_key,
-                vs_pid,
-                &args,
-            )
-            .await?;
+        if args.parts.basic {
+            let daemon = DaemonProcess::start(&node.socket(), &dir.path().join("basic"), "")?;
+            let ours = (daemon.addr, daemon.key, Some(daemon.pid()));
+            bench_target(&mut report, "sv2-tpd", &node, ours, &args).await?;
+            drop(daemon);
+            if let Some(other) = args.vs {
+                let name = format!("other TP at {}", other.0);
+                bench_target(&mut report, &name, &node, other, &args).await?;
+            }
+        }
+        if let (true, Node::Real(real)) = (args.parts.mempool, &node) {
+            let other = args
+                .vs
+                .map(|(addr, key, _)| tip_first::OtherTp { addr, key });
+            tip_first::run(&mut report, real, dir.path(), other, &args.full_mempool).await?;
         }
         anyhow::Ok(())
     });
-    let _ = child.kill();
-    let _ = child.wait();
     result?;
     print!("{report}");
     if let Some(out) = &args.out {

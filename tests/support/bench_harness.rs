@@ -1,4 +1,4 @@
-//! The parts of the test harness the benchmark (`examples/bench.rs`) shares: everything
+//! The parts of the test harness the benchmark (`examples/bench/`) shares: everything
 //! but what exists only inside a test binary.
 #![allow(dead_code, unused_imports)]
 
