@@ -62,8 +62,8 @@ use crate::{
 /// client message, `SubmitSolution` with a 64 KiB coinbase, is about 65.6 KB encrypted.
 pub const MAX_CLIENT_FRAME_BYTES: usize = 128 * 1024;
 
-/// Template events written together at most: what one tip brings (the empty template,
-/// its `SetNewPrevHash`, the full template) with room to spare.
+/// Template events written together at most: a tip is one event (a template with its
+/// `SetNewPrevHash`) and its full template may already be queued behind it.
 const EVENTS_PER_WRITE: usize = 4;
 
 /// How long bogus solutions count against `max_bad_solutions`: a pool that now and then
@@ -571,37 +571,47 @@ impl Session {
     /// [`EVENTS_PER_WRITE`]) in one write: a `NewTemplate` and its `SetNewPrevHash` reach
     /// the client together, at the cost of one system call.
     async fn forward(&mut self, event: TemplateEvent) -> Result<(), SessionError> {
-        let mut sent = Vec::with_capacity(2);
-        sent.push(self.queue(event)?);
-        while sent.len() < EVENTS_PER_WRITE {
+        let mut sent = Vec::with_capacity(EVENTS_PER_WRITE * 2);
+        self.queue(event, &mut sent)?;
+        for _ in 1..EVENTS_PER_WRITE {
             let Some(Ok(event)) = self.events.as_mut().map(|events| events.try_recv()) else {
                 break;
             };
-            sent.push(self.queue(event)?);
+            self.queue(event, &mut sent)?;
         }
         self.writer.flush().await?;
         sent.into_iter().for_each(count_sent);
         Ok(())
     }
 
-    /// Encrypts `event` into the writer's queue; returns its name for the sent metric.
-    fn queue(&mut self, event: TemplateEvent) -> Result<&'static str, SessionError> {
+    /// Encrypts `event` into the writer's queue, noting what it holds in `sent` (for the
+    /// sent-messages metric once written).
+    fn queue(
+        &mut self,
+        event: TemplateEvent,
+        sent: &mut Vec<&'static str>,
+    ) -> Result<(), SessionError> {
         match event {
             TemplateEvent::NewTemplate(t) => {
                 let msg = TemplateDistributionOwned::NewTemplate((*t).clone());
-                self.queue_message(msg, "NewTemplate")
+                sent.push(self.queue_message(msg, "NewTemplate")?);
             }
             TemplateEvent::SetNewPrevHash(p) => {
                 let msg = TemplateDistributionOwned::SetNewPrevHash((*p).clone());
-                self.queue_message(msg, "SetNewPrevHash")
+                sent.push(self.queue_message(msg, "SetNewPrevHash")?);
             }
             // Encoded once by the engine for every session: only encrypt.
             TemplateEvent::Encoded(frame) => {
-                let name = frame.name();
+                sent.push(frame.name());
                 self.writer.queue_frame(frame)?;
-                Ok(name)
+            }
+            TemplateEvent::EncodedTip(template, prev_hash) => {
+                sent.extend([template.name(), prev_hash.name()]);
+                self.writer.queue_frame(template)?;
+                self.writer.queue_frame(prev_hash)?;
             }
         }
+        Ok(())
     }
 
     /// Frames and encrypts one message into the writer's queue; returns `name`.

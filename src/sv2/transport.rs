@@ -21,14 +21,17 @@ use tokio::{
         TcpStream,
     },
 };
+use tokio_util::either::Either;
 
 /// How long one frame may take to leave; a peer that reads nothing for this long is
 /// dropped.
 pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Bytes read from the socket at a time after the handshake: a few small frames (a
-/// `NewTemplate` with its `SetNewPrevHash`) arrive in one read instead of two per frame.
-const READ_BUFFER_BYTES: usize = 2048;
+/// Bytes a client reads from the socket at a time after the handshake: a few small frames
+/// (a `NewTemplate` with its `SetNewPrevHash`) arrive in one read instead of two per frame.
+/// The server reads unbuffered: clients send little, and a thousand idle sessions would
+/// hold a buffer each.
+const CLIENT_READ_BUFFER_BYTES: usize = 2048;
 
 /// Why a Noise connection failed or ended.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +71,7 @@ pub type Frame = SerializedFrame;
 
 /// The decrypting half of a Noise connection.
 pub struct FrameReader {
-    socket: BufReader<OwnedReadHalf>,
+    socket: Either<OwnedReadHalf, BufReader<OwnedReadHalf>>,
     frames: FrameDecoder,
 }
 
@@ -130,7 +133,7 @@ pub async fn accept(
         .await
         .map_err(|_| TransportError::HandshakeTimeout(timeout))??;
     Ok(halves(
-        reader,
+        (reader, 0),
         writer,
         decoder,
         encoder,
@@ -176,7 +179,7 @@ pub async fn connect(
         .await
         .map_err(|_| TransportError::HandshakeTimeout(timeout))??;
     Ok(halves(
-        reader,
+        (reader, CLIENT_READ_BUFFER_BYTES),
         writer,
         decoder,
         encoder,
@@ -185,8 +188,10 @@ pub async fn connect(
     ))
 }
 
+/// The two halves of an established connection; `read_buffer` bytes are read at a time
+/// (0: unbuffered).
 fn halves(
-    reader: OwnedReadHalf,
+    (reader, read_buffer): (OwnedReadHalf, usize),
     writer: OwnedWriteHalf,
     decoder: NoiseDecoder,
     encoder: NoiseEncoder,
@@ -196,7 +201,10 @@ fn halves(
     let (encrypt, decrypt) = transport.split();
     (
         FrameReader {
-            socket: BufReader::with_capacity(READ_BUFFER_BYTES, reader),
+            socket: match read_buffer {
+                0 => Either::Left(reader),
+                capacity => Either::Right(BufReader::with_capacity(capacity, reader)),
+            },
             frames: FrameDecoder::with_decoder(decoder, decrypt, max_frame_bytes),
         },
         FrameWriter {

@@ -101,6 +101,9 @@ pub enum TemplateEvent {
     /// Either of the above, already encoded once for every session it goes to: a
     /// session only encrypts and writes it.
     Encoded(SharedFrame),
+    /// A future template and the `SetNewPrevHash` that activates it, encoded once: one
+    /// event, so a session wakes once and writes both together.
+    EncodedTip(SharedFrame, SharedFrame),
 }
 
 /// A Template Distribution message encoded once as an SV2 frame (header and payload, not

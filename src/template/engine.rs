@@ -263,9 +263,11 @@ impl Engine {
         let (new_tmpl, snph) = held.payload.frames.clone();
         self.groups.set_current(constraints, id);
         self.node.template_ready();
-        let snph = future.then_some(TemplateEvent::Encoded(snph));
-        self.fanout
-            .publish(constraints, TemplateEvent::Encoded(new_tmpl), snph);
+        let event = match future {
+            true => TemplateEvent::EncodedTip(new_tmpl, snph),
+            false => TemplateEvent::Encoded(new_tmpl),
+        };
+        self.fanout.publish(constraints, event);
         if reason == Reason::Tip {
             metrics()
                 .new_tip_to_prevhash_seconds

@@ -72,21 +72,12 @@ impl Fanout {
         self.subscribers.push(sub);
     }
 
-    /// Queues a group's new template (and, for a new tip, its `SetNewPrevHash`) to every
+    /// Queues a group's new template (for a new tip, with its `SetNewPrevHash`) to every
     /// session of that group. A session that is gone, or too slow to take the update, is
     /// dropped: a client that silently missed templates would mine on a stale tip.
-    pub fn publish(
-        &mut self,
-        group: Constraints,
-        new_template: TemplateEvent,
-        prev_hash: Option<TemplateEvent>,
-    ) {
-        self.subscribers.retain(|sub| {
-            if sub.constraints != group {
-                return true;
-            }
-            send(sub, new_template.clone()) && prev_hash.clone().is_none_or(|p| send(sub, p))
-        });
+    pub fn publish(&mut self, group: Constraints, event: TemplateEvent) {
+        self.subscribers
+            .retain(|sub| sub.constraints != group || send(sub, event.clone()));
     }
 
     /// Whether any session uses the group for `constraints`.
@@ -257,6 +248,10 @@ mod tests {
         let (fast_tx, mut fast) = mpsc::channel(8);
         let (other_tx, mut other) = mpsc::channel(8);
         let (slow_tx, _slow) = mpsc::channel(1);
+        // A session that has not taken its last update yet.
+        slow_tx
+            .try_send(TemplateEvent::NewTemplate(Arc::new(template(6))))
+            .expect("room for one");
         for (constraints, events) in [(c(1, 1), fast_tx), (c(2, 2), other_tx), (c(1, 1), slow_tx)] {
             fanout.add(
                 Subscriber {
@@ -274,11 +269,8 @@ mod tests {
             n_bits: 0,
             target: stratum_core::binary_sv2::U256Owned::new(vec![0; 32]).expect("target"),
         });
-        fanout.publish(
-            c(1, 1),
-            TemplateEvent::NewTemplate(nt),
-            Some(TemplateEvent::SetNewPrevHash(prev)),
-        );
+        fanout.publish(c(1, 1), TemplateEvent::NewTemplate(nt));
+        fanout.publish(c(1, 1), TemplateEvent::SetNewPrevHash(prev));
         assert!(matches!(fast.try_recv(), Ok(TemplateEvent::NewTemplate(t)) if t.template_id == 7));
         assert!(
             matches!(fast.try_recv(), Ok(TemplateEvent::SetNewPrevHash(p)) if p.template_id == 7)

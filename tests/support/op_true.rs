@@ -168,9 +168,14 @@ impl BitcoinNode {
         let splits = count.div_ceil(SPLIT_OUTPUTS);
         let mut coins = self.mature_op_true_coins()?;
         if coins.len() < splits {
-            // Each block beyond maturity makes one more coinbase spendable.
-            self.generate((splits - coins.len()) as u64)?;
+            // A young chain first needs its first coinbase to mature; after that, each
+            // block makes one more spendable.
+            let young = FUNDING_BLOCKS.saturating_sub(self.block_count()?);
+            self.generate(young + (splits - coins.len()) as u64)?;
             coins = self.mature_op_true_coins()?;
+        }
+        if coins.len() < splits {
+            return Err(NodeError::NoSpendableCoin);
         }
         let mut outputs = Vec::with_capacity(count);
         for (coin, first) in coins.iter().zip((0..count).step_by(SPLIT_OUTPUTS)) {
