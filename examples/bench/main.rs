@@ -9,8 +9,14 @@
 //! or real regtest node, connects SV2 clients built on SRI's crates and measures:
 //! new block → `SetNewPrevHash` at the first and the last of N clients; fee bump →
 //! `NewTemplate`; `RequestTransactionData` on a large template (mock); the daemon's RSS
-//! idle and with the most clients. `--vs ADDR --vs-authority KEY [--vs-pid PID]` measures
-//! another Template Provider on the same node the same way. Results go to `--out`.
+//! idle and with the most clients. On a real node, `tip_first.rs` adds the full-mempool
+//! figures (`--mempool N`, `--mempool-rounds`, `--idle-secs`); `--parts basic,mempool`
+//! picks what runs. `--vs ADDR --vs-authority KEY [--vs-pid PID]` measures another
+//! Template Provider on the same node the same way. Results go to `--out`.
+//!
+//! Environment: `BENCH_DAEMON_LOG=FILE` keeps the daemons' logs (level from `RUST_LOG`),
+//! `BENCH_NODE_LOG=FILE` a copy of the node's `debug.log`, `BENCH_DAEMON_EXE=PATH` runs
+//! another build of this benchmark as the daemon (A/B comparisons).
 
 #[path = "../../tests/support/bench_harness.rs"]
 mod support;
@@ -111,7 +117,7 @@ fn parse_args() -> anyhow::Result<Args> {
         full_mempool: tip_first::FullMempoolArgs {
             mempool: 5_000,
             rounds: 20,
-            idle: Duration::from_secs(60),
+            idle: Duration::from_secs(120),
         },
     };
     let mut vs_addr = None;
@@ -204,6 +210,8 @@ async fn spawn_listener(
 struct TipFigures {
     first: Vec<Duration>,
     last: Vec<Duration>,
+    /// From the first client's `SetNewPrevHash` to the last one's, per block.
+    spread: Vec<Duration>,
 }
 
 /// Mines `rounds` blocks; for each, the time until the first and the last of `n` clients
@@ -226,6 +234,7 @@ async fn measure_tips(
     let mut figures = TipFigures {
         first: Vec::new(),
         last: Vec::new(),
+        spread: Vec::new(),
     };
     for _ in 0..rounds {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -246,6 +255,9 @@ async fn measure_tips(
                 first.get_or_insert(at);
                 if count == n {
                     figures.last.push(at.duration_since(started));
+                    figures
+                        .spread
+                        .push(at.duration_since(first.unwrap_or(started)));
                 }
             }
         }
@@ -259,6 +271,7 @@ async fn measure_tips(
     }
     figures.first.sort();
     figures.last.sort();
+    figures.spread.sort();
     Ok(figures)
 }
 
@@ -472,12 +485,7 @@ async fn bench_target(
     let idle_rss = pid.and_then(rss_kib);
     let mut loaded_rss = None;
     for &n in &args.clients {
-        let rounds = if n >= 1000 {
-            args.rounds.min(10)
-        } else {
-            args.rounds
-        };
-        let f = measure_tips(node, addr, key, n, rounds).await?;
+        let f = measure_tips(node, addr, key, n, args.rounds).await?;
         writeln!(
             report,
             "| new block → SetNewPrevHash, first client | {n} | {} | {} |",
@@ -490,6 +498,14 @@ async fn bench_target(
             ms(pct(&f.last, 0.5)),
             ms(pct(&f.last, 0.99))
         )?;
+        if n > 1 {
+            writeln!(
+                report,
+                "| first → last client's SetNewPrevHash | {n} | {} | {} |",
+                ms(pct(&f.spread, 0.5)),
+                ms(pct(&f.spread, 0.99))
+            )?;
+        }
         if n == *args.clients.iter().max().unwrap_or(&n) {
             loaded_rss = pid.and_then(rss_kib);
         }
@@ -555,12 +571,6 @@ fn main() -> anyhow::Result<()> {
         other => bail!("--node is mock or real, not {other}"),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("BENCH_WORKERS")
-                .ok()
-                .and_then(|w| w.parse().ok())
-                .unwrap_or(2),
-        )
         .enable_all()
         .build()?;
     let mut report = String::new();

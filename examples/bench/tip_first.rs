@@ -8,6 +8,7 @@
 //! made, for any Template Provider.
 
 use std::fmt::Write as _;
+use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -72,9 +73,16 @@ pub async fn run(
         &workdir.join("tip-first-on"),
         "template_interval=30,tip_first=true",
     )?;
-    // The reference point: the same daemon, the same kind of block, an empty mempool.
-    let empty = measure_blocks(node, on.addr, on.key, args.rounds, false).await?;
-    rows.push(("sv2-tpd, tip_first = true", 0, empty));
+    // The reference point: the same daemon, the same kind of block, an empty mempool
+    // (one ordinary block takes what earlier parts left in it).
+    let emptied = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || node.generate(1)).await?
+    };
+    emptied.context("emptying the mempool")?;
+    let left = node.mempool_txids()?.len();
+    let empty = measure_blocks(node, (on.addr, on.key), Some(&on), args.rounds, false).await?;
+    rows.push(("sv2-tpd, tip_first = true", left, empty));
     eprintln!("filling the mempool with {} transactions", args.mempool);
     let filled = {
         let node = node.clone();
@@ -83,7 +91,7 @@ pub async fn run(
     };
     filled.context("filling the mempool")?;
     let pooled = node.mempool_txids()?.len();
-    let full_on = measure_blocks(node, on.addr, on.key, args.rounds, true).await?;
+    let full_on = measure_blocks(node, (on.addr, on.key), Some(&on), args.rounds, true).await?;
     rows.push(("sv2-tpd, tip_first = true", pooled, full_on));
     let mut idle_rows = Vec::new();
     if !args.idle.is_zero() {
@@ -98,11 +106,12 @@ pub async fn run(
         &workdir.join("tip-first-off"),
         "template_interval=30,tip_first=false",
     )?;
-    let full_off = measure_blocks(node, off.addr, off.key, args.rounds, true).await?;
+    let full_off = measure_blocks(node, (off.addr, off.key), Some(&off), args.rounds, true).await?;
     rows.push(("sv2-tpd, tip_first = false", pooled, full_off));
     drop(off);
     if let Some(other) = other {
-        let figures = measure_blocks(node, other.addr, other.key, args.rounds, true).await?;
+        let figures =
+            measure_blocks(node, (other.addr, other.key), None, args.rounds, true).await?;
         rows.push(("other TP", pooled, figures));
         if !args.idle.is_zero() {
             for clients in [1, 100] {
@@ -133,7 +142,7 @@ fn write_tables(
     writeln!(
         report,
         "| Template Provider | mempool txs | new block → SetNewPrevHash p50 / p99 | \
-         new block → full template p50 / p99 | node's full build p50 | node builds per block |\n\
+         new block → full template p50 / p99 | node's full build p50 | template builds per block |\n\
          |---|---:|---:|---:|---:|---:|"
     )?;
     for (name, pooled, f) in rows {
@@ -150,6 +159,14 @@ fn write_tables(
             ms(pct(&f.prev_hash, 0.5)),
             ms(pct(&f.prev_hash, 0.99)),
             ms(pct(&f.node_full_build, 0.5)),
+        )?;
+    }
+    if rows.iter().any(|r| r.0 == "other TP") {
+        writeln!(
+            report,
+            "\nThe other TP stays connected while sv2-tpd is measured, sharing the node \
+             and the cores; sv2-tpd's builds per block are its own count, the other's come \
+             from the node's log."
         )?;
     }
     let p50 = |i: usize| rows.get(i).map(|r| pct(&r.2.prev_hash, 0.5));
@@ -190,11 +207,13 @@ fn write_tables(
     Ok(())
 }
 
-/// Mines `rounds` empty blocks and times what one client receives for each.
+/// Mines `rounds` empty blocks and times what one client receives for each. Builds per
+/// block come from the daemon's own count when it is ours (`daemon`), else from the
+/// node's log (which then also holds whatever else uses the node).
 async fn measure_blocks(
     node: &Arc<BitcoinNode>,
-    addr: SocketAddr,
-    key: Secp256k1PublicKey,
+    (addr, key): (SocketAddr, Secp256k1PublicKey),
+    daemon: Option<&DaemonProcess>,
     rounds: usize,
     expect_full: bool,
 ) -> anyhow::Result<BlockFigures> {
@@ -207,6 +226,7 @@ async fn measure_blocks(
     for _ in 0..rounds {
         settle(&mut rx).await;
         log.skip_to_end()?;
+        let counted_before = daemon.map(DaemonProcess::template_builds).transpose()?;
         let started = Instant::now();
         let mined = {
             let node = node.clone();
@@ -222,9 +242,13 @@ async fn measure_blocks(
         figures
             .node_full_build
             .push(builds.iter().copied().max().unwrap_or_default());
-        figures
-            .builds_per_block
-            .push(builds.len().saturating_sub(1));
+        let counted_after = daemon.map(DaemonProcess::template_builds).transpose()?;
+        let per_block = match counted_before.zip(counted_after) {
+            Some((before, after)) => (after - before) as usize,
+            // Less `generateblock`'s own.
+            None => builds.len().saturating_sub(1),
+        };
+        figures.builds_per_block.push(per_block);
     }
     listener.abort();
     figures.prev_hash.sort();
@@ -340,12 +364,16 @@ impl NodeLog {
     /// The duration of every `CreateNewBlock` logged since the last read (the node's
     /// `-debug=bench` line `CreateNewBlock() chunks: …, validity: … (total X ms)`).
     fn builds(&mut self) -> anyhow::Result<Vec<Duration>> {
-        let text = std::fs::read(&self.path)
+        let mut file = std::fs::File::open(&self.path)
             .with_context(|| format!("reading {}", self.path.display()))?;
-        let start = (self.offset as usize).min(text.len());
-        self.offset = text.len() as u64;
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut text = Vec::new();
+        file.read_to_end(&mut text)?;
+        // A line still being written is read next time.
+        let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        self.offset += complete as u64;
         let mut builds = Vec::new();
-        for line in String::from_utf8_lossy(&text[start..]).lines() {
+        for line in String::from_utf8_lossy(&text[..complete]).lines() {
             if !line.contains("CreateNewBlock() chunks:") {
                 continue;
             }
