@@ -278,7 +278,11 @@ impl Engine {
         if let Some((block, txs)) = self.reads.prefetch(id, template) {
             self.store.set_block(id, block, txs);
         }
-        self.prune();
+        // Not on a new tip: releasing older templates is node work, and the full template
+        // is being built; the next prune tick (within a second) does it.
+        if reason != Reason::Tip {
+            self.prune();
+        }
     }
 
     /// Releases templates no client can use any more, and groups no client needs.
