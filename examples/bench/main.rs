@@ -404,11 +404,16 @@ impl DaemonProcess {
     pub fn template_builds(&self) -> anyhow::Result<f64> {
         let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
         let response = minreq::get(&url).with_timeout(10).send()?;
-        Ok(response
-            .as_str()?
-            .lines()
-            .filter(|l| l.starts_with("sv2_tpd_node_template_builds_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        let lines = response.as_str()?.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines)?;
+        Ok(scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "sv2_tpd_node_template_builds_total")
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
             .sum())
     }
 }
