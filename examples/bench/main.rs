@@ -36,6 +36,7 @@ use sv2_tpd::mock::{MockNode, MockOptions};
 use sv2_tpd::sv2::{TdpClient, TdpMessage};
 use tokio::sync::mpsc;
 
+use support::bitcoin_node::free_local_port;
 use support::tp::{client_at, next_template, next_tip, regtest_config};
 use support::BitcoinNode;
 
@@ -355,12 +356,7 @@ impl DaemonProcess {
     /// extra config keys as `key=value,key=value`.
     pub fn start(socket: &Path, datadir: &Path, settings: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(datadir)?;
-        let free_port = || -> anyhow::Result<u16> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port())
-        };
-        let (port, metrics_port) = (free_port()?, free_port()?);
+        let (port, metrics_port) = (free_local_port()?, free_local_port()?);
         // `BENCH_DAEMON_EXE` runs another build of this benchmark as the daemon (A/B).
         let exe = match std::env::var_os("BENCH_DAEMON_EXE") {
             Some(exe) => PathBuf::from(exe),

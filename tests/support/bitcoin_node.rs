@@ -539,7 +539,7 @@ fn kill_and_reap(child: &mut Child) -> Result<()> {
 }
 
 /// A local TCP port that is free right now (the OS picks it).
-fn free_local_port() -> Result<u16> {
+pub fn free_local_port() -> Result<u16> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

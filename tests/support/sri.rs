@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -22,6 +22,7 @@ use sv2_tpd::keys::ServerKeys;
 use sv2_tpd::sv2::TdpClient;
 use tempfile::TempDir;
 
+pub use super::bitcoin_node::free_local_port;
 use super::bitcoin_node::BitcoinNode;
 
 /// How long a child may take to become ready (generous: the machine is shared).
@@ -318,21 +319,15 @@ impl Pool {
         let keys = ServerKeys::ephemeral();
         let listen = SocketAddr::from(([127, 0, 0, 1], free_local_port()?));
         let config_path = workdir.join("pool.toml");
-        fs::write(&config_path, pool_config(settings, &keys, listen))
-            .with_context(|| format!("writing {}", config_path.display()))?;
-        let mut command = Command::new(bin_dir.join("pool_sv2"));
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .current_dir(workdir);
-        // pool_sv2 lets POOL__* variables override its file; none may leak in.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("POOL__") {
-                command.env_remove(key);
-            }
-        }
-        let mut process = ChildProcess::spawn("pool_sv2", command, workdir.join("pool.log"))?;
+        let config = pool_config(settings, &keys, listen);
+        let mut process = spawn_configured(
+            bin_dir,
+            "pool_sv2",
+            "POOL__",
+            workdir,
+            &config_path,
+            &config,
+        )?;
         process.wait_until("first template from the Template Provider", |pool| {
             pool.log_text().contains(POOL_READY_LINE)
         })?;
@@ -461,21 +456,14 @@ impl Jdc {
         listen: SocketAddr,
     ) -> anyhow::Result<Self> {
         let config_path = workdir.join("jdc.toml");
-        fs::write(&config_path, config)
-            .with_context(|| format!("writing {}", config_path.display()))?;
-        let mut command = Command::new(bin_dir.join("jd_client_sv2"));
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .current_dir(workdir);
-        // jd_client_sv2 lets JDC__* variables override its file; none may leak in.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("JDC__") {
-                command.env_remove(key);
-            }
-        }
-        let mut process = ChildProcess::spawn("jd_client_sv2", command, workdir.join("jdc.log"))?;
+        let mut process = spawn_configured(
+            bin_dir,
+            "jd_client_sv2",
+            "JDC__",
+            workdir,
+            &config_path,
+            config,
+        )?;
         process.wait_until("solo mining mode", |jdc| {
             jdc.log_text().contains(JDC_SOLO_LINE)
         })?;
@@ -506,12 +494,31 @@ impl Jdc {
     }
 }
 
-/// A local TCP port that is free right now (the OS picks it).
-pub fn free_local_port() -> anyhow::Result<u16> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .context("finding a free local port")
+/// Writes `config` to `config_path` and starts SRI's `binary` (from `bin_dir`) on it in
+/// `workdir`, logging beside it (`pool.toml` → `pool.log`). SRI's daemons let variables
+/// starting with `env_prefix` (`POOL__`, `JDC__`) override their file; none may leak in
+/// from the test's environment.
+fn spawn_configured(
+    bin_dir: &Path,
+    binary: &'static str,
+    env_prefix: &str,
+    workdir: &Path,
+    config_path: &Path,
+    config: &str,
+) -> anyhow::Result<ChildProcess> {
+    fs::write(config_path, config).with_context(|| format!("writing {}", config_path.display()))?;
+    let mut command = Command::new(bin_dir.join(binary));
+    command
+        .arg("--config")
+        .arg(config_path)
+        .env("RUST_LOG", "info")
+        .current_dir(workdir);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with(env_prefix) {
+            command.env_remove(key);
+        }
+    }
+    ChildProcess::spawn(binary, command, config_path.with_extension("log"))
 }
 
 /// Waits until `node` is `blocks` blocks above `start_height`, checking every half second
