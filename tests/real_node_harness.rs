@@ -7,21 +7,12 @@ mod support;
 use std::path::Path;
 
 use bitcoin::Amount;
-use support::{op_true_script, BitcoinNode};
+use support::op_true_script;
 
 /// Starts a node, or returns from the test after reporting it skipped.
-macro_rules! node_or_skip {
-    ($test:expr) => {
-        match BitcoinNode::start_if_available($test)? {
-            Some(node) => node,
-            None => return Ok(()),
-        }
-    };
-}
-
 #[test]
 fn node_starts_with_ipc_socket_and_regtest_chain() -> anyhow::Result<()> {
-    let node = node_or_skip!("node_starts_with_ipc_socket_and_regtest_chain");
+    let node = node_or_skip!("node_starts_with_ipc_socket_and_regtest_chain", Ok(()));
     assert!(
         node.socket_path().exists(),
         "no IPC socket at {}",
@@ -40,7 +31,7 @@ fn node_starts_with_ipc_socket_and_regtest_chain() -> anyhow::Result<()> {
 
 #[test]
 fn funded_transactions_enter_the_mempool() -> anyhow::Result<()> {
-    let node = node_or_skip!("funded_transactions_enter_the_mempool");
+    let node = node_or_skip!("funded_transactions_enter_the_mempool", Ok(()));
     let coins = node.fund_op_true()?;
     assert!(node.block_count()? >= 101);
     assert!(!coins.is_empty(), "no mature coin after funding");
@@ -70,7 +61,7 @@ fn funded_transactions_enter_the_mempool() -> anyhow::Result<()> {
 
 #[test]
 fn chain_survives_kill9_and_restart() -> anyhow::Result<()> {
-    let node = node_or_skip!("chain_survives_kill9_and_restart");
+    let node = node_or_skip!("chain_survives_kill9_and_restart", Ok(()));
     node.generate(10)?;
     // Flush the chainstate so the crash cannot lose the blocks we compare against.
     node.flush_to_disk()?;
@@ -91,7 +82,7 @@ fn chain_survives_kill9_and_restart() -> anyhow::Result<()> {
 
 #[test]
 fn drop_stops_the_node_and_removes_its_datadir() -> anyhow::Result<()> {
-    let node = node_or_skip!("drop_stops_the_node_and_removes_its_datadir");
+    let node = node_or_skip!("drop_stops_the_node_and_removes_its_datadir", Ok(()));
     let pid = node.pid();
     let datadir = node.datadir().to_path_buf();
     assert!(process_exists(pid));

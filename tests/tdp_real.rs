@@ -8,17 +8,7 @@ use std::time::{Duration, Instant};
 use bitcoin::{Amount, ScriptBuf};
 use stratum_core::common_messages_sv2::Protocol;
 use support::tp::*;
-use support::BitcoinNode;
 use sv2_tpd::sv2::{TdpClient, TdpMessage};
-
-macro_rules! node_or_skip {
-    ($test:expr) => {
-        match BitcoinNode::start_if_available($test).expect("bitcoin-node starts") {
-            Some(node) => node,
-            None => return,
-        }
-    };
-}
 
 fn payout() -> ScriptBuf {
     ScriptBuf::new_p2wsh(&bitcoin::WScriptHash::from_raw_hash(

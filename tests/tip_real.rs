@@ -9,16 +9,6 @@ use std::time::{Duration, Instant};
 use bitcoin::ScriptBuf;
 use serde_json::json;
 use support::tp::*;
-use support::BitcoinNode;
-
-macro_rules! node_or_skip {
-    ($test:expr) => {
-        match BitcoinNode::start_if_available($test).expect("bitcoin-node starts") {
-            Some(node) => node,
-            None => return,
-        }
-    };
-}
 
 fn payout() -> ScriptBuf {
     ScriptBuf::new_p2wsh(&bitcoin::WScriptHash::from_raw_hash(
