@@ -49,10 +49,6 @@ async fn pool_gets_the_next_tip(
     (t, p)
 }
 
-fn node_calls(node: &MockNode, method: &str) -> u64 {
-    node.stats().calls.get(method).copied().unwrap_or(0)
-}
-
 fn start(
     dir: &tempfile::TempDir,
     node_opts: MockOptions,
@@ -77,7 +73,7 @@ async fn solutions_that_miss_their_target_cost_nothing_and_a_real_block_goes_thr
             &[("reason", "constraints")],
         ) >= 2.0
     });
-    let submits_before = node_calls(&node, "submitSolution");
+    let submits_before = node.calls("submitSolution");
     let rss_before = daemon.rss_kib();
 
     // 2,000 solutions whose header misses the target, from attackers that reconnect each
@@ -121,7 +117,7 @@ async fn solutions_that_miss_their_target_cost_nothing_and_a_real_block_goes_thr
         ),
     );
     assert_eq!(
-        node_calls(&node, "submitSolution"),
+        node.calls("submitSolution"),
         submits_before,
         "a bogus solution reached the node"
     );
@@ -151,7 +147,7 @@ async fn solutions_that_miss_their_target_cost_nothing_and_a_real_block_goes_thr
     );
 
     // Replaying that block (anyone can, once it is public) costs no node call.
-    let submits = node_calls(&node, "submitSolution");
+    let submits = node.calls("submitSolution");
     let mut replayer = connect(&daemon, 100).await;
     for _ in 0..20 {
         replayer.submit_solution(block.clone()).await.unwrap();
@@ -160,7 +156,7 @@ async fn solutions_that_miss_their_target_cost_nothing_and_a_real_block_goes_thr
         m.value("sv2_tpd_solutions_total", &[("result", "duplicate")]) >= 20.0
     });
     assert_eq!(
-        node_calls(&node, "submitSolution"),
+        node.calls("submitSolution"),
         submits,
         "a replay reached the node"
     );
@@ -172,7 +168,7 @@ async fn constraint_changes_are_coalesced_and_node_work_stays_bounded() {
     let (node, daemon) = start(&dir, MockOptions::default(), &[]);
     let mut pool = connect(&daemon, 100).await;
     next_tip(&mut pool).await;
-    let creates_before = node_calls(&node, "createNewBlock");
+    let creates_before = node.calls("createNewBlock");
     let rss_before = daemon.rss_kib();
 
     let mut attacker = connect(&daemon, 200).await;
@@ -196,7 +192,7 @@ async fn constraint_changes_are_coalesced_and_node_work_stays_bounded() {
         pool_gets_the_next_tip(&node, &mut pool).await;
         max_threads = max_threads.max(node.stats().threads_alive);
     }
-    let creates = node_calls(&node, "createNewBlock") - creates_before;
+    let creates = node.calls("createNewBlock") - creates_before;
     let rss_after = daemon.rss_kib();
     println!(
         "500 constraint changes in {:?}: applied {}, superseded {}; createNewBlock {creates}; \

@@ -405,6 +405,17 @@ impl MockNode {
     pub fn stats(&self) -> MockStats {
         self.shared.lock().stats.clone()
     }
+
+    /// Calls of `method` (a schema method name) received so far.
+    pub fn calls(&self, method: &str) -> u64 {
+        self.shared
+            .lock()
+            .stats
+            .calls
+            .get(method)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for MockNode {
