@@ -37,6 +37,7 @@ use sv2_tpd::sv2::{TdpClient, TdpMessage};
 use tokio::sync::mpsc;
 
 use support::bitcoin_node::free_local_port;
+use support::proc_status::rss_kib;
 use support::tp::{client_at, next_template, next_tip, regtest_config};
 use support::BitcoinNode;
 
@@ -179,17 +180,6 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// A client whose messages are forwarded, time-stamped, to the collector.

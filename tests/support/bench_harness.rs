@@ -8,6 +8,8 @@ pub mod bitcoin_node;
 pub mod grind;
 #[path = "op_true.rs"]
 pub mod op_true;
+#[path = "proc_status.rs"]
+pub mod proc_status;
 #[path = "tp.rs"]
 pub mod tp;
 

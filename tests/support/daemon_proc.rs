@@ -109,13 +109,7 @@ impl DaemonProcess {
 
     /// The daemon's resident set size in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
+        super::proc_status::rss_kib(self.pid()).expect("the daemon's VmRSS")
     }
 
     /// Every stderr line so far, joined.
