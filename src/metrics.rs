@@ -66,8 +66,13 @@ pub struct Metrics {
     pub constraint_changes: IntCounterVec,
     /// `RequestTransactionData` by result (`success`, `template-id-not-found`, `stale-template-id`).
     pub tx_data_requests: IntCounterVec,
-    /// Solutions by result (`accepted`, `rejected`, `unknown-template`, `node-unavailable`).
+    /// Solutions by result: blocks (`accepted`, `rejected`, `node-unavailable`,
+    /// `throttled`) and what is no block (`bad-pow`, `malformed`, `unknown-template`,
+    /// `duplicate`).
     pub solutions: IntCounterVec,
+    /// Calls that must not be abandoned (`submitSolution`, `submitBlock`, `getBlock`) still
+    /// waited for past `node_call_timeout`, by method.
+    pub node_calls_overdue: IntGaugeVec,
     /// Solutions handed to the engine without awaiting their verdict (a client beyond
     /// `max_solutions_in_flight_per_client`).
     pub solutions_unawaited: IntCounter,
@@ -211,6 +216,14 @@ impl Metrics {
                 &["result"],
             )
             .expect("metric"),
+            node_calls_overdue: IntGaugeVec::new(
+                Opts::new(
+                    "sv2_tpd_node_calls_overdue",
+                    "Calls that are never abandoned (submits, block reads) still waited for past node_call_timeout",
+                ),
+                &["method"],
+            )
+            .expect("metric"),
             solutions_unawaited: IntCounter::new(
                 "sv2_tpd_solutions_unawaited_total",
                 "Solutions handed on without awaiting their verdict (max_solutions_in_flight_per_client)",
@@ -241,7 +254,8 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 24] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 25] = [
+            Box::new(m.node_calls_overdue.clone()),
             Box::new(m.solutions_unawaited.clone()),
             Box::new(m.limit_waits.clone()),
             Box::new(m.node_connected.clone()),
@@ -282,7 +296,7 @@ impl Metrics {
             ))
             .expect("unique metric names");
         // Label values known up front, so every series exists from the first scrape.
-        for reason in ["tip", "full", "fees", "constraints"] {
+        for reason in ["tip", "full", "fees", "constraints", "refresh"] {
             m.templates_created.with_label_values(&[reason]);
         }
         for reason in REFUSAL_REASONS {
@@ -337,6 +351,9 @@ impl Metrics {
             "SubmitSolution",
         ] {
             m.messages_received.with_label_values(&[received]);
+        }
+        for method in ["submitSolution", "submitBlock", "getBlock"] {
+            m.node_calls_overdue.with_label_values(&[method]);
         }
         for method in [
             "createNewBlock",

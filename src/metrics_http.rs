@@ -74,10 +74,23 @@ async fn render_metrics() -> impl IntoResponse {
 }
 
 async fn report_health(State(endpoint): State<Endpoint>) -> impl IntoResponse {
-    if (endpoint.health)() {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy")
+    let code = match (endpoint.health)() {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let word = match code {
+        StatusCode::OK => "ok",
+        _ => "unhealthy",
+    };
+    // A slow submit is no outage (templates are served), but it is said.
+    match crate::status::submits_overdue() {
+        0 => (code, word.to_string()),
+        n => (
+            code,
+            format!(
+                "{word}; {n} block submit(s) overdue: the node has not answered yet, still waiting"
+            ),
+        ),
     }
 }
 

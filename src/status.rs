@@ -46,8 +46,13 @@ pub struct Status {
     pub blocks_found: u64,
     /// Solutions the node rejected.
     pub solutions_rejected: u64,
-    /// Solutions that never reached the node (unknown template, node unavailable).
+    /// Blocks that could not be handed to the node and were given up (node unavailable),
+    /// or refused for want of a place (throttled). They are in the solutions directory.
     pub solutions_undelivered: u64,
+    /// Block submits the node has not answered within `node_call_timeout` and that are
+    /// still waited for (never sent again while one runs).
+    #[serde(default)]
+    pub submits_overdue: i64,
 }
 
 /// The node connection.
@@ -265,9 +270,20 @@ impl StatusBoard {
             clients,
             blocks_found: m.blocks_found.get(),
             solutions_rejected: solutions("rejected"),
-            solutions_undelivered: solutions("unknown-template") + solutions("node-unavailable"),
+            solutions_undelivered: solutions("node-unavailable") + solutions("throttled"),
+            submits_overdue: submits_overdue(),
         }
     }
+}
+
+/// Block submits (`submitSolution`, `submitBlock`) past `node_call_timeout` and still
+/// waited for.
+pub fn submits_overdue() -> i64 {
+    let overdue = &metrics().node_calls_overdue;
+    ["submitSolution", "submitBlock"]
+        .iter()
+        .map(|method| overdue.with_label_values(&[method]).get())
+        .sum()
 }
 
 /// A session's line on the [`StatusBoard`]; removed when dropped.
@@ -357,6 +373,15 @@ impl Status {
             "solutions undelivered",
             self.solutions_undelivered.to_string(),
         );
+        if self.submits_overdue > 0 {
+            line(
+                "submits overdue",
+                format!(
+                    "{} (the node has not answered yet; still waiting, not sent again)",
+                    self.submits_overdue
+                ),
+            );
+        }
         line("clients", self.clients.len().to_string());
         for client in &self.clients {
             let constraints = match client.constraints {

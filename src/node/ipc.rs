@@ -67,7 +67,7 @@ impl Jobs {
 /// A template the node keeps for us, with the bookkeeping that keeps its release safe.
 struct HeldTemplate {
     client: mining_capnp::block_template::Client,
-    /// Calls on it still running in the node (`waitNext`, `getBlock`, `submitSolution`).
+    /// Calls on it still running in the node (`getBlock`, `submitSolution`).
     in_flight: u32,
     /// Released by its owner; destroy once no call is in flight.
     released: bool,
@@ -186,6 +186,60 @@ impl Session {
         })
     }
 
+    /// Runs `call`, a call that must never be abandoned (a submit, or a read under a
+    /// template's exclusive lock), to its end: the node's answer, or the connection's end.
+    /// When the node call deadline passes first, that is said (a warning, and
+    /// `sv2_tpd_node_calls_overdue{method}` while it lasts) and the wait goes on: the node
+    /// still runs the call, and sending it again, or releasing what it works on, could
+    /// submit a block twice or destroy a template under a running call.
+    pub(crate) async fn call_patient_raw<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, capnp::Error>>,
+    ) -> Result<T, capnp::Error> {
+        let started = Instant::now();
+        tokio::pin!(call);
+        let result = match tokio::time::timeout(self.call_timeout, &mut call).await {
+            Ok(result) => result,
+            Err(_) => {
+                let overdue = metrics().node_calls_overdue.with_label_values(&[method]);
+                overdue.inc();
+                tracing::warn!(
+                    method,
+                    after = ?self.call_timeout,
+                    "the node has not answered yet; still waiting for it (the call is not sent again)"
+                );
+                let result = call.await;
+                overdue.dec();
+                tracing::info!(
+                    method,
+                    after = ?started.elapsed(),
+                    answered = result.is_ok(),
+                    "the overdue call has ended"
+                );
+                result
+            }
+        };
+        if !matches!(&result, Err(e) if is_unimplemented(e)) {
+            metrics()
+                .ipc_call_seconds
+                .with_label_values(&[method])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    /// [`Session::call_patient_raw`] with the node's error mapped to a [`NodeError`].
+    pub(crate) async fn call_patient<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, capnp::Error>>,
+    ) -> Result<T, NodeError> {
+        self.call_patient_raw(method, call)
+            .await
+            .map_err(|e| NodeError::from_capnp(method, e))
+    }
+
     /// [`Session::call_raw`] with the node's error mapped to a [`NodeError`].
     pub(crate) async fn call<T>(
         &self,
@@ -252,7 +306,9 @@ impl Session {
     }
 
     /// Runs `call` on template `key` holding its exclusive lock, with the template kept
-    /// alive in the node until it ends.
+    /// alive in the node until it ends. `call` must not give up on the node before the
+    /// node answers (see [`Session::call_patient`]): the lock and the in-flight count
+    /// are what keep a second submit and a `destroy` away from a call still running.
     pub(crate) async fn exclusive_call<T>(
         self: &Rc<Self>,
         key: u64,

@@ -203,7 +203,7 @@ impl NodeClient {
                 p.reborrow().init_context().set_thread(worker.thread());
                 p.set_block(&bytes);
                 let response = s
-                    .call(Some(&worker), "submitBlock", request.send().promise)
+                    .call_patient("submitBlock", request.send().promise)
                     .await?;
                 let r = response
                     .get()
@@ -417,9 +417,7 @@ async fn get_block(
     let worker = s.worker();
     let mut request = client.get_block_request();
     request.get().init_context().set_thread(worker.thread());
-    let response = s
-        .call(Some(&worker), "getBlock", request.send().promise)
-        .await?;
+    let response = s.call_patient("getBlock", request.send().promise).await?;
     let bytes = response
         .get()
         .and_then(|r| r.get_result())
@@ -445,8 +443,8 @@ async fn submit(
         p.set_nonce(solution.nonce);
         p.set_coinbase(&solution.coinbase);
         match s
-            .call_raw(Some(&worker), "submitSolution", request.send().promise)
-            .await?
+            .call_patient_raw("submitSolution", request.send().promise)
+            .await
         {
             Err(e) if is_unimplemented(&e) => s.learn_submit_v32(false),
             Err(e) => return Err(NodeError::from_capnp("submitSolution", e)),
@@ -467,7 +465,7 @@ async fn submit(
     p.set_nonce(solution.nonce);
     p.set_coinbase(&solution.coinbase);
     let response = s
-        .call(Some(&worker), "submitSolution", request.send().promise)
+        .call_patient("submitSolution", request.send().promise)
         .await?;
     let accepted = response
         .get()
