@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, warn};
 
 use super::api::{
     Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus,
@@ -18,15 +18,15 @@ use super::api::{
 use super::blocks::{BlockReads, FetchedBlock};
 use super::build::{FeePolicy, GroupReport, Reason};
 use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
-use super::group::Groups;
+use super::group::{GroupStart, Groups};
 use super::health::NodeLink;
 use super::ids::first_template_id;
 use super::publish::{self, Published};
 use super::solutions::{self, Gate, Submission};
-use super::store::TemplateStore;
+use super::store::{Held, TemplateStore};
 use super::supervisor::{supervise, NodeEvent};
 use super::tip::{self, TipFollower, TipReport};
-use super::unknown::{self, UnknownSolutions};
+use super::unknown;
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
 
@@ -69,7 +69,6 @@ pub fn spawn(
         gate: Gate::new(config.max_solutions_in_flight),
         groups: Groups::new(fees, client_calls, reports_tx, shutdown.clone()),
         fanout: Fanout::default(),
-        unknown: UnknownSolutions::new(config.solutions_dir.clone()),
         config,
         node: NodeLink::new(status.clone()),
         follower: None,
@@ -102,7 +101,6 @@ struct Engine {
     groups: Groups,
     fanout: Fanout,
     store: TemplateStore<Published>,
-    unknown: UnknownSolutions,
     /// What a solution must pass before it costs a disk write or a node call.
     gate: Gate,
     /// Block reads on their way (prefetches, one at a time; reads clients wait for).
@@ -175,8 +173,18 @@ impl Engine {
     fn start_groups(&mut self, first: Reason) {
         self.fanout.forget_gone();
         for constraints in [STANDING_GROUP].into_iter().chain(self.fanout.groups()) {
-            self.ensure_group(constraints, first, false);
+            let start = GroupStart {
+                first,
+                client_caused: false,
+                clients_tip: self.group_template(constraints).map(|held| held.prev_hash),
+            };
+            self.ensure_group(constraints, start);
         }
+    }
+
+    /// See [`group_template`].
+    fn group_template(&self, constraints: Constraints) -> Option<&Held<Published>> {
+        group_template(&self.groups, &self.store, constraints)
     }
 
     /// The node answers again: the tip follower and every group start over, so clients
@@ -202,14 +210,13 @@ impl Engine {
     }
 
     /// Starts a group for `constraints` on the live connection unless one runs.
-    fn ensure_group(&mut self, constraints: Constraints, first: Reason, client_caused: bool) {
+    fn ensure_group(&mut self, constraints: Constraints, start: GroupStart) {
         let (Some(node), Some(follower)) = (self.node.current(), &self.follower) else {
             return;
         };
         let active = constraints != STANDING_GROUP || self.standing_needed();
         let tips = follower.tips.clone();
-        self.groups
-            .ensure(&node, constraints, first, client_caused, tips, active);
+        self.groups.ensure(&node, constraints, start, tips, active);
     }
 
     /// Whether the standing group builds templates: only while no client is served by
@@ -314,11 +321,7 @@ impl Engine {
                     return;
                 };
                 // The group's current template goes out at once, if on the node's tip.
-                let current = self
-                    .groups
-                    .current(constraints)
-                    .and_then(|id| self.store.get(id))
-                    .filter(|held| self.store.tip() == Some(held.prev_hash))
+                let current = group_template(&self.groups, &self.store, constraints)
                     .map(|held| (&*held.payload.new_template, &held.payload.prev_hash_msg));
                 let sub = Subscriber {
                     constraints,
@@ -328,8 +331,12 @@ impl Engine {
                 // A session that changed its constraints left its old group: stop that
                 // one now, so the group count is what clients use, not what they used.
                 self.stop_unwanted_groups();
-                let client_caused = constraints != STANDING_GROUP;
-                self.ensure_group(constraints, Reason::Constraints, client_caused);
+                let start = GroupStart {
+                    first: Reason::Constraints,
+                    client_caused: constraints != STANDING_GROUP,
+                    clients_tip: None,
+                };
+                self.ensure_group(constraints, start);
             }
             EngineRequest::TransactionData { template_id, reply } => {
                 let lookup = self.store.transaction_data(template_id);
@@ -347,24 +354,43 @@ impl Engine {
         solution: SubmitSolutionOwned,
         reply: oneshot::Sender<SolutionOutcome>,
     ) {
-        let Some(held) = self.store.get(solution.template_id) else {
-            let tip = self
-                .store
-                .on_tip()
-                .map(|held| &**held.payload.template.data());
-            let proven = unknown::proven(tip.take(UNKNOWN_CANDIDATES), &solution);
-            let _ = reply.send(self.gate.refuse_unknown(solution.template_id));
-            return self.unknown.save(solution, proven, Instant::now());
+        let held = match self.store.get(solution.template_id) {
+            Some(held) => held,
+            // Not a template we hold (a pool that outlived a restart of ours, or one
+            // released long ago): a real block only if its header meets the target on a
+            // template of the tip, and then it is that template's block.
+            None => {
+                let tip = self
+                    .store
+                    .on_tip()
+                    .take(UNKNOWN_CANDIDATES)
+                    .map(|held| (held, &**held.payload.template.data()));
+                match unknown::proven_on(tip, &solution) {
+                    Some(held) => {
+                        warn!(
+                            template_id = solution.template_id,
+                            "a block for a template this daemon does not hold: it solves a \
+                             template of the tip, and goes to the node as that one's"
+                        );
+                        held
+                    }
+                    None => {
+                        let _ = reply.send(self.gate.refuse_unknown(solution.template_id));
+                        return;
+                    }
+                }
+            }
         };
         match self.gate.admit(held.payload.template.data(), &solution) {
-            Ok((solved, slot)) => {
+            Ok(admitted) => {
                 let job = Submission {
                     template: held.payload.template.clone(),
                     cached_block: held.block.clone(),
-                    solved,
+                    solved: admitted.solved,
                     dir: self.config.solutions_dir.clone(),
                     nodes: self.node.subscribe(),
-                    slot,
+                    admitted: admitted.admitted,
+                    in_flight: admitted.in_flight,
                 };
                 solutions::spawn(job, reply);
             }
@@ -373,4 +399,21 @@ impl Engine {
             }
         }
     }
+}
+
+/// The template of the group for `constraints` that its clients mine on, or that a
+/// joining client gets: its newest, while on the node's tip; or, while a restarted group
+/// has made none yet, the newest of its templates on that tip (still valid: the tip has
+/// not moved).
+fn group_template<'a>(
+    groups: &Groups,
+    store: &'a TemplateStore<Published>,
+    constraints: Constraints,
+) -> Option<&'a Held<Published>> {
+    let tip = store.tip();
+    groups
+        .current(constraints)
+        .and_then(|id| store.get(id))
+        .filter(|held| tip == Some(held.prev_hash))
+        .or_else(|| store.on_tip().find(|held| held.group == constraints))
 }

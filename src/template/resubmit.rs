@@ -1,9 +1,11 @@
-//! Found blocks are never dropped quietly. A block the node did not take at once (its
-//! connection died, or the node did not answer in time) is handed to it again and again —
-//! `submitSolution` on its template while that template's connection lives, `submitBlock`
-//! with the whole block over a later one — until the node gives a verdict, or until the
-//! node's chain has moved past the block's parent, which makes the block worthless. Where
-//! no way to submit is left, the log says so with the command that submits the saved file.
+//! Found blocks are never dropped quietly. A block whose `submitSolution` did not come back
+//! with a verdict (the template's connection died under it, or the node threw) is handed
+//! to the node again, whole, with `submitBlock` over the live connection, until the node
+//! gives a verdict or its chain has moved past the block's parent, which makes the block
+//! worthless. A submit is never sent while another one for the block may still run in the
+//! node: every submit is waited for to its end (see `Session::call_patient`), so the next
+//! attempt only follows an answer or a connection that is gone. Where no way to submit is
+//! left, the log says so with the command that submits the saved file.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use tracing::{error, info, warn};
 use super::messages::SolvedBlock;
 use crate::node::{NodeClient, NodeError, SubmitVerdict, Template};
 
-/// Pause between two attempts.
+/// Pause between two attempts that both got an answer (or a connection that failed).
 pub(crate) const RETRY_EVERY: Duration = Duration::from_secs(2);
 
 /// The reject reason of a block whose parent the node does not know (yet).
@@ -37,8 +39,9 @@ pub(crate) struct Pending {
     pub file: Option<PathBuf>,
 }
 
-/// Hands the block to the node until it gives a verdict; `Err` with the reason when the
-/// block had to be given up (the log says why and what the operator can do).
+/// Hands the block to the node until it gives a verdict, after its first submit ended in
+/// `first`; `Err` with the reason when the block had to be given up (the log says why and
+/// what the operator can do).
 pub(crate) async fn until_settled(
     pending: Pending,
     first: NodeError,
@@ -56,43 +59,43 @@ pub(crate) async fn until_settled(
     let block = template_block.map(|b| solved.block(&b));
     let parent = solved.header.prev_blockhash;
     let height = template.data().height();
-    warn!(error = %first, %file, "the node did not take the block; trying again until the chain moves past its parent");
+    // A template whose connection is gone cannot take a submit again; one whose node threw
+    // can, once that submit has ended (it has: `first` is its end).
+    let mut template_alive = !first.is_disconnect();
+    warn!(error = %first, %file, "the node gave no verdict on the block; handing it over again until the chain moves past its parent");
     let mut last = first;
     loop {
         let Some(node) = live(&mut nodes).await else {
             return Err(last);
         };
-        // The template's own connection first: `submitSolution` works on every line.
-        let header = &solved.header;
-        let version = header.version.to_consensus() as u32;
-        match template
-            .submit_solution(version, header.time, header.nonce, &solved.coinbase)
-            .await
-        {
-            Ok(verdict) => return Ok(verdict),
-            Err(e @ NodeError::Timeout { .. }) => {
-                last = e;
-                tokio::time::sleep(RETRY_EVERY).await;
-                continue;
-            }
-            Err(e) => last = e,
-        }
-        // Its connection is gone: the whole block over the live one.
-        let Some(block) = &block else {
-            error!(%file, "the template died with its connection and its block could not be read: the solution cannot be submitted; its header and coinbase are saved");
-            return Err(last);
+        let whole = match &block {
+            Some(block) => match node.submit_block(block).await {
+                Err(NodeError::Unimplemented { .. }) => None,
+                answer => Some(answer),
+            },
+            None => None,
         };
-        match node.submit_block(block).await {
+        let answer = match whole {
+            Some(answer) => answer,
+            // No whole block to hand over (a v31.0 node, or the template's transactions
+            // were never read): only the template's own connection can take it.
+            None if template_alive => {
+                let header = &solved.header;
+                let version = header.version.to_consensus() as u32;
+                let answer = template
+                    .submit_solution(version, header.time, header.nonce, &solved.coinbase)
+                    .await;
+                template_alive = !matches!(&answer, Err(e) if e.is_disconnect());
+                answer
+            }
+            None => {
+                explain_no_way_left(&file, block.is_some());
+                return Err(last);
+            }
+        };
+        match answer {
             Ok(verdict) if verdict.reason != PARENT_UNKNOWN => return Ok(verdict),
             Ok(_) => info!("the node does not know the block's parent (yet)"),
-            Err(e @ NodeError::Unimplemented { .. }) => {
-                error!(
-                    %file,
-                    command = format!("bitcoin-cli submitblock $(cat {file})"),
-                    "the node has no submitBlock (v31.0) and the template died with its connection: submit the saved block yourself: bitcoin-cli submitblock $(cat {file})"
-                );
-                return Err(e);
-            }
             Err(e) => last = e,
         }
         if let Ok(Some(tip)) = node.tip().await {
@@ -107,6 +110,19 @@ pub(crate) async fn until_settled(
             }
         }
         tokio::time::sleep(RETRY_EVERY).await;
+    }
+}
+
+/// Logs why a block cannot be handed to the node any more, and what the operator can do.
+fn explain_no_way_left(file: &str, have_block: bool) {
+    if have_block {
+        error!(
+            %file,
+            command = format!("bitcoin-cli submitblock $(cat {file})"),
+            "the node has no submitBlock (v31.0) and the template died with its connection: submit the saved block yourself: bitcoin-cli submitblock $(cat {file})"
+        );
+    } else {
+        error!(%file, "the template died with its connection and its block could not be read: the solution cannot be submitted; its header and coinbase are saved");
     }
 }
 

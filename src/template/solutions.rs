@@ -16,7 +16,7 @@ use super::api::SolutionOutcome;
 use super::messages::SolvedBlock;
 use super::resubmit::{self, Pending};
 use crate::metrics::metrics;
-use crate::node::{NodeClient, Template, TemplateData};
+use crate::node::{NodeClient, NodeError, SubmitVerdict, Template, TemplateData};
 use crate::ratelog::LogBudget;
 
 /// A solution on its way to the node, with what it needs to get there.
@@ -31,8 +31,11 @@ pub(crate) struct Submission {
     pub dir: PathBuf,
     /// The live connection, for a template whose own connection died.
     pub nodes: watch::Receiver<Option<NodeClient>>,
-    /// This solution's place among those in flight; freed when it is done.
-    pub slot: OwnedSemaphorePermit,
+    /// This solution's place among those admitted (in flight or waiting for a place);
+    /// freed when it is done.
+    pub admitted: OwnedSemaphorePermit,
+    /// The places among the solutions in flight to the node; it waits for one.
+    pub in_flight: Arc<Semaphore>,
 }
 
 /// Full log lines about refused solutions per [`REFUSAL_LOG_PERIOD`]; the rest are summed up.
@@ -43,22 +46,42 @@ const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
 /// Block hashes remembered to answer a repeated solution without work.
 const RECENT_BLOCKS: usize = 256;
 
+/// Blocks admitted per place in flight: beyond `max_solutions_in_flight` on their way to
+/// the node, this many times as many wait (saved to disk already) for a place.
+const WAITING_PER_PLACE: usize = 16;
+
 /// What a solution must pass before it costs anything: a rebuildable header whose hash
-/// meets its target and has not been seen before, and a free place among the solutions
-/// in flight.
+/// meets its target and has not been seen before, and a place among the blocks admitted.
 #[derive(Debug)]
 pub(crate) struct Gate {
-    slots: Arc<Semaphore>,
+    /// Blocks on their way to the node at once.
+    in_flight: Arc<Semaphore>,
+    /// Blocks admitted: in flight, or saved and waiting for a place in flight.
+    admitted: Arc<Semaphore>,
     log: LogBudget,
     /// The newest [`RECENT_BLOCKS`] block hashes admitted, oldest first.
     recent: VecDeque<BlockHash>,
 }
 
+/// A solution let through the [`Gate`]: a block, with its places.
+pub(crate) struct Admitted {
+    /// The rebuilt block's header and coinbase.
+    pub solved: SolvedBlock,
+    /// Its place among the blocks admitted.
+    pub admitted: OwnedSemaphorePermit,
+    /// The places in flight it waits for.
+    pub in_flight: Arc<Semaphore>,
+}
+
 impl Gate {
-    /// A gate letting at most `max_in_flight` solutions be on their way to the node.
+    /// A gate letting at most `max_in_flight` blocks be on their way to the node, and
+    /// [`WAITING_PER_PLACE`] times as many wait for a place.
     pub fn new(max_in_flight: usize) -> Self {
         Self {
-            slots: Arc::new(Semaphore::new(max_in_flight)),
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            admitted: Arc::new(Semaphore::new(
+                max_in_flight.saturating_mul(WAITING_PER_PLACE + 1),
+            )),
             log: LogBudget::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PERIOD),
             recent: VecDeque::with_capacity(RECENT_BLOCKS),
         }
@@ -73,7 +96,7 @@ impl Gate {
         &mut self,
         data: &TemplateData,
         solution: &SubmitSolutionOwned,
-    ) -> Result<(SolvedBlock, OwnedSemaphorePermit), SolutionOutcome> {
+    ) -> Result<Admitted, SolutionOutcome> {
         let template_id = solution.template_id;
         let solved = match SolvedBlock::new(data, solution) {
             Ok(solved) => solved,
@@ -88,13 +111,14 @@ impl Gate {
         if self.recent.contains(&block_hash) {
             return Err(self.refuse(template_id, SolutionOutcome::Duplicate { block_hash }));
         }
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+        let Ok(admitted) = self.admitted.clone().try_acquire_owned() else {
             metrics().solutions.with_label_values(&["throttled"]).inc();
             error!(
                 template_id,
                 %block_hash,
                 "a solution that meets its target was refused: max_solutions_in_flight \
-                 solutions are on their way to the node already"
+                 blocks are on their way to the node and {WAITING_PER_PLACE} times as many \
+                 wait for a place"
             );
             return Err(SolutionOutcome::Throttled);
         };
@@ -102,7 +126,11 @@ impl Gate {
             self.recent.pop_front();
         }
         self.recent.push_back(block_hash);
-        Ok((solved, slot))
+        Ok(Admitted {
+            solved,
+            admitted,
+            in_flight: self.in_flight.clone(),
+        })
     }
 
     /// Answers a solution whose template is not held.
@@ -145,7 +173,8 @@ pub(crate) fn spawn(job: Submission, reply: oneshot::Sender<SolutionOutcome>) {
     );
 }
 
-/// Writes the block to disk, then hands the solution to the node.
+/// Writes the block to disk and hands the solution to the node (once a place in flight
+/// is free), then tells what the node made of it.
 async fn submit(job: Submission) -> SolutionOutcome {
     let Submission {
         template,
@@ -153,17 +182,22 @@ async fn submit(job: Submission) -> SolutionOutcome {
         solved,
         dir,
         nodes,
-        slot: _slot,
+        admitted: _admitted,
+        in_flight,
     } = job;
-    let m = metrics();
     let block_hash = solved.header.block_hash();
     let height = template.data().height();
-    let to_node = template.submit_solution(
-        solved.header.version.to_consensus() as u32,
-        solved.header.time,
-        solved.header.nonce,
-        &solved.coinbase,
-    );
+    let to_node = async {
+        let _place = in_flight.acquire_owned().await;
+        template
+            .submit_solution(
+                solved.header.version.to_consensus() as u32,
+                solved.header.time,
+                solved.header.nonce,
+                &solved.coinbase,
+            )
+            .await
+    };
     // The block goes to disk and to the node at once: neither waits for the other (a
     // slow disk must not delay a block). Without a cached template block, the node is
     // asked for it only after the submit (a getBlock may not overlap a submit).
@@ -186,33 +220,79 @@ async fn submit(job: Submission) -> SolutionOutcome {
                 template,
                 solved,
                 template_block,
-                nodes,
+                nodes: nodes.clone(),
                 file,
             };
             resubmit::until_settled(pending, e).await
         }
         verdict => verdict,
     };
-    match verdict {
-        Ok(v) if v.accepted => {
-            info!(%block_hash, "block accepted by the node");
+    let settled = match verdict {
+        Ok(v) if node_has_block(&v) => Settled::Taken(v),
+        // The node may have the block as its tip though it says no (a v31 node answers a
+        // bare `false`): its tip is the last word.
+        Ok(v) if tip_is(&nodes, block_hash).await => Settled::Taken(v),
+        Ok(v) => Settled::Refused(v),
+        Err(e) => Settled::Undelivered(e),
+    };
+    settle(block_hash, settled)
+}
+
+/// What became of a block handed to the node.
+enum Settled {
+    /// The node has it: it accepted it, already had it, or has it as its tip.
+    Taken(SubmitVerdict),
+    /// The node refused it.
+    Refused(SubmitVerdict),
+    /// It never got a verdict (the block is saved in the solutions directory).
+    Undelivered(NodeError),
+}
+
+/// Logs and counts what became of block `block_hash`, once: `blocks_found` counts it only
+/// when the node has it.
+fn settle(block_hash: BlockHash, settled: Settled) -> SolutionOutcome {
+    let m = metrics();
+    match settled {
+        Settled::Taken(v) => {
+            let note = match v.accepted {
+                true => "",
+                false => "it had the block already",
+            };
+            info!(%block_hash, reason = %v.reason, note, "block accepted by the node");
             m.solutions.with_label_values(&["accepted"]).inc();
             m.blocks_found.inc();
             SolutionOutcome::Accepted { block_hash }
         }
-        Ok(v) => {
-            warn!(%block_hash, reason = %v.reason, "block rejected by the node");
+        Settled::Refused(v) => {
+            error!(%block_hash, reason = %v.reason, "block rejected by the node");
             m.solutions.with_label_values(&["rejected"]).inc();
             SolutionOutcome::Rejected {
                 block_hash,
                 reason: v.reason,
             }
         }
-        Err(e) => {
+        Settled::Undelivered(e) => {
             error!(%block_hash, error = %e, "could not submit the block; it is saved in the solutions directory");
             m.solutions.with_label_values(&["node-unavailable"]).inc();
             SolutionOutcome::NodeUnavailable(e.to_string())
         }
+    }
+}
+
+/// The node's reason for a block it already has: it is not lost, and not refused.
+const ALREADY_HAVE: &str = "duplicate";
+
+/// Whether `verdict` says the node has the block: it took it, or already had it.
+pub(crate) fn node_has_block(verdict: &SubmitVerdict) -> bool {
+    verdict.accepted || verdict.reason == ALREADY_HAVE
+}
+
+/// Whether the live node's tip is `block_hash`.
+async fn tip_is(nodes: &watch::Receiver<Option<NodeClient>>, block_hash: BlockHash) -> bool {
+    let node = nodes.borrow().clone();
+    match node {
+        Some(node) => matches!(node.tip().await, Ok(Some(tip)) if tip.hash == block_hash),
+        None => false,
     }
 }
 
