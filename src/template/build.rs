@@ -34,6 +34,9 @@ pub enum Reason {
     Fees,
     /// First template for a new set of constraints.
     Constraints,
+    /// The node came back (a reconnect, or it answers again) on the tip the group's
+    /// clients already mine on: the full template, sent as a non-future update.
+    Refresh,
 }
 
 impl Reason {
@@ -44,6 +47,7 @@ impl Reason {
             Reason::Full => "full",
             Reason::Fees => "fees",
             Reason::Constraints => "constraints",
+            Reason::Refresh => "refresh",
         }
     }
 }
@@ -117,6 +121,10 @@ pub(crate) struct GroupSpec {
     /// Places for node calls clients cause, when a client caused this group: its first
     /// template takes one.
     pub client_calls: Option<Arc<Semaphore>>,
+    /// The tip the group's clients already have a template (and its `SetNewPrevHash`)
+    /// for, when the task is a restart: if the node is still on it, the first template
+    /// is a non-future [`Reason::Refresh`], not a new tip's pair.
+    pub clients_tip: Option<BlockHash>,
 }
 
 /// What a group task listens to: the node's tip, and whether it may build.
@@ -254,6 +262,7 @@ impl Task<'_> {
         tips: &watch::Receiver<Option<NodeTip>>,
     ) -> Result<bool, NodeError> {
         let reason = match self.last {
+            None if self.spec.clients_tip == Some(tip.hash()) => Reason::Refresh,
             None => self.spec.first_reason,
             Some(_) => Reason::Tip,
         };

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bitcoin::BlockHash;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, warn, Instrument};
@@ -26,6 +27,18 @@ struct Running {
     current: Option<u64>,
     /// Tells this task's reports from those of an earlier task for the same constraints.
     serial: u64,
+}
+
+/// How a group task starts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GroupStart {
+    /// Labels its first template.
+    pub first: Reason,
+    /// A client caused it (not the standing group, nor a restart after a reconnect): its
+    /// first template takes a client-call place.
+    pub client_caused: bool,
+    /// The tip its clients already have a template for (see [`GroupSpec::clients_tip`]).
+    pub clients_tip: Option<BlockHash>,
 }
 
 /// The running group tasks, one per constraint set.
@@ -59,16 +72,13 @@ impl Groups {
         }
     }
 
-    /// Starts a task for `constraints` on `node` unless one runs; `first` labels its
-    /// first template; it builds for the tips `tips` names, while `active`. A group a
-    /// client caused (not the standing group, nor the restarts after a reconnect) takes a
-    /// client-call place for its first template.
+    /// Starts a task for `constraints` on `node` unless one runs, as `start` says; it
+    /// builds for the tips `tips` names, while `active`.
     pub fn ensure(
         &mut self,
         node: &NodeClient,
         constraints: Constraints,
-        first: Reason,
-        client_caused: bool,
+        start: GroupStart,
         tips: watch::Receiver<Option<NodeTip>>,
         active: bool,
     ) {
@@ -86,10 +96,11 @@ impl Groups {
         );
         let spec = GroupSpec {
             constraints,
-            first_reason: first,
+            first_reason: start.first,
             fees: self.fees,
             serial,
-            client_calls: client_caused.then(|| self.client_calls.clone()),
+            client_calls: start.client_caused.then(|| self.client_calls.clone()),
+            clients_tip: start.clients_tip,
         };
         let task = run_group(
             node.clone(),
