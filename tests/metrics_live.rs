@@ -169,9 +169,10 @@ async fn every_metric_moves_with_what_it_counts() {
         2.0
     );
 
-    // Solutions: for an unknown template, with a bad nonce, and a good one (a block).
+    // Solutions: for an unknown template (and no block on any held one), with a bad
+    // nonce, and a good one (a block).
     let coinbase = build_coinbase(&t2, &payout(), true);
-    let (mut unknown, _) = solve(&t2, &p1, &coinbase);
+    let mut unknown = bad_nonce_solution(&t2, &p1, &payout());
     unknown.template_id = 424_242;
     c.submit_solution(unknown).await.unwrap();
     c.submit_solution(bad_nonce_solution(&t2, &p1, &payout()))

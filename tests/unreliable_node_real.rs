@@ -140,11 +140,12 @@ async fn a_stopped_node_turns_health_503_and_back_without_restarting_anything() 
 
     signal(&node, "CONT");
     drop(resume);
-    let (t1, p1) = next_tip(&mut a).await;
-    let (t1b, _) = next_tip(&mut b).await;
+    // The tip did not move: fresh templates as updates, not a new tip's pair.
+    let t1 = next_template(&mut a).await;
+    let t1b = next_template(&mut b).await;
+    assert!(!t1.future_template, "the same tip: no new pair");
     assert!(t1.template_id > t0.template_id, "fresh templates");
     assert_eq!(t1b.template_id, t1.template_id);
-    assert_eq!(prev_hash(&p1), node.best_block_hash().unwrap());
     daemon.wait_for_health(200);
     let up = daemon.scrape();
     assert_eq!(up.value("sv2_tpd_node_responsive", &[]), 1.0);
@@ -161,6 +162,7 @@ async fn a_stopped_node_turns_health_503_and_back_without_restarting_anything() 
         "logged once:\n{log}"
     );
 
+    // The first SetNewPrevHash since the stop is the new block's.
     let mined = node.generate(1).unwrap()[0];
     let (_, p2) = next_tip(&mut a).await;
     assert_eq!(prev_hash(&p2), mined);
@@ -268,4 +270,67 @@ async fn a_block_found_while_the_node_is_killed_is_resubmitted_or_its_loss_expla
         assert!(named, "the log names the block:\n{log}");
     }
     assert_eq!(daemon.scrape().value("sv2_tpd_clients_connected", &[]), 1.0);
+}
+
+/// `submitSolution` and `submitBlock` requests the node has received, from its
+/// `-debug=ipc` log.
+fn submits_received(node: &BitcoinNode) -> usize {
+    let log = std::fs::read_to_string(node.debug_log_path()).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("IPC server recv request"))
+        .filter(|l| l.contains("submitSolution") || l.contains("submitBlock"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_submitted_to_a_stopped_node_is_sent_once_and_lands() {
+    let test = "a_block_submitted_to_a_stopped_node_is_sent_once_and_lands";
+    let Some(node) = BitcoinNode::start_if_available(test).expect("bitcoin-node starts") else {
+        return;
+    };
+    node.generate(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(&node, dir.path());
+    let mut c = daemon.client().await;
+    let (t, p) = next_tip(&mut c).await;
+    cache_block(&mut c, t.template_id).await;
+    let before = submits_received(&node);
+
+    // The node stops as the block goes out, and stays stopped for three deadlines.
+    signal(&node, "STOP");
+    let resume = Resume(&node);
+    let (solution, hash) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
+    c.submit_solution(solution).await.unwrap();
+    daemon.wait_for_metrics("the submit overdue", |m| {
+        m.value(
+            "sv2_tpd_node_calls_overdue",
+            &[("method", "submitSolution")],
+        ) == 1.0
+    });
+    tokio::time::sleep(3 * CALL_TIMEOUT).await;
+    signal(&node, "CONT");
+    drop(resume);
+
+    wait_in_chain(&node, hash, &daemon);
+    daemon.wait_for_log("block accepted by the node");
+    let m = daemon.wait_for_metrics("the overdue submit ended", |m| {
+        m.value(
+            "sv2_tpd_node_calls_overdue",
+            &[("method", "submitSolution")],
+        ) == 0.0
+    });
+    assert_eq!(m.value("sv2_tpd_blocks_found_total", &[]), 1.0);
+    assert_eq!(
+        m.value("sv2_tpd_solutions_total", &[("result", "rejected")]),
+        0.0
+    );
+    assert_eq!(
+        submits_received(&node) - before,
+        1,
+        "the node ran one submit"
+    );
+    assert!(node.block_count().is_ok(), "the node is alive");
+    let log = daemon.log_text();
+    assert!(!log.contains("block rejected"), "no rejection:\n{log}");
+    assert_eq!(m.value("sv2_tpd_clients_connected", &[]), 1.0);
 }

@@ -174,6 +174,9 @@ pub struct MockStats {
     /// Ordinals of the `submitSolution` calls received (7 or 10), in arrival order,
     /// including those UNIMPLEMENTED on the imitated line.
     pub submit_ordinals: Vec<u16>,
+    /// `destroy` calls that arrived while a `submitSolution` or `getBlock` on the same
+    /// template was still running: in Bitcoin Core, a use-after-free.
+    pub destroyed_while_in_use: u64,
 }
 
 /// Errors starting or restarting the mock node.
@@ -320,6 +323,20 @@ impl MockNode {
         let txid = self.shared.lock().chain.add_mempool_tx(fee);
         self.shared.notify();
         txid
+    }
+
+    /// Hands `block` to the chain as a peer would relay it (proof of work and merkle root
+    /// checked); wakes waits when it is the new tip. True when the chain took it.
+    pub fn submit_block(&self, block: Block) -> bool {
+        let outcome = self.shared.lock().chain.submit(block, true, true);
+        let taken = matches!(
+            outcome,
+            chain::SubmitOutcome::NewTip | chain::SubmitOutcome::Stale
+        );
+        if outcome == chain::SubmitOutcome::NewTip {
+            self.shared.notify();
+        }
+        taken
     }
 
     /// Hash and height of the tip.

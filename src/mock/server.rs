@@ -644,6 +644,24 @@ struct TemplateImpl {
     delivered: Cell<bool>,
     /// Destroyed or dropped; counted out of `templates_alive`.
     released: Cell<bool>,
+    /// `submitSolution` and `getBlock` calls on it running now (dispatched, not answered).
+    busy: Cell<u32>,
+}
+
+/// Marks a template busy with a call while alive (see [`TemplateImpl::busy`]).
+struct Busy(Rc<TemplateImpl>);
+
+impl Busy {
+    fn new(template: &Rc<TemplateImpl>) -> Self {
+        template.busy.set(template.busy.get() + 1);
+        Busy(template.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.set(self.0.busy.get() - 1);
+    }
 }
 
 /// Publishes the freshly set result to calls pipelined on it, lets those calls be
@@ -676,6 +694,7 @@ impl TemplateImpl {
             interrupt: InterruptFlag::default(),
             delivered: Cell::new(false),
             released: Cell::new(false),
+            busy: Cell::new(0),
         });
         let client = capnp_rpc::new_client_from_rc(template.clone());
         (template, client)
@@ -758,6 +777,10 @@ impl block_template::Server for TemplateImpl {
         );
         async move {
             let _permit = entry.await?;
+            if self.busy.get() > 0 {
+                // In Bitcoin Core this frees the block a running call still works on.
+                self.ctx.shared.lock().stats.destroyed_while_in_use += 1;
+            }
             self.release();
             Ok(())
         }
@@ -784,11 +807,13 @@ impl block_template::Server for TemplateImpl {
         params: block_template::GetBlockParams,
         mut results: block_template::GetBlockResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
+        let busy = Busy::new(&self);
         let entry = self.enter_data_call(
             MockMethod::GetBlock,
             params.get().and_then(|p| p.get_context()),
         );
         async move {
+            let _busy = busy;
             let _permit = entry.await?;
             results.get().set_result(&serialize(&self.data.block));
             Ok(())
@@ -888,11 +913,13 @@ impl block_template::Server for TemplateImpl {
         mut results: block_template::SubmitSolutionResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         self.ctx.shared.lock().stats.submit_ordinals.push(7);
+        let busy = Busy::new(&self);
         let entry = self.enter(
             MockMethod::SubmitSolution,
             params.get().and_then(|p| p.get_context()),
         );
         async move {
+            let _busy = busy;
             let p = params.get()?;
             let (version, timestamp, nonce) = (p.get_version(), p.get_timestamp(), p.get_nonce());
             let coinbase = p.get_coinbase()?;
@@ -919,6 +946,7 @@ impl block_template::Server for TemplateImpl {
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         self.ctx.shared.lock().stats.submit_ordinals.push(10);
         let available = self.ctx.line() == MockLine::V32;
+        let busy = available.then(|| Busy::new(&self));
         let entry = available.then(|| {
             self.enter(
                 MockMethod::SubmitSolution,
@@ -926,6 +954,7 @@ impl block_template::Server for TemplateImpl {
             )
         });
         async move {
+            let _busy = busy;
             let Some(entry) = entry else {
                 return Err(Error::unimplemented(
                     "method block_template::Server::submit_solution_v32 not implemented".into(),

@@ -4,6 +4,7 @@
 //! these helpers, hence the crate-wide allowances below.
 #![allow(dead_code, unused_imports)]
 
+pub mod alert_series;
 pub mod bitcoin_node;
 pub mod daemon_proc;
 pub mod deploy_check;
