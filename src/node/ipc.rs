@@ -125,6 +125,24 @@ impl Drop for Worker {
     }
 }
 
+/// One call counted in `sv2_tpd_node_calls_overdue` while alive (also if the wait for it
+/// is dropped, as when the IPC thread ends).
+struct Overdue(prometheus::IntGauge);
+
+impl Overdue {
+    fn new(method: &str) -> Self {
+        let gauge = metrics().node_calls_overdue.with_label_values(&[method]);
+        gauge.inc();
+        Overdue(gauge)
+    }
+}
+
+impl Drop for Overdue {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Measures one IPC call into `sv2_tpd_ipc_call_duration_seconds`.
 pub(crate) async fn timed<T>(
     method: &'static str,
@@ -202,15 +220,13 @@ impl Session {
         let result = match tokio::time::timeout(self.call_timeout, &mut call).await {
             Ok(result) => result,
             Err(_) => {
-                let overdue = metrics().node_calls_overdue.with_label_values(&[method]);
-                overdue.inc();
+                let _overdue = Overdue::new(method);
                 tracing::warn!(
                     method,
                     after = ?self.call_timeout,
                     "the node has not answered yet; still waiting for it (the call is not sent again)"
                 );
                 let result = call.await;
-                overdue.dec();
                 tracing::info!(
                     method,
                     after = ?started.elapsed(),
