@@ -66,7 +66,7 @@ pub struct Metrics {
     pub constraint_changes: IntCounterVec,
     /// `RequestTransactionData` by result (`success`, `template-id-not-found`, `stale-template-id`).
     pub tx_data_requests: IntCounterVec,
-    /// Solutions by result: blocks (`accepted`, `rejected`, `node-unavailable`,
+    /// Solutions by result: blocks (`accepted`, `stale`, `rejected`, `node-unavailable`,
     /// `throttled`) and what is no block (`bad-pow`, `malformed`, `unknown-template`,
     /// `duplicate`).
     pub solutions: IntCounterVec,
@@ -325,6 +325,7 @@ impl Metrics {
         for result in [
             "accepted",
             "rejected",
+            "stale",
             "unknown-template",
             "node-unavailable",
             "throttled",

@@ -46,8 +46,9 @@ pub struct Status {
     pub blocks_found: u64,
     /// Solutions the node rejected.
     pub solutions_rejected: u64,
-    /// Blocks that could not be handed to the node and were given up (node unavailable),
-    /// or refused for want of a place (throttled). They are in the solutions directory.
+    /// Blocks that could not be handed to the node and were given up (node unavailable;
+    /// in the solutions directory), or refused for want of a place (throttled; named in
+    /// the log).
     pub solutions_undelivered: u64,
     /// Block submits the node has not answered within `node_call_timeout` and that are
     /// still waited for (never sent again while one runs).

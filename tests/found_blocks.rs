@@ -71,9 +71,10 @@ async fn a_submit_slower_than_the_call_deadline_is_waited_for_and_sent_once() {
     );
     let mut c = daemon.client().await;
     let (t, p) = next_tip(&mut c).await;
-    // Only the submit is slow: three times the deadline. The probe and everything else
-    // answer at once, so nothing else holds a resubmit back.
-    node.set_delay(MockMethod::SubmitSolution, Duration::from_secs(3));
+    // Only the submit is slow: ten times the deadline (room enough to see it overdue on a
+    // loaded machine). The probe and everything else answer at once, so nothing else
+    // holds a resubmit back.
+    node.set_delay(MockMethod::SubmitSolution, Duration::from_secs(10));
     let (solution, hash) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
     c.submit_solution(solution).await.unwrap();
     daemon.wait_for_metrics("the submit overdue", |m| {
@@ -183,7 +184,8 @@ async fn a_block_beyond_the_in_flight_limit_waits_for_a_place_and_reaches_the_no
     let daemon = daemon(&node, dir.path(), &["--max-solutions-in-flight", "1"]);
     let mut c = daemon.client().await;
     let (t, p) = next_tip(&mut c).await;
-    node.set_delay(MockMethod::SubmitSolution, Duration::from_millis(500));
+    // Long enough that the second block surely arrives while the first holds the place.
+    node.set_delay(MockMethod::SubmitSolution, Duration::from_secs(2));
     // Two different blocks on one template (two payouts), the second while the first
     // holds the only place.
     let other = ScriptBuf::from_bytes(vec![0x51, 0x51, 0x93]);
@@ -211,6 +213,38 @@ async fn a_block_beyond_the_in_flight_limit_waits_for_a_place_and_reaches_the_no
             .unwrap_or(false)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_whose_template_was_never_read_is_on_disk_before_the_node_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(dir.path(), MockLine::V31_99);
+    // A template with transactions (one without needs no read), whose block read hangs
+    // (the prefetch never completes), and so does the submit.
+    node.add_mempool_tx(bitcoin::Amount::from_sat(5_000));
+    node.set_delay(MockMethod::GetBlock, Duration::from_secs(3600));
+    let daemon = daemon(&node, dir.path(), &["--node-call-timeout", "1"]);
+    let mut c = daemon.client().await;
+    let (t, p) = next_tip(&mut c).await;
+    assert!(!t.merkle_path.is_empty());
+    node.set_delay(MockMethod::SubmitSolution, Duration::from_secs(3600));
+    let (solution, hash) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
+    c.submit_solution(solution).await.unwrap();
+    let saved = dir.path().join("tpd/solutions");
+    let name = format!("{hash}.solution.json");
+    eventually("the header and coinbase saved", || {
+        std::fs::read_dir(&saved)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .any(|e| e.file_name().to_string_lossy().ends_with(&name))
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    let m = daemon.wait_for_metrics("the submit still waited for", |m| {
+        m.value(OVERDUE, &[("method", "submitSolution")]) == 1.0
+    });
+    assert_eq!(m.value(SOLUTIONS, &[("result", "accepted")]), 0.0);
 }
 
 /// Collects messages until a `SetNewPrevHash`, returning the non-future templates before

@@ -125,6 +125,19 @@ impl Drop for Worker {
     }
 }
 
+/// Ends a call begun with [`Session::begin_call`] when dropped, also if the wait for the
+/// call is dropped.
+struct InFlight {
+    session: Rc<Session>,
+    key: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.session.end_call(self.key);
+    }
+}
+
 /// One call counted in `sv2_tpd_node_calls_overdue` while alive (also if the wait for it
 /// is dropped, as when the IPC thread ends).
 struct Overdue(prometheus::IntGauge);
@@ -204,38 +217,44 @@ impl Session {
         })
     }
 
-    /// Runs `call`, a call that must never be abandoned (a submit, or a read under a
-    /// template's exclusive lock), to its end: the node's answer, or the connection's end.
-    /// When the node call deadline passes first, that is said (a warning, and
-    /// `sv2_tpd_node_calls_overdue{method}` while it lasts) and the wait goes on: the node
-    /// still runs the call, and sending it again, or releasing what it works on, could
-    /// submit a block twice or destroy a template under a running call.
+    /// Waits for `work` — a node call that must never be abandoned (a submit, or a read
+    /// under a template's exclusive lock), with whatever it queues behind (that lock) — to
+    /// its end: the node's answer, or the connection's end. When the node call deadline
+    /// passes first, that is said (a warning, and `sv2_tpd_node_calls_overdue{method}`
+    /// while it lasts) and the wait goes on: the node may still run the call, and sending
+    /// it again, or releasing what it works on, could submit a block twice or destroy a
+    /// template under a running call.
+    pub(crate) async fn patient<T>(
+        &self,
+        method: &'static str,
+        work: impl Future<Output = T>,
+    ) -> T {
+        let started = Instant::now();
+        tokio::pin!(work);
+        if let Ok(done) = tokio::time::timeout(self.call_timeout, &mut work).await {
+            return done;
+        }
+        let _overdue = Overdue::new(method);
+        tracing::warn!(
+            method,
+            after = ?self.call_timeout,
+            "the node has not answered yet; still waiting for it (the call is not sent again)"
+        );
+        let done = work.await;
+        tracing::info!(method, after = ?started.elapsed(), "the overdue call has ended");
+        done
+    }
+
+    /// Runs `call` without a deadline, measured into `sv2_tpd_ipc_call_duration_seconds`
+    /// (unless the node does not have the method: nothing ran). For calls under
+    /// [`Session::patient`].
     pub(crate) async fn call_patient_raw<T>(
         &self,
         method: &'static str,
         call: impl Future<Output = Result<T, capnp::Error>>,
     ) -> Result<T, capnp::Error> {
         let started = Instant::now();
-        tokio::pin!(call);
-        let result = match tokio::time::timeout(self.call_timeout, &mut call).await {
-            Ok(result) => result,
-            Err(_) => {
-                let _overdue = Overdue::new(method);
-                tracing::warn!(
-                    method,
-                    after = ?self.call_timeout,
-                    "the node has not answered yet; still waiting for it (the call is not sent again)"
-                );
-                let result = call.await;
-                tracing::info!(
-                    method,
-                    after = ?started.elapsed(),
-                    answered = result.is_ok(),
-                    "the overdue call has ended"
-                );
-                result
-            }
-        };
+        let result = call.await;
         if !matches!(&result, Err(e) if is_unimplemented(e)) {
             metrics()
                 .ipc_call_seconds
@@ -323,7 +342,7 @@ impl Session {
 
     /// Runs `call` on template `key` holding its exclusive lock, with the template kept
     /// alive in the node until it ends. `call` must not give up on the node before the
-    /// node answers (see [`Session::call_patient`]): the lock and the in-flight count
+    /// node answers (see [`Session::patient`]): the lock and the in-flight count
     /// are what keep a second submit and a `destroy` away from a call still running.
     pub(crate) async fn exclusive_call<T>(
         self: &Rc<Self>,
@@ -335,12 +354,12 @@ impl Session {
             message: format!("template {key} was already released"),
         })?;
         self.begin_call(key);
-        let result = {
-            let _guard = lock.lock().await;
-            call.await
+        let _in_flight = InFlight {
+            session: self.clone(),
+            key,
         };
-        self.end_call(key);
-        result
+        let _guard = lock.lock().await;
+        call.await
     }
 
     /// Marks a call on `key` as running; its destroy waits until it ends.

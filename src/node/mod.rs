@@ -192,7 +192,8 @@ impl NodeClient {
     }
 
     /// Submits a whole block (`Mining.submitBlock`, 31.99 and later) — for a solution
-    /// whose template died with an earlier connection. UNIMPLEMENTED on v31.0.
+    /// whose template died with an earlier connection. UNIMPLEMENTED on v31.0. Waited for
+    /// to the node's answer or the connection's end, however long (never abandoned).
     pub async fn submit_block(&self, block: &Block) -> Result<SubmitVerdict, NodeError> {
         let bytes = serialize(block);
         self.jobs
@@ -203,7 +204,10 @@ impl NodeClient {
                 p.reborrow().init_context().set_thread(worker.thread());
                 p.set_block(&bytes);
                 let response = s
-                    .call_patient("submitBlock", request.send().promise)
+                    .patient(
+                        "submitBlock",
+                        s.call_patient("submitBlock", request.send().promise),
+                    )
                     .await?;
                 let r = response
                     .get()
@@ -364,13 +368,15 @@ impl Template {
             .await
     }
 
-    /// The full block (with a dummy coinbase), for the transaction data.
+    /// The full block (with a dummy coinbase), for the transaction data. Waited for to the
+    /// node's answer or the connection's end: it holds the template's exclusive lock.
     pub async fn block(&self) -> Result<Block, NodeError> {
         let key = self.key();
         self.jobs()
             .run(move |s| async move {
                 let client = s.template(key)?;
-                s.exclusive_call(key, get_block(&s, client)).await
+                s.patient("getBlock", s.exclusive_call(key, get_block(&s, client)))
+                    .await
             })
             .await
     }
@@ -378,7 +384,8 @@ impl Template {
     /// Submits a solved header with `coinbase` (serialized with witness). Uses the v32
     /// line's `submitSolution @10` first and `@7` only when the node says @10 is
     /// UNIMPLEMENTED (on v32, `@7` throws without submitting). On a node thread of its
-    /// own, so it never waits behind a `waitNext`.
+    /// own. Waited for to the node's answer or the connection's end, however long: a
+    /// submit is never abandoned, so it is never sent twice at once.
     pub async fn submit_solution(
         &self,
         version: u32,
@@ -396,7 +403,8 @@ impl Template {
         self.jobs()
             .run(move |s| async move {
                 let client = s.template(key)?;
-                s.exclusive_call(key, submit(&s, client, solution)).await
+                let work = s.exclusive_call(key, submit(&s, client, solution));
+                s.patient("submitSolution", work).await
             })
             .await
     }

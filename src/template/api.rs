@@ -207,6 +207,11 @@ pub enum SolutionOutcome {
         /// The node's reason, where it gave one.
         reason: String,
     },
+    /// The node stored the block, valid, but another block is its tip.
+    Stale {
+        /// Hash of the submitted block.
+        block_hash: bitcoin::BlockHash,
+    },
     /// The header's hash misses the target: not a block. Neither saved nor submitted.
     BadProofOfWork {
         /// Hash of the header as sent.
@@ -233,6 +238,7 @@ impl SolutionOutcome {
         match self {
             SolutionOutcome::Accepted { .. } => "accepted",
             SolutionOutcome::Rejected { .. } => "rejected",
+            SolutionOutcome::Stale { .. } => "stale",
             SolutionOutcome::BadProofOfWork { .. } => "bad-pow",
             SolutionOutcome::Throttled => "throttled",
             SolutionOutcome::Duplicate { .. } => "duplicate",

@@ -30,8 +30,8 @@ use super::unknown;
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
 
-/// Templates of the tip an unknown-template solution is tried against.
-const UNKNOWN_CANDIDATES: usize = 64;
+/// Templates of the tip (the newest) an unknown-template solution is tried against.
+const UNKNOWN_CANDIDATES: usize = 16;
 
 /// Room in each of the engine's inbound queues.
 const QUEUE: usize = 1024;
@@ -321,8 +321,12 @@ impl Engine {
                     return;
                 };
                 // The group's current template goes out at once, if on the node's tip.
-                let current = group_template(&self.groups, &self.store, constraints)
-                    .map(|held| (&*held.payload.new_template, &held.payload.prev_hash_msg));
+                let current = group_template(&self.groups, &self.store, constraints);
+                // A group that starts now builds on what the joiner was just sent: on the
+                // same tip its first template is an update, not a second pair.
+                let sent_tip = current.map(|held| held.prev_hash);
+                let current =
+                    current.map(|held| (&*held.payload.new_template, &held.payload.prev_hash_msg));
                 let sub = Subscriber {
                     constraints,
                     events,
@@ -334,7 +338,7 @@ impl Engine {
                 let start = GroupStart {
                     first: Reason::Constraints,
                     client_caused: constraints != STANDING_GROUP,
-                    clients_tip: None,
+                    clients_tip: sent_tip,
                 };
                 self.ensure_group(constraints, start);
             }

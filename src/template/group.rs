@@ -138,7 +138,8 @@ impl Groups {
     }
 
     /// The node refused the call of task `serial` of the group for `constraints`: says
-    /// so, and clients joining meanwhile wait for a fresh template.
+    /// so, and forgets the group's newest template (clients joining meanwhile get the
+    /// newest of its templates still on the tip, if any, else wait for a fresh one).
     pub fn on_failed(&mut self, constraints: Constraints, serial: u64, error: &NodeError) {
         if self.is_live(constraints, serial) {
             warn!(

@@ -95,6 +95,34 @@ pub enum SolutionError {
     BadCoinbase(String),
 }
 
+/// The coinbase a solution carries, decoded.
+pub fn decode_coinbase(solution: &SubmitSolutionOwned) -> Result<Transaction, SolutionError> {
+    deserialize(solution.coinbase_tx.as_bytes())
+        .map_err(|e| SolutionError::BadCoinbase(e.to_string()))
+}
+
+/// The header `solution` makes on `data` with a coinbase whose txid is `coinbase_txid`
+/// (the witness is not in the txid, so it does not matter here).
+pub fn header_on(
+    data: &TemplateData,
+    solution: &SubmitSolutionOwned,
+    coinbase_txid: bitcoin::Txid,
+) -> bitcoin::block::Header {
+    let mut root = coinbase_txid.to_raw_hash();
+    for sibling in &data.merkle_path {
+        let mut engine = sha256d::Hash::engine();
+        bitcoin::hashes::HashEngine::input(&mut engine, root.as_byte_array());
+        bitcoin::hashes::HashEngine::input(&mut engine, sibling.as_byte_array());
+        root = sha256d::Hash::from_engine(engine);
+    }
+    let mut header = data.header;
+    header.version = bitcoin::block::Version::from_consensus(solution.version as i32);
+    header.time = solution.header_timestamp;
+    header.nonce = solution.header_nonce;
+    header.merkle_root = TxMerkleNode::from_raw_hash(root);
+    header
+}
+
 /// A solution turned back into a header and coinbase.
 #[derive(Clone, Debug)]
 pub struct SolvedBlock {
@@ -108,26 +136,14 @@ pub struct SolvedBlock {
 impl SolvedBlock {
     /// Rebuilds the header and coinbase of `solution` on `data`.
     pub fn new(data: &TemplateData, solution: &SubmitSolutionOwned) -> Result<Self, SolutionError> {
-        let mut coinbase: Transaction = deserialize(solution.coinbase_tx.as_bytes())
-            .map_err(|e| SolutionError::BadCoinbase(e.to_string()))?;
+        let mut coinbase = decode_coinbase(solution)?;
         if let (Some(reserved), Some(input)) = (&data.coinbase.witness, coinbase.input.first_mut())
         {
             if input.witness.is_empty() {
                 input.witness = Witness::from_slice(&[reserved.as_slice()]);
             }
         }
-        let mut root = coinbase.compute_txid().to_raw_hash();
-        for sibling in &data.merkle_path {
-            let mut engine = sha256d::Hash::engine();
-            bitcoin::hashes::HashEngine::input(&mut engine, root.as_byte_array());
-            bitcoin::hashes::HashEngine::input(&mut engine, sibling.as_byte_array());
-            root = sha256d::Hash::from_engine(engine);
-        }
-        let mut header = data.header;
-        header.version = bitcoin::block::Version::from_consensus(solution.version as i32);
-        header.time = solution.header_timestamp;
-        header.nonce = solution.header_nonce;
-        header.merkle_root = TxMerkleNode::from_raw_hash(root);
+        let header = header_on(data, solution, coinbase.compute_txid());
         Ok(Self { header, coinbase })
     }
 

@@ -47,8 +47,10 @@ const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
 const RECENT_BLOCKS: usize = 256;
 
 /// Blocks admitted per place in flight: beyond `max_solutions_in_flight` on their way to
-/// the node, this many times as many wait (saved to disk already) for a place.
-const WAITING_PER_PLACE: usize = 16;
+/// the node, this many times as many wait (saved to disk already) for a place. Each holds
+/// a block in memory while it is saved, so the room is kept small: on a chain where
+/// proof of work is not cheap, two distinct blocks at once are already rare.
+const WAITING_PER_PLACE: usize = 1;
 
 /// What a solution must pass before it costs anything: a rebuildable header whose hash
 /// meets its target and has not been seen before, and a place among the blocks admitted.
@@ -117,7 +119,7 @@ impl Gate {
                 template_id,
                 %block_hash,
                 "a solution that meets its target was refused: max_solutions_in_flight \
-                 blocks are on their way to the node and {WAITING_PER_PLACE} times as many \
+                 blocks are on their way to the node and as many again \
                  wait for a place"
             );
             return Err(SolutionOutcome::Throttled);
@@ -199,8 +201,10 @@ async fn submit(job: Submission) -> SolutionOutcome {
             .await
     };
     // The block goes to disk and to the node at once: neither waits for the other (a
-    // slow disk must not delay a block). Without a cached template block, the node is
-    // asked for it only after the submit (a getBlock may not overlap a submit).
+    // slow disk must not delay a block, nor a slow node its file). Without a cached
+    // template block, the header and coinbase are saved at once, and the node is asked for
+    // the block only after the submit (a getBlock may not overlap a submit); the whole
+    // block then replaces them.
     let (verdict, template_block, file) = match cached_block {
         Some(block) => {
             let (verdict, file) =
@@ -208,9 +212,20 @@ async fn submit(job: Submission) -> SolutionOutcome {
             (verdict, Some(block), file)
         }
         None => {
-            let verdict = to_node.await;
+            let (verdict, partial) =
+                tokio::join!(to_node, save_solution(&dir, height, &solved, None));
             let block = template.block().await.ok().map(Arc::new);
-            let file = save_solution(&dir, height, &solved, block.as_deref()).await;
+            let whole = match &block {
+                Some(block) => save_solution(&dir, height, &solved, Some(block)).await,
+                None => None,
+            };
+            let file = match (whole, partial) {
+                (Some(whole), Some(partial)) => {
+                    let _ = tokio::fs::remove_file(&partial).await;
+                    Some(whole)
+                }
+                (whole, partial) => whole.or(partial),
+            };
             (verdict, block, file)
         }
     };
@@ -229,6 +244,7 @@ async fn submit(job: Submission) -> SolutionOutcome {
     };
     let settled = match verdict {
         Ok(v) if node_has_block(&v) => Settled::Taken(v),
+        Ok(v) if is_stale(&v) => Settled::Stale(v),
         // The node may have the block as its tip though it says no (a v31 node answers a
         // bare `false`): its tip is the last word.
         Ok(v) if tip_is(&nodes, block_hash).await => Settled::Taken(v),
@@ -242,6 +258,9 @@ async fn submit(job: Submission) -> SolutionOutcome {
 enum Settled {
     /// The node has it: it accepted it, already had it, or has it as its tip.
     Taken(SubmitVerdict),
+    /// The node stored it, valid, but another block is its tip: the block lost a race
+    /// (or solves a template of the tip before last). Not refused, not found.
+    Stale(SubmitVerdict),
     /// The node refused it.
     Refused(SubmitVerdict),
     /// It never got a verdict (the block is saved in the solutions directory).
@@ -263,6 +282,11 @@ fn settle(block_hash: BlockHash, settled: Settled) -> SolutionOutcome {
             m.blocks_found.inc();
             SolutionOutcome::Accepted { block_hash }
         }
+        Settled::Stale(v) => {
+            warn!(%block_hash, reason = %v.reason, "the node stored the block but another block is its tip (a stale block)");
+            m.solutions.with_label_values(&["stale"]).inc();
+            SolutionOutcome::Stale { block_hash }
+        }
         Settled::Refused(v) => {
             error!(%block_hash, reason = %v.reason, "block rejected by the node");
             m.solutions.with_label_values(&["rejected"]).inc();
@@ -282,9 +306,17 @@ fn settle(block_hash: BlockHash, settled: Settled) -> SolutionOutcome {
 /// The node's reason for a block it already has: it is not lost, and not refused.
 const ALREADY_HAVE: &str = "duplicate";
 
+/// The node's reasons for a valid block it stored but did not connect.
+const STORED_NOT_CONNECTED: [&str; 2] = ["inconclusive", "duplicate-inconclusive"];
+
 /// Whether `verdict` says the node has the block: it took it, or already had it.
 pub(crate) fn node_has_block(verdict: &SubmitVerdict) -> bool {
     verdict.accepted || verdict.reason == ALREADY_HAVE
+}
+
+/// Whether `verdict` says the node stored the block as valid without connecting it.
+fn is_stale(verdict: &SubmitVerdict) -> bool {
+    STORED_NOT_CONNECTED.contains(&verdict.reason.as_str())
 }
 
 /// Whether the live node's tip is `block_hash`.

@@ -8,25 +8,30 @@
 
 use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
 
-use super::messages::SolvedBlock;
+use super::messages::{decode_coinbase, header_on};
 use crate::node::TemplateData;
 
 /// The first of `candidates` (templates of the tip, each with its data) on which
 /// `solution`'s header, rebuilt with the candidate's merkle path, meets its target, with
-/// a coinbase that starts with the candidate's height push.
+/// a coinbase that starts with the candidate's height push. The coinbase is decoded and
+/// hashed once; each candidate costs a merkle fold and a header hash, and candidates with
+/// the merkle path of one tried before are skipped.
 pub(crate) fn proven_on<'a, T>(
     candidates: impl IntoIterator<Item = (T, &'a TemplateData)>,
     solution: &SubmitSolutionOwned,
 ) -> Option<T> {
+    let coinbase = decode_coinbase(solution).ok()?;
+    let txid = coinbase.compute_txid();
+    let script_sig = coinbase.input.first()?.script_sig.as_bytes();
+    let mut tried: Vec<&[bitcoin::TxMerkleNode]> = Vec::new();
     candidates.into_iter().find_map(|(candidate, data)| {
-        let solved = SolvedBlock::new(data, solution).ok()?;
-        let prefix = &data.coinbase.script_sig_prefix;
-        let script_sig = solved
-            .coinbase
-            .input
-            .first()
-            .map(|i| i.script_sig.as_bytes());
-        let proven = script_sig.is_some_and(|b| b.starts_with(prefix)) && solved.meets_target();
+        if tried.contains(&data.merkle_path.as_slice()) {
+            return None;
+        }
+        tried.push(&data.merkle_path);
+        let header = header_on(data, solution, txid);
+        let proven = script_sig.starts_with(&data.coinbase.script_sig_prefix)
+            && header.target().is_met_by(header.block_hash());
         proven.then_some(candidate)
     })
 }
