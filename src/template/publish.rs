@@ -2,14 +2,13 @@
 //! its messages encoded once for every client, and recorded in the store.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use stratum_core::template_distribution_sv2::{NewTemplateOwned, SetNewPrevHashOwned};
 use tracing::{debug, error, info, info_span};
 
 use stratum_core::parsers_sv2::TemplateDistributionOwned;
 
-use super::api::{Constraints, SharedFrame};
+use super::api::SharedFrame;
 use super::build::Reason;
 use super::messages::announce;
 use super::store::{Held, TemplateStore};
@@ -29,12 +28,11 @@ pub(crate) struct Published {
     pub frames: (SharedFrame, SharedFrame),
 }
 
-/// Records `template` of `group`, made for `reason`, in `store` and returns its id;
+/// Records `template`, made for `reason`, in `store` and returns its id;
 /// `None` when it is not built on the node's tip (its group will catch up) or cannot
 /// be encoded.
 pub(crate) fn hold(
     store: &mut TemplateStore<Published>,
-    group: Constraints,
     template: &Template,
     reason: Reason,
 ) -> Option<u64> {
@@ -74,7 +72,7 @@ pub(crate) fn hold(
         frames,
     };
     let excess_data = data.coinbase.witness.clone().unwrap_or_default();
-    let held = Held::new(published, group, prev_hash, Instant::now(), excess_data);
+    let held = Held::new(published, prev_hash, excess_data);
     let id = store.insert(held);
     crate::status::node_facts().template_made(prev_hash, data.height().saturating_sub(1));
     let _span = info_span!("template", template_id = id).entered();
