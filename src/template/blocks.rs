@@ -29,7 +29,7 @@ pub(crate) struct FetchedBlock {
     pub template_id: u64,
     /// The block's non-coinbase transactions, serialized by the read task (not by the
     /// engine); the parsed block is not kept.
-    pub block: Option<TemplateTxs>,
+    pub txs: Option<TemplateTxs>,
 }
 
 /// Someone waiting for a template's transactions.
@@ -113,14 +113,14 @@ impl BlockReads {
     }
 
     /// A read ended: answers its waiters with the template's one shared transaction
-    /// list (or an error when the block could not be read), and returns the block for the
+    /// list (or an error when the block could not be read), and returns the list for the
     /// store's cache. Waiters get the list even if the store does not keep it (pruned
     /// meanwhile, or too old to be worth keeping).
     pub fn done(&mut self, read: FetchedBlock) -> Option<(u64, TemplateTxs)> {
-        let FetchedBlock { template_id, block } = read;
+        let FetchedBlock { template_id, txs } = read;
         let waiters = self.in_flight.remove(&template_id).unwrap_or_default();
         for TxDataReply { excess_data, reply } in waiters {
-            let answer = match &block {
+            let answer = match &txs {
                 Some(txs) => Ok(TransactionData {
                     transactions: txs.list().clone(),
                     excess_data,
@@ -129,7 +129,7 @@ impl BlockReads {
             };
             let _ = reply.send(answer);
         }
-        block.map(|txs| (template_id, txs))
+        txs.map(|txs| (template_id, txs))
     }
 
     fn spawn(&self, template_id: u64, template: Template, place: Option<Arc<Semaphore>>) {
@@ -139,13 +139,13 @@ impl BlockReads {
                 Some(places) => take_client_call(&places).await.ok(),
                 None => None,
             };
-            let block = read(&template).await;
-            if let Err(e) = &block {
+            let txs = read(&template).await;
+            if let Err(e) = &txs {
                 warn!(template_id, error = %e, "cannot read the template's block");
             }
-            debug!(template_id, read = block.is_ok(), "block read");
-            let block = block.ok();
-            let _ = fetched.send(FetchedBlock { template_id, block }).await;
+            debug!(template_id, read = txs.is_ok(), "block read");
+            let txs = txs.ok();
+            let _ = fetched.send(FetchedBlock { template_id, txs }).await;
         });
     }
 }
@@ -184,9 +184,9 @@ fn prefetcher(fetched: mpsc::Sender<FetchedBlock>) -> mpsc::UnboundedSender<Pref
             } in jobs
             {
                 match read(&template).await {
-                    Ok(block) => {
-                        let block = Some(block);
-                        let _ = fetched.send(FetchedBlock { template_id, block }).await;
+                    Ok(txs) => {
+                        let txs = Some(txs);
+                        let _ = fetched.send(FetchedBlock { template_id, txs }).await;
                     }
                     Err(e) => debug!(template_id, error = %e, "prefetching the block failed"),
                 }

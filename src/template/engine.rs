@@ -126,7 +126,7 @@ impl Engine {
         let mut prune = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
             // What the daemon learnt comes before what clients ask: a session's request
-            // then always sees the node's latest news (its tip, a cached block). The prune
+            // then always sees the node's latest news (its tip, cached transactions). The prune
             // tick comes before requests too, so a busy request stream cannot starve it.
             tokio::select! {
                 biased;

@@ -165,11 +165,11 @@ fn transaction_data_is_served_for_current_tip_templates_only() {
     }
     store.set_txs(new, txs(1, 60, 1));
     let Ok(TxLookup::Ready(first)) = store.transaction_data(new) else {
-        panic!("cached block not served");
+        panic!("cached transactions not served");
     };
     assert_eq!(first.transactions.len(), 1, "the coinbase is left out");
     let Ok(TxLookup::Ready(second)) = store.transaction_data(new) else {
-        panic!("cached block not served twice");
+        panic!("cached transactions not served twice");
     };
     assert!(
         Arc::ptr_eq(&first.transactions, &second.transactions),
