@@ -29,6 +29,11 @@ fn at(store: &mut TemplateStore<&'static str>, prev: u8, now: Instant) -> u64 {
     store.insert(Held::new("t", tip(prev), vec![0; 32]))
 }
 
+/// `n` templates on tip `prev` (see [`at`]), oldest first.
+fn several(store: &mut TemplateStore<&'static str>, n: usize, prev: u8, now: Instant) -> Vec<u64> {
+    (0..n).map(|_| at(store, prev, now)).collect()
+}
+
 fn ids(store: &TemplateStore<&'static str>) -> Vec<u64> {
     store.templates.keys().copied().collect()
 }
@@ -181,7 +186,7 @@ fn transaction_data_is_served_for_current_tip_templates_only() {
 fn beyond_the_count_the_oldest_go_first_and_current_ones_stay() {
     let t0 = Instant::now();
     let mut store = store(count(4));
-    let all: Vec<u64> = (0..7).map(|_| at(&mut store, 1, t0)).collect();
+    let all = several(&mut store, 7, 1, t0);
     // The oldest one is a group's current template (a group that made nothing since).
     store.fit_budget(&[all[0], all[6]]);
     assert_eq!(ids(&store), vec![all[0], all[4], all[5], all[6]]);
@@ -197,7 +202,7 @@ fn beyond_the_count_the_oldest_go_first_and_current_ones_stay() {
 fn current_templates_are_kept_even_beyond_the_budget() {
     let t0 = Instant::now();
     let mut store = store(count(2));
-    let current: Vec<u64> = (0..5).map(|_| at(&mut store, 1, t0)).collect();
+    let current = several(&mut store, 5, 1, t0);
     let spare = at(&mut store, 1, t0);
     store.fit_budget(&current);
     assert_eq!(ids(&store), current, "all but the one not current");
@@ -225,8 +230,8 @@ fn other_tips_templates_go_before_older_ones_of_the_tip() {
 fn the_previous_tip_in_its_grace_period_yields_to_the_budget() {
     let t0 = Instant::now();
     let mut store = store(count(3));
-    let old: Vec<u64> = (0..3).map(|_| at(&mut store, 1, t0)).collect();
-    let new: Vec<u64> = (0..2).map(|_| at(&mut store, 2, t0)).collect();
+    let old = several(&mut store, 3, 1, t0);
+    let new = several(&mut store, 2, 2, t0);
     store.fit_budget(&[new[1]]);
     assert_eq!(ids(&store), vec![old[2], new[0], new[1]]);
 }
@@ -279,7 +284,7 @@ fn a_shared_list_counts_once_against_the_bytes() {
 fn templates_without_cached_transactions_cost_no_bytes() {
     let t0 = Instant::now();
     let mut store = store(bytes(100));
-    let all: Vec<u64> = (0..3).map(|_| at(&mut store, 1, t0)).collect();
+    let all = several(&mut store, 3, 1, t0);
     store.fit_budget(&[]);
     assert_eq!(ids(&store), all);
     assert_eq!(store.bytes_held(), 0);
