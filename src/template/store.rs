@@ -10,7 +10,7 @@
 //! Pure bookkeeping with no I/O: the engine passes the time in and does the node calls
 //! (fetching a block, releasing a template) that the answers here call for.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bitcoin::BlockHash;
@@ -216,17 +216,20 @@ impl<T: Clone> TemplateStore<T> {
     /// Drops templates until the store is within its budget (count and bytes): the
     /// oldest first, those of other tips (the previous tip's, in its grace period) before
     /// those of the node's tip. `current` (each group's newest) are always kept, even
-    /// beyond the budget.
+    /// beyond the budget; for the bytes alone, neither is a template whose release frees
+    /// none (no transactions cached, or a list a current template holds too).
     pub fn fit_budget(&mut self, current: &[u64]) {
         let mut holders = self.lists();
         let mut bytes: usize = holders.values().map(|(_, b)| b).sum();
-        let within = |count: usize, bytes: usize| {
-            count <= self.budget.templates && bytes <= self.budget.bytes
-        };
-        if within(self.templates.len(), bytes) {
+        let budget = self.budget;
+        if self.templates.len() <= budget.templates && bytes <= budget.bytes {
             return;
         }
         let tip = self.tip();
+        let pinned: HashSet<ListKey> = current
+            .iter()
+            .filter_map(|id| Some(self.templates.get(id)?.txs.as_ref()?.key()))
+            .collect();
         let mut candidates: Vec<(bool, u64)> = self
             .templates
             .iter()
@@ -235,13 +238,18 @@ impl<T: Clone> TemplateStore<T> {
             .collect();
         candidates.sort_unstable();
         for (_, id) in candidates {
-            if within(self.templates.len(), bytes) {
+            let over_count = self.templates.len() > budget.templates;
+            if !over_count && bytes <= budget.bytes {
                 break;
             }
-            let Some(txs) = self.templates.remove(&id).and_then(|h| h.txs) else {
+            let txs = self.templates.get(&id).and_then(|h| h.txs.as_ref());
+            let frees = txs.is_some_and(|t| t.bytes() > 0 && !pinned.contains(&t.key()));
+            let list = txs.map(TemplateTxs::key);
+            if !over_count && !frees {
                 continue;
-            };
-            if let Some(entry) = holders.get_mut(&txs.key()) {
+            }
+            self.templates.remove(&id);
+            if let Some(entry) = list.and_then(|key| holders.get_mut(&key)) {
                 entry.0 -= 1;
                 if entry.0 == 0 {
                     bytes -= entry.1;

@@ -289,3 +289,25 @@ fn templates_without_cached_transactions_cost_no_bytes() {
     assert_eq!(ids(&store), all);
     assert_eq!(store.bytes_held(), 0);
 }
+
+#[test]
+fn for_the_bytes_only_templates_that_free_some_go() {
+    let t0 = Instant::now();
+    let mut store = store(bytes(300));
+    // The current template's list alone is over the budget.
+    let current = at(&mut store, 1, t0);
+    store.set_txs(current, txs(4, 100, 1));
+    let empty = at(&mut store, 1, t0);
+    store.set_txs(empty, txs(0, 0, 0));
+    let same = at(&mut store, 1, t0);
+    store.set_txs(same, txs(4, 100, 1));
+    let other = at(&mut store, 1, t0);
+    store.set_txs(other, txs(1, 100, 2));
+    store.fit_budget(&[current]);
+    assert_eq!(
+        ids(&store),
+        vec![current, empty, same],
+        "an empty template and one sharing the current list cost nothing"
+    );
+    assert_eq!(store.bytes_held(), 400);
+}
