@@ -262,7 +262,7 @@ impl Engine {
         reason: Reason,
         received_at: Instant,
     ) {
-        let Some(id) = publish::hold(&mut self.store, &template, reason) else {
+        let Some(id) = publish::hold(&mut self.store, constraints, &template, reason) else {
             return;
         };
         let Some(held) = self.store.get(id) else {

@@ -27,7 +27,11 @@ mod tests {
             bytes: 1,
         };
         let prev = bitcoin::hashes::Hash::from_byte_array([0; 32]);
-        let held = || Held::new("t", prev, Vec::new());
+        let group = crate::template::api::Constraints {
+            max_additional_size: 0,
+            max_additional_sigops: 0,
+        };
+        let held = || Held::new("t", group, prev, Vec::new());
         let mut earlier = TemplateStore::new(grace, first_template_id(), budget);
         let mut last = 0;
         for _ in 0..1000 {

@@ -8,7 +8,7 @@ use tracing::{debug, error, info, info_span};
 
 use stratum_core::parsers_sv2::TemplateDistributionOwned;
 
-use super::api::SharedFrame;
+use super::api::{Constraints, SharedFrame};
 use super::build::Reason;
 use super::messages::announce;
 use super::store::{Held, TemplateStore};
@@ -28,11 +28,12 @@ pub(crate) struct Published {
     pub frames: (SharedFrame, SharedFrame),
 }
 
-/// Records `template`, made for `reason`, in `store` and returns its id;
+/// Records `template` of `group`, made for `reason`, in `store` and returns its id;
 /// `None` when it is not built on the node's tip (its group will catch up) or cannot
 /// be encoded.
 pub(crate) fn hold(
     store: &mut TemplateStore<Published>,
+    group: Constraints,
     template: &Template,
     reason: Reason,
 ) -> Option<u64> {
@@ -72,7 +73,7 @@ pub(crate) fn hold(
         frames,
     };
     let excess_data = data.coinbase.witness.clone().unwrap_or_default();
-    let held = Held::new(published, prev_hash, excess_data);
+    let held = Held::new(published, group, prev_hash, excess_data);
     let id = store.insert(held);
     crate::status::node_facts().template_made(prev_hash, data.height().saturating_sub(1));
     let _span = info_span!("template", template_id = id).entered();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bitcoin::BlockHash;
 
-use super::api::{TransactionData, TxDataError};
+use super::api::{Constraints, TransactionData, TxDataError};
 use super::cache::{self, ListKey, TemplateTxs, TxList};
 
 /// What the store may hold, all constraint groups together.
@@ -33,6 +33,8 @@ pub struct TemplateBudget {
 pub(crate) struct Held<T> {
     /// The engine's part.
     pub payload: T,
+    /// The constraint group it was made for.
+    pub group: Constraints,
     /// The tip it builds on.
     pub prev_hash: BlockHash,
     /// The coinbase witness reserved value (`excess_data` of transaction data).
@@ -43,10 +45,11 @@ pub(crate) struct Held<T> {
 }
 
 impl<T> Held<T> {
-    /// A template on `prev_hash`, with no transactions read yet.
-    pub fn new(payload: T, prev_hash: BlockHash, excess_data: Vec<u8>) -> Self {
+    /// A template of `group` on `prev_hash`, with no transactions read yet.
+    pub fn new(payload: T, group: Constraints, prev_hash: BlockHash, excess_data: Vec<u8>) -> Self {
         Self {
             payload,
+            group,
             prev_hash,
             excess_data,
             txs: None,
@@ -216,8 +219,10 @@ impl<T: Clone> TemplateStore<T> {
     /// Drops templates until the store is within its budget (count and bytes): the
     /// oldest first, those of other tips (the previous tip's, in its grace period) before
     /// those of the node's tip. `current` (each group's newest) are always kept, even
-    /// beyond the budget; for the bytes alone, neither is a template whose release frees
-    /// none (no transactions cached, or a list a current template holds too).
+    /// beyond the budget, and so is each group's newest template on the node's tip (what
+    /// its clients mine while the group starts over, after a reconnect or a node that
+    /// answers again); for the bytes alone, neither is a template whose release frees
+    /// none (no transactions cached, or a list a kept template holds too).
     pub fn fit_budget(&mut self, current: &[u64]) {
         let mut holders = self.lists();
         let mut bytes: usize = holders.values().map(|(_, b)| b).sum();
@@ -226,14 +231,24 @@ impl<T: Clone> TemplateStore<T> {
             return;
         }
         let tip = self.tip();
-        let pinned: HashSet<ListKey> = current
+        let mut kept: HashSet<u64> = current.iter().copied().collect();
+        let mut newest_on_tip: HashMap<Constraints, u64> = HashMap::new();
+        for (id, held) in self
+            .templates
+            .iter()
+            .filter(|(_, h)| Some(h.prev_hash) == tip)
+        {
+            newest_on_tip.insert(held.group, *id);
+        }
+        kept.extend(newest_on_tip.into_values());
+        let pinned: HashSet<ListKey> = kept
             .iter()
             .filter_map(|id| Some(self.templates.get(id)?.txs.as_ref()?.key()))
             .collect();
         let mut candidates: Vec<(bool, u64)> = self
             .templates
             .iter()
-            .filter(|(id, _)| !current.contains(id))
+            .filter(|(id, _)| !kept.contains(id))
             .map(|(id, held)| (Some(held.prev_hash) == tip, *id))
             .collect();
         candidates.sort_unstable();

@@ -12,6 +12,12 @@ const ROOMY: TemplateBudget = TemplateBudget {
     bytes: usize::MAX,
 };
 
+/// The group of the templates [`at`] makes.
+const A: Constraints = Constraints {
+    max_additional_size: 100,
+    max_additional_sigops: 10,
+};
+
 fn tip(n: u8) -> BlockHash {
     BlockHash::from_byte_array([n; 32])
 }
@@ -20,13 +26,23 @@ fn store(budget: TemplateBudget) -> TemplateStore<&'static str> {
     TemplateStore::new(GRACE, 1, budget)
 }
 
-/// Inserts a template on tip `prev`, first making `prev` the node's tip (at height
-/// `prev`, at `now`) when it is not.
+/// Inserts a template of group [`A`] on tip `prev` (see [`at_in`]).
 fn at(store: &mut TemplateStore<&'static str>, prev: u8, now: Instant) -> u64 {
+    at_in(store, A, prev, now)
+}
+
+/// Inserts a template of `group` on tip `prev`, first making `prev` the node's tip (at
+/// height `prev`, at `now`) when it is not.
+fn at_in(
+    store: &mut TemplateStore<&'static str>,
+    group: Constraints,
+    prev: u8,
+    now: Instant,
+) -> u64 {
     if store.tip() != Some(tip(prev)) {
         store.set_tip(tip(prev), u32::from(prev), now);
     }
-    store.insert(Held::new("t", tip(prev), vec![0; 32]))
+    store.insert(Held::new("t", group, tip(prev), vec![0; 32]))
 }
 
 /// `n` templates on tip `prev` (see [`at`]), oldest first.
@@ -202,8 +218,8 @@ fn beyond_the_count_the_oldest_go_first_and_current_ones_stay() {
 fn current_templates_are_kept_even_beyond_the_budget() {
     let t0 = Instant::now();
     let mut store = store(count(2));
-    let current = several(&mut store, 5, 1, t0);
     let spare = at(&mut store, 1, t0);
+    let current = several(&mut store, 5, 1, t0);
     store.fit_budget(&current);
     assert_eq!(ids(&store), current, "all but the one not current");
     assert!(store.get(spare).is_none());
@@ -294,20 +310,37 @@ fn templates_without_cached_transactions_cost_no_bytes() {
 fn for_the_bytes_only_templates_that_free_some_go() {
     let t0 = Instant::now();
     let mut store = store(bytes(300));
-    // The current template's list alone is over the budget.
-    let current = at(&mut store, 1, t0);
-    store.set_txs(current, txs(4, 100, 1));
+    let other = at(&mut store, 1, t0);
+    store.set_txs(other, txs(1, 100, 2));
     let empty = at(&mut store, 1, t0);
     store.set_txs(empty, txs(0, 0, 0));
     let same = at(&mut store, 1, t0);
     store.set_txs(same, txs(4, 100, 1));
-    let other = at(&mut store, 1, t0);
-    store.set_txs(other, txs(1, 100, 2));
+    // The current template's list alone is over the budget.
+    let current = at(&mut store, 1, t0);
+    store.set_txs(current, txs(4, 100, 1));
     store.fit_budget(&[current]);
     assert_eq!(
         ids(&store),
-        vec![current, empty, same],
+        vec![empty, same, current],
         "an empty template and one sharing the current list cost nothing"
     );
     assert_eq!(store.bytes_held(), 400);
+}
+
+#[test]
+fn each_groups_newest_on_the_tip_stays_while_the_groups_start_over() {
+    let t0 = Instant::now();
+    let mut store = store(count(2));
+    let b = Constraints {
+        max_additional_size: 200,
+        ..A
+    };
+    at_in(&mut store, A, 1, t0);
+    at_in(&mut store, b, 1, t0);
+    let newest_a = at_in(&mut store, A, 1, t0);
+    let newest_b = at_in(&mut store, b, 1, t0);
+    // No group has a current template (they were stopped and not yet republished).
+    store.fit_budget(&[]);
+    assert_eq!(ids(&store), vec![newest_a, newest_b]);
 }
