@@ -170,6 +170,12 @@ pub struct Config {
     /// Deadline of every IPC call that is not a wait; a node that misses it on the
     /// periodic probe counts as not responding.
     pub node_call_timeout: Duration,
+    /// Templates held at once, all constraint groups together; the oldest that are not a
+    /// group's current one are released first.
+    pub max_templates_held: usize,
+    /// Bytes of cached template transactions held at once, all groups together (a list
+    /// shared by templates with the same transactions counted once).
+    pub max_template_bytes_held: usize,
 }
 
 impl Config {
@@ -256,6 +262,8 @@ impl Config {
                 "max_tx_data_bytes_in_flight" => self.max_tx_data_bytes_in_flight.to_string(),
                 "constraints_interval" => secs(self.constraints_interval),
                 "node_call_timeout" => secs(self.node_call_timeout),
+                "max_templates_held" => self.max_templates_held.to_string(),
+                "max_template_bytes_held" => self.max_template_bytes_held.to_string(),
                 _ => continue,
             };
             let source = provenance
@@ -434,6 +442,8 @@ config_keys!(
     max_tx_data_bytes_in_flight,
     constraints_interval,
     node_call_timeout,
+    max_templates_held,
+    max_template_bytes_held,
 );
 
 /// Command-line flags, one per configuration key plus `--config`.
@@ -529,11 +539,17 @@ pub struct ConfigArgs {
     /// Seconds the node has to answer an IPC call that is not a wait [default: 5]
     #[arg(long, global = true, value_name = "SECS")]
     pub node_call_timeout: Option<String>,
+    /// Templates held at once, all groups together, at least 33 [default: 128]
+    #[arg(long, global = true, value_name = "N")]
+    pub max_templates_held: Option<String>,
+    /// Bytes of cached template transactions held, all groups [default: 268435456]
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub max_template_bytes_held: Option<String>,
 }
 
 impl ConfigArgs {
     fn values(&self) -> SourcedValues {
-        let flags: [(&'static str, &'static str, &Option<String>); 28] = [
+        let flags: [(&'static str, &'static str, &Option<String>); 30] = [
             ("chain", "--chain", &self.chain),
             ("datadir", "--datadir", &self.datadir),
             (
@@ -621,6 +637,16 @@ impl ConfigArgs {
                 "node_call_timeout",
                 "--node-call-timeout",
                 &self.node_call_timeout,
+            ),
+            (
+                "max_templates_held",
+                "--max-templates-held",
+                &self.max_templates_held,
+            ),
+            (
+                "max_template_bytes_held",
+                "--max-template-bytes-held",
+                &self.max_template_bytes_held,
             ),
         ];
         flags
@@ -932,6 +958,23 @@ impl Resolver<'_> {
             self.get("max_tx_data_bytes_in_flight", count(1), || 64 << 20)?;
         let constraints_interval = self.get("constraints_interval", seconds(0), || secs(1))?;
         let node_call_timeout = self.get("node_call_timeout", seconds(1), || secs(5))?;
+        // Every group's current template is kept whatever the budget: room for all of
+        // them, so the budget always holds.
+        let max_templates_held = self.get(
+            "max_templates_held",
+            |s| match s.parse::<usize>() {
+                Ok(n) if n >= MIN_TEMPLATES_HELD => Ok(n),
+                _ => Err(format!(
+                    "expected a whole number of at least {MIN_TEMPLATES_HELD} (every \
+                     constraint group, up to {} and the standing one, keeps its current \
+                     template)",
+                    crate::template::MAX_GROUPS
+                )),
+            },
+            || 128,
+        )?;
+        let max_template_bytes_held =
+            self.get("max_template_bytes_held", count(1), || 256 << 20)?;
         let config = Config {
             chain,
             datadir,
@@ -961,10 +1004,15 @@ impl Resolver<'_> {
             max_tx_data_bytes_in_flight,
             constraints_interval,
             node_call_timeout,
+            max_templates_held,
+            max_template_bytes_held,
         };
         Ok((config, self.provenance))
     }
 }
+
+/// Least `max_templates_held`: the current template of every constraint group.
+const MIN_TEMPLATES_HELD: usize = crate::template::MAX_GROUPS + 1;
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
@@ -1074,6 +1122,36 @@ mod tests {
         };
         let message = load(&args, &[]).unwrap_err().to_string();
         assert!(message.contains("flag --template-interval"), "{message}");
+    }
+
+    #[test]
+    fn the_template_budget_leaves_room_for_every_group() {
+        let (config, _) = load(&ConfigArgs::default(), &[]).unwrap();
+        assert_eq!(config.max_templates_held, 128);
+        assert_eq!(config.max_template_bytes_held, 256 << 20);
+        for (key, value) in [
+            ("SV2TPD_MAX_TEMPLATES_HELD", "0"),
+            ("SV2TPD_MAX_TEMPLATES_HELD", "32"),
+            ("SV2TPD_MAX_TEMPLATE_BYTES_HELD", "0"),
+        ] {
+            let message = load(&ConfigArgs::default(), &[(key, value)])
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains(key), "{message}");
+        }
+        let message = load(
+            &ConfigArgs::default(),
+            &[("SV2TPD_MAX_TEMPLATES_HELD", "32")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(message.contains("at least 33"), "{message}");
+        let (config, _) = load(
+            &ConfigArgs::default(),
+            &[("SV2TPD_MAX_TEMPLATES_HELD", "33")],
+        )
+        .unwrap();
+        assert_eq!(config.max_templates_held, 33);
     }
 
     #[test]

@@ -70,6 +70,8 @@ impl Daemon {
                 max_solutions_in_flight: config.max_solutions_in_flight,
                 max_node_calls: config.max_node_calls,
                 node_call_timeout: config.node_call_timeout,
+                max_templates_held: config.max_templates_held,
+                max_template_bytes_held: config.max_template_bytes_held,
             },
             shutdown.clone(),
         );

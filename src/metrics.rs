@@ -41,6 +41,8 @@ pub struct Metrics {
     pub node_template_builds: IntCounterVec,
     /// Templates currently held in the node on our behalf.
     pub templates_held: IntGauge,
+    /// Bytes of the transactions cached for held templates, a shared list counted once.
+    pub template_bytes_held: IntGauge,
     /// SV2 messages sent by message type.
     pub messages_sent: IntCounterVec,
     /// SV2 messages received by message type.
@@ -142,6 +144,11 @@ impl Metrics {
             templates_held: IntGauge::new(
                 "sv2_tpd_templates_held",
                 "Templates the node keeps alive for us",
+            )
+            .expect("metric"),
+            template_bytes_held: IntGauge::new(
+                "sv2_tpd_template_bytes_held",
+                "Bytes of cached template transactions held (a list shared by templates counted once)",
             )
             .expect("metric"),
             messages_sent: IntCounterVec::new(
@@ -254,7 +261,7 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 25] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 26] = [
             Box::new(m.node_calls_overdue.clone()),
             Box::new(m.solutions_unawaited.clone()),
             Box::new(m.limit_waits.clone()),
@@ -266,6 +273,7 @@ impl Metrics {
             Box::new(m.templates_created.clone()),
             Box::new(m.node_template_builds.clone()),
             Box::new(m.templates_held.clone()),
+            Box::new(m.template_bytes_held.clone()),
             Box::new(m.messages_sent.clone()),
             Box::new(m.messages_received.clone()),
             Box::new(m.messages_unexpected.clone()),

@@ -93,6 +93,15 @@ pub(crate) struct Session {
     call_timeout: Duration,
 }
 
+/// One template in `sv2_tpd_templates_held`: counted out when dropped.
+struct HeldGauge;
+
+impl Drop for HeldGauge {
+    fn drop(&mut self) {
+        metrics().templates_held.dec();
+    }
+}
+
 /// A node-side worker thread borrowed from the pool; returned when dropped.
 pub(crate) struct Worker {
     session: Rc<Session>,
@@ -403,12 +412,16 @@ impl Session {
         let Some(held) = self.templates.borrow_mut().remove(&key) else {
             return;
         };
-        metrics().templates_held.dec();
         let session = self.clone();
         session
             .destroys_in_flight
             .set(session.destroys_in_flight.get() + 1);
+        // The node holds the template until it has answered the destroy (or the
+        // connection is gone): counted out of `templates_held` only then, also when
+        // the thread ends before the answer and drops this task.
+        let counted = HeldGauge;
         tokio::task::spawn_local(async move {
+            let _counted = counted;
             let worker = session.worker();
             let mut request = held.client.destroy_request();
             request.get().init_context().set_thread(worker.thread());

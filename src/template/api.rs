@@ -47,6 +47,12 @@ pub struct EngineConfig {
     pub max_node_calls: usize,
     /// Deadline of every node call that is not a wait; the periodic probe uses it too.
     pub node_call_timeout: Duration,
+    /// Templates held at once, all constraint groups together (each group's current one
+    /// is kept even beyond it).
+    pub max_templates_held: usize,
+    /// Bytes of cached template transactions held at once, a list shared by several
+    /// templates counted once.
+    pub max_template_bytes_held: usize,
 }
 
 /// What `/health` and the daemon read about the engine.

@@ -4,8 +4,8 @@
 //!
 //! Prefetches run one at a time on one worker, newest first, so they never pile up on the
 //! node beside the templates clients wait for; every published template is read (every
-//! held template keeps its block, see [`super::cache`]). A template without
-//! transactions needs no read at all: its block is made here. Reads for transaction data
+//! held template keeps its transactions, see [`super::cache`]). A template without
+//! transactions needs no read at all. Reads for transaction data
 //! not cached: one per template at a time, requests for a block already on its way wait
 //! for it and share its one transaction list, and each takes a place among the node
 //! calls clients may cause at once.
@@ -13,27 +13,23 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bitcoin::{absolute::LockTime, transaction::Version, Block, Transaction};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, warn};
 
 use super::api::{TransactionData, TxDataError};
 use super::build::take_client_call;
-use super::store::{transactions, TxLookup};
+use super::cache::TemplateTxs;
+use super::store::TxLookup;
 use crate::node::Template;
-
-/// A template's non-coinbase transactions, serialized with witness: one list per
-/// template, shared by every answer.
-pub(crate) type TxList = Arc<Vec<Vec<u8>>>;
 
 /// A block read from the node (or why not), for the store's cache.
 #[derive(Debug)]
 pub(crate) struct FetchedBlock {
     /// The template it belongs to.
     pub template_id: u64,
-    /// The node's block (with a placeholder coinbase) and its non-coinbase transactions,
-    /// serialized by the read task (not by the engine).
-    pub block: Option<(Arc<Block>, TxList)>,
+    /// The block's non-coinbase transactions, serialized by the read task (not by the
+    /// engine); the parsed block is not kept.
+    pub txs: Option<TemplateTxs>,
 }
 
 /// Someone waiting for a template's transactions.
@@ -67,10 +63,10 @@ impl BlockReads {
     }
 
     /// Reads published template `id` ahead, on the prefetch worker. A template without
-    /// transactions needs no read: its block is returned at once.
-    pub fn prefetch(&mut self, id: u64, template: Template) -> Option<(Arc<Block>, TxList)> {
-        if let Some(block) = coinbase_only_block(&template) {
-            return Some((Arc::new(block), Arc::new(Vec::new())));
+    /// transactions needs no read: its (empty) list is returned at once.
+    pub fn prefetch(&mut self, id: u64, template: Template) -> Option<TemplateTxs> {
+        if template.data().tx_fees.is_empty() {
+            return Some(TemplateTxs::new(Vec::new()));
         }
         let job = Prefetch {
             template_id: id,
@@ -117,23 +113,23 @@ impl BlockReads {
     }
 
     /// A read ended: answers its waiters with the template's one shared transaction
-    /// list (or an error when the block could not be read), and returns the block for the
+    /// list (or an error when the block could not be read), and returns the list for the
     /// store's cache. Waiters get the list even if the store does not keep it (pruned
     /// meanwhile, or too old to be worth keeping).
-    pub fn done(&mut self, read: FetchedBlock) -> Option<(u64, Arc<Block>, TxList)> {
-        let FetchedBlock { template_id, block } = read;
+    pub fn done(&mut self, read: FetchedBlock) -> Option<(u64, TemplateTxs)> {
+        let FetchedBlock { template_id, txs } = read;
         let waiters = self.in_flight.remove(&template_id).unwrap_or_default();
         for TxDataReply { excess_data, reply } in waiters {
-            let answer = match &block {
-                Some((_, transactions)) => Ok(TransactionData {
-                    transactions: transactions.clone(),
+            let answer = match &txs {
+                Some(txs) => Ok(TransactionData {
+                    transactions: txs.list().clone(),
                     excess_data,
                 }),
                 None => Err(TxDataError::TemplateIdNotFound),
             };
             let _ = reply.send(answer);
         }
-        block.map(|(block, txs)| (template_id, block, txs))
+        txs.map(|txs| (template_id, txs))
     }
 
     fn spawn(&self, template_id: u64, template: Template, place: Option<Arc<Semaphore>>) {
@@ -143,37 +139,21 @@ impl BlockReads {
                 Some(places) => take_client_call(&places).await.ok(),
                 None => None,
             };
-            let block = read(&template).await;
-            if let Err(e) = &block {
+            let txs = read(&template).await;
+            if let Err(e) = &txs {
                 warn!(template_id, error = %e, "cannot read the template's block");
             }
-            debug!(template_id, read = block.is_ok(), "block read");
-            let block = block.ok();
-            let _ = fetched.send(FetchedBlock { template_id, block }).await;
+            debug!(template_id, read = txs.is_ok(), "block read");
+            let txs = txs.ok();
+            let _ = fetched.send(FetchedBlock { template_id, txs }).await;
         });
     }
 }
 
 /// Reads `template`'s block and serializes its transactions (here, not in the engine).
-async fn read(template: &Template) -> Result<(Arc<Block>, TxList), crate::node::NodeError> {
+async fn read(template: &Template) -> Result<TemplateTxs, crate::node::NodeError> {
     let block = template.block().await?;
-    let txs = Arc::new(transactions(&block));
-    Ok((Arc::new(block), txs))
-}
-
-/// The block of a template without transactions: its header and a placeholder coinbase
-/// (as the node's `getBlock` has one; solutions replace it).
-pub(crate) fn coinbase_only_block(template: &Template) -> Option<Block> {
-    let data = template.data();
-    data.tx_fees.is_empty().then(|| Block {
-        header: data.header,
-        txdata: vec![Transaction {
-            version: Version::TWO,
-            lock_time: LockTime::ZERO,
-            input: Vec::new(),
-            output: Vec::new(),
-        }],
-    })
+    Ok(TemplateTxs::from_block(&block))
 }
 
 /// One template whose block is worth reading ahead.
@@ -191,8 +171,8 @@ fn prefetcher(fetched: mpsc::Sender<FetchedBlock>) -> mpsc::UnboundedSender<Pref
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             // What queued up meanwhile, newest first: the templates clients most likely
-            // mine get their blocks first; the older ones follow (every held template
-            // keeps its block).
+            // mine get their transactions first; the older ones follow (every held
+            // template keeps its transactions).
             let mut jobs = vec![first];
             while let Ok(job) = rx.try_recv() {
                 jobs.push(job);
@@ -204,9 +184,9 @@ fn prefetcher(fetched: mpsc::Sender<FetchedBlock>) -> mpsc::UnboundedSender<Pref
             } in jobs
             {
                 match read(&template).await {
-                    Ok(block) => {
-                        let block = Some(block);
-                        let _ = fetched.send(FetchedBlock { template_id, block }).await;
+                    Ok(txs) => {
+                        let txs = Some(txs);
+                        let _ = fetched.send(FetchedBlock { template_id, txs }).await;
                     }
                     Err(e) => debug!(template_id, error = %e, "prefetching the block failed"),
                 }

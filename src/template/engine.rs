@@ -17,13 +17,14 @@ use super::api::{
 };
 use super::blocks::{BlockReads, FetchedBlock};
 use super::build::{FeePolicy, GroupReport, Reason};
+use super::cache::TemplateTxs;
 use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
 use super::group::{GroupStart, Groups};
 use super::health::NodeLink;
 use super::ids::first_template_id;
 use super::publish::{self, Published};
 use super::solutions::{self, Gate, Submission};
-use super::store::{Held, TemplateStore};
+use super::store::{Held, TemplateBudget, TemplateStore};
 use super::supervisor::{supervise, NodeEvent};
 use super::tip::{self, TipFollower, TipReport};
 use super::unknown;
@@ -65,7 +66,14 @@ pub fn spawn(
     };
     let engine = Engine {
         reads: BlockReads::new(fetched_tx, client_calls.clone()),
-        store: TemplateStore::new(config.stale_grace, first_template_id()),
+        store: TemplateStore::new(
+            config.stale_grace,
+            first_template_id(),
+            TemplateBudget {
+                templates: config.max_templates_held,
+                bytes: config.max_template_bytes_held,
+            },
+        ),
         gate: Gate::new(config.max_solutions_in_flight),
         groups: Groups::new(fees, client_calls, reports_tx, shutdown.clone()),
         fanout: Fanout::default(),
@@ -116,7 +124,7 @@ impl Engine {
         let mut prune = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
             // What the daemon learnt comes before what clients ask: a session's request
-            // then always sees the node's latest news (its tip, a cached block). The prune
+            // then always sees the node's latest news (its tip, cached transactions). The prune
             // tick comes before requests too, so a busy request stream cannot starve it.
             tokio::select! {
                 biased;
@@ -133,8 +141,8 @@ impl Engine {
                 },
                 // The tip before templates: a template is current when built on it.
                 Some(report) = inbox.tips.recv() => self.on_tip(report),
-                Some(read) = inbox.fetched.recv() => if let Some((id, block, txs)) = self.reads.done(read) {
-                    self.store.set_block(id, block, txs)
+                Some(read) = inbox.fetched.recv() => if let Some((id, txs)) = self.reads.done(read) {
+                    self.cache_txs(id, txs)
                 },
                 Some(report) = inbox.reports.recv() => self.on_group_report(report),
                 _ = prune.tick() => self.prune(),
@@ -149,6 +157,7 @@ impl Engine {
         self.follower = None;
         self.groups.stop_all();
         self.store.clear();
+        self.store_changed();
         self.fanout.clear();
         self.node.stop().await;
     }
@@ -282,14 +291,28 @@ impl Engine {
         }
         // Now that the clients have it: the block, so transaction data and solutions
         // need no IPC later and a solution can be saved even if the node is gone by then.
-        if let Some((block, txs)) = self.reads.prefetch(id, template) {
-            self.store.set_block(id, block, txs);
+        if let Some(txs) = self.reads.prefetch(id, template) {
+            self.store.set_txs(id, txs);
         }
-        // Not on a new tip: releasing older templates is node work, and the full template
-        // is being built; the next prune tick (within a second) does it.
-        if reason != Reason::Tip {
-            self.prune();
+        // On a new tip only the budget is enforced now (releasing the older tips'
+        // templates is node work, and the full template is being built); the next prune
+        // tick (within a second) does the rest.
+        match reason {
+            Reason::Tip => self.fit_budget(),
+            _ => self.prune(),
         }
+    }
+
+    /// Caches template `id`'s transactions, within the budget.
+    fn cache_txs(&mut self, id: u64, txs: TemplateTxs) {
+        self.store.set_txs(id, txs);
+        self.fit_budget();
+    }
+
+    /// Releases the oldest templates beyond the budget (never a group's current one).
+    fn fit_budget(&mut self) {
+        self.store.fit_budget(&self.groups.current_ids());
+        self.store_changed();
     }
 
     /// Releases templates no client can use any more, and groups no client needs.
@@ -298,7 +321,14 @@ impl Engine {
         // until the next template found their channel closed.
         self.fanout.forget_gone();
         self.store.prune(&self.groups.current_ids(), Instant::now());
+        self.store_changed();
         self.stop_unwanted_groups();
+    }
+
+    /// Shows what the store holds now.
+    fn store_changed(&self) {
+        let bytes = i64::try_from(self.store.bytes_held()).unwrap_or(i64::MAX);
+        metrics().template_bytes_held.set(bytes);
     }
 
     /// Stops the groups no subscribed session uses (the standing group stays).
@@ -389,7 +419,7 @@ impl Engine {
             Ok(admitted) => {
                 let job = Submission {
                     template: held.payload.template.clone(),
-                    cached_block: held.block.clone(),
+                    cached_block: held.txs.clone(),
                     solved: admitted.solved,
                     dir: self.config.solutions_dir.clone(),
                     nodes: self.node.subscribe(),

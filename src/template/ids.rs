@@ -16,26 +16,29 @@ pub(crate) fn first_template_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::template::api::Constraints;
-    use crate::template::store::{Held, TemplateStore};
-    use std::time::{Duration, Instant};
+    use crate::template::store::{Held, TemplateBudget, TemplateStore};
+    use std::time::Duration;
 
     #[test]
     fn a_later_run_starts_above_every_id_of_an_earlier_one() {
-        let (grace, t0) = (Duration::from_secs(10), Instant::now());
-        let prev = bitcoin::hashes::Hash::all_zeros();
-        let group = Constraints {
+        let grace = Duration::from_secs(10);
+        let budget = TemplateBudget {
+            templates: 1,
+            bytes: 1,
+        };
+        let prev = bitcoin::hashes::Hash::from_byte_array([0; 32]);
+        let group = crate::template::api::Constraints {
             max_additional_size: 0,
             max_additional_sigops: 0,
         };
-        let held = || Held::new("t", group, prev, t0, Vec::new());
-        let mut earlier = TemplateStore::new(grace, first_template_id());
+        let held = || Held::new("t", group, prev, Vec::new());
+        let mut earlier = TemplateStore::new(grace, first_template_id(), budget);
         let mut last = 0;
         for _ in 0..1000 {
             last = earlier.insert(held());
         }
         std::thread::sleep(Duration::from_millis(2));
-        let later = TemplateStore::<&str>::new(grace, first_template_id());
+        let later = TemplateStore::<&str>::new(grace, first_template_id(), budget);
         assert!(later.next_id() > last, "{} <= {last}", later.next_id());
     }
 }

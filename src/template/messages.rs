@@ -9,6 +9,7 @@ use stratum_core::template_distribution_sv2::{
     NewTemplateOwned, SetNewPrevHashOwned, SubmitSolutionOwned,
 };
 
+use super::cache::TemplateTxs;
 use crate::node::TemplateData;
 
 /// A template's data could not be expressed in SV2 types (a node bug or a future
@@ -156,15 +157,18 @@ impl SolvedBlock {
         self.header.target().is_met_by(self.header.block_hash())
     }
 
-    /// The full block, given the template's block (whose coinbase is a placeholder).
-    pub fn block(&self, template_block: &Block) -> Block {
-        let mut txdata = Vec::with_capacity(template_block.txdata.len().max(1));
-        txdata.push(self.coinbase.clone());
-        txdata.extend(template_block.txdata.iter().skip(1).cloned());
-        Block {
-            header: self.header,
-            txdata,
-        }
+    /// The full block's consensus bytes, given the template's cached transactions.
+    pub(crate) fn block_bytes(&self, template_txs: &TemplateTxs) -> Vec<u8> {
+        template_txs.block_bytes(&self.header, &self.coinbase)
+    }
+
+    /// The full block, given the template's cached transactions (decoded from
+    /// [`SolvedBlock::block_bytes`]; only the cache's own serialization, so it decodes).
+    pub(crate) fn block(
+        &self,
+        template_txs: &TemplateTxs,
+    ) -> Result<Block, bitcoin::consensus::encode::Error> {
+        deserialize(&self.block_bytes(template_txs))
     }
 }
 
@@ -289,10 +293,13 @@ mod tests {
             header: d.header,
             txdata: vec![coinbase(), coinbase()],
         };
-        let block = solved.block(&template_block);
+        let txs = TemplateTxs::from_block(&template_block);
+        let block = solved.block(&txs).unwrap();
         assert_eq!(block.txdata[0], solved.coinbase);
         assert_eq!(block.txdata.len(), 2);
+        assert_eq!(block.txdata[1], template_block.txdata[1]);
         assert_eq!(block.header, solved.header);
+        assert_eq!(serialize(&block), solved.block_bytes(&txs));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! by the full one as `NewTemplate(future=false)`; fee rises of at least `fee_delta` go
 //! out the same way, checked at most once per `template_interval`. Templates of the
 //! current and (for a grace period) the previous tip stay held in the node for late
-//! solutions; older ones are released.
+//! solutions, within one budget for all groups; older ones are released.
 //!
 //! One room per job, none of which knows the actor:
 //! - `engine`: the actor that owns the state and wires the rest together;
@@ -17,9 +17,9 @@
 //! - `group`: the constraint groups' registry; `build`: one group's task, which builds
 //!   its templates in the daemon's order (empty, full, fee checks);
 //! - `ids`: template ids that never repeat across restarts;
-//! - `store`: held templates, ids, pruning and the block cache (no I/O);
+//! - `store`: held templates, ids, pruning within one budget for all groups (no I/O);
 //! - `fanout`: subscribed sessions, group choice, queueing to sessions;
-//! - `cache`: one shared block and transaction list for templates with equal transactions;
+//! - `cache`: a template's transactions, the one copy kept, shared by equal templates;
 //! - `blocks`: reading template blocks in the background (prefetch, transaction data);
 //! - `solutions`: from `SubmitSolution` to a block on disk and in the node;
 //! - `resubmit`: a block the node did not take, tried again until the chain moves on;
@@ -47,3 +47,4 @@ mod unknown;
 pub use api::*;
 pub use build::{block_reserved_weight, create_options, Reason};
 pub use engine::spawn;
+pub(crate) use fanout::MAX_GROUPS;

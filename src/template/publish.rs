@@ -2,7 +2,6 @@
 //! its messages encoded once for every client, and recorded in the store.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use stratum_core::template_distribution_sv2::{NewTemplateOwned, SetNewPrevHashOwned};
 use tracing::{debug, error, info, info_span};
@@ -74,7 +73,7 @@ pub(crate) fn hold(
         frames,
     };
     let excess_data = data.coinbase.witness.clone().unwrap_or_default();
-    let held = Held::new(published, group, prev_hash, Instant::now(), excess_data);
+    let held = Held::new(published, group, prev_hash, excess_data);
     let id = store.insert(held);
     crate::status::node_facts().template_made(prev_hash, data.height().saturating_sub(1));
     let _span = info_span!("template", template_id = id).entered();

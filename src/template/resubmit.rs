@@ -8,13 +8,12 @@
 //! left, the log says so with the command that submits the saved file.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bitcoin::Block;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use super::cache::TemplateTxs;
 use super::messages::SolvedBlock;
 use crate::node::{NodeClient, NodeError, SubmitVerdict, Template};
 
@@ -30,8 +29,8 @@ pub(crate) struct Pending {
     pub template: Template,
     /// The solved header and coinbase.
     pub solved: SolvedBlock,
-    /// The template's block, whose transactions complete the solved one.
-    pub template_block: Option<Arc<Block>>,
+    /// The template's cached transactions, which complete the solved block.
+    pub template_block: Option<TemplateTxs>,
     /// The live connection.
     pub nodes: watch::Receiver<Option<NodeClient>>,
     /// Where the block (or, without the template's block, its header and coinbase) was
@@ -56,7 +55,7 @@ pub(crate) async fn until_settled(
     let file = file
         .map(|f| f.display().to_string())
         .unwrap_or_else(|| "(not saved)".into());
-    let block = template_block.map(|b| solved.block(&b));
+    let block = template_block.and_then(|txs| solved.block(&txs).ok());
     let parent = solved.header.prev_blockhash;
     let height = template.data().height();
     // A template whose connection is gone cannot take a submit again; one whose node threw

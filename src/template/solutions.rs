@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bitcoin::{Block, BlockHash};
+use bitcoin::hex::DisplayHex;
+use bitcoin::BlockHash;
 use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{error, info, info_span, warn, Instrument};
 
 use super::api::SolutionOutcome;
+use super::cache::TemplateTxs;
 use super::messages::SolvedBlock;
 use super::resubmit::{self, Pending};
 use crate::metrics::metrics;
@@ -23,8 +25,9 @@ use crate::ratelog::LogBudget;
 pub(crate) struct Submission {
     /// The template it solves.
     pub template: Template,
-    /// The template's block, when cached.
-    pub cached_block: Option<Arc<Block>>,
+    /// The template's transactions, when cached (all its block needs beside the
+    /// solution's header and coinbase).
+    pub cached_block: Option<TemplateTxs>,
     /// The solution, rebuilt and checked by [`check`].
     pub solved: SolvedBlock,
     /// Where solved blocks are saved.
@@ -214,7 +217,11 @@ async fn submit(job: Submission) -> SolutionOutcome {
         None => {
             let (verdict, partial) =
                 tokio::join!(to_node, save_solution(&dir, height, &solved, None));
-            let block = template.block().await.ok().map(Arc::new);
+            let block = template
+                .block()
+                .await
+                .ok()
+                .map(|b| TemplateTxs::from_block(&b));
             let whole = match &block {
                 Some(block) => save_solution(&dir, height, &solved, Some(block)).await,
                 None => None,
@@ -334,13 +341,13 @@ async fn save_solution(
     dir: &Path,
     height: u32,
     solved: &SolvedBlock,
-    template_block: Option<&Block>,
+    template_block: Option<&TemplateTxs>,
 ) -> Option<PathBuf> {
     let hash = solved.header.block_hash();
     let (path, contents) = match template_block {
         Some(block) => (
             dir.join(format!("{height}-{hash}.block.hex")),
-            bitcoin::consensus::encode::serialize_hex(&solved.block(block)),
+            solved.block_bytes(block).to_lower_hex_string(),
         ),
         None => (
             dir.join(format!("{height}-{hash}.solution.json")),

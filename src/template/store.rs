@@ -1,22 +1,31 @@
 //! The templates handed out to clients: their ids, which tip they build on, how long they
-//! are kept, and the blocks cached for transaction data and solutions.
+//! are kept, and the transactions cached for transaction data and solutions.
+//!
+//! One budget bounds what is held across every constraint group: a number of templates
+//! (each one is a block the node keeps for us) and the bytes of their cached transactions
+//! (a list shared by several templates counted once). Each group's current template is
+//! always kept; beyond that, the oldest templates go first, those of older tips before
+//! those of the node's tip.
 //!
 //! Pure bookkeeping with no I/O: the engine passes the time in and does the node calls
 //! (fetching a block, releasing a template) that the answers here call for.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bitcoin::consensus::serialize;
-use bitcoin::{Block, BlockHash};
+use bitcoin::BlockHash;
 
 use super::api::{Constraints, TransactionData, TxDataError};
+use super::cache::{self, ListKey, TemplateTxs, TxList};
 
-/// Templates of the current tip kept per group beyond those younger than the grace
-/// period. Each one holds a whole block in the node's memory, and a tip can last hours on
-/// test networks; solutions for anything but the newest few are not expected.
-pub(crate) const MAX_TEMPLATES_PER_GROUP: usize = 16;
+/// What the store may hold, all constraint groups together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TemplateBudget {
+    /// Templates held (each one a block the node keeps for us).
+    pub templates: usize,
+    /// Bytes of cached transactions, a list shared by several templates counted once.
+    pub bytes: usize,
+}
 
 /// One template handed out to clients. `T` is what the engine keeps with it (the node's
 /// template handle and the messages sent for it); the store only moves it around.
@@ -28,33 +37,22 @@ pub(crate) struct Held<T> {
     pub group: Constraints,
     /// The tip it builds on.
     pub prev_hash: BlockHash,
-    /// When it was made.
-    pub made: Instant,
     /// The coinbase witness reserved value (`excess_data` of transaction data).
     pub excess_data: Vec<u8>,
-    /// The node's block for it (with a placeholder coinbase), once fetched.
-    pub block: Option<Arc<Block>>,
-    /// Its non-coinbase transactions, serialized once for every client that asks.
-    pub tx_data: Option<Arc<Vec<Vec<u8>>>>,
+    /// Its non-coinbase transactions, once read from the node: the one copy kept, shared
+    /// with held templates whose transactions are the same.
+    pub txs: Option<TemplateTxs>,
 }
 
 impl<T> Held<T> {
-    /// A template made at `made`, with no block fetched yet.
-    pub fn new(
-        payload: T,
-        group: Constraints,
-        prev_hash: BlockHash,
-        made: Instant,
-        excess_data: Vec<u8>,
-    ) -> Self {
+    /// A template of `group` on `prev_hash`, with no transactions read yet.
+    pub fn new(payload: T, group: Constraints, prev_hash: BlockHash, excess_data: Vec<u8>) -> Self {
         Self {
             payload,
             group,
             prev_hash,
-            made,
             excess_data,
-            block: None,
-            tx_data: None,
+            txs: None,
         }
     }
 }
@@ -65,7 +63,7 @@ pub(crate) enum TxLookup<T> {
     /// Already cached.
     Ready(TransactionData),
     /// Not cached: read the block from the node with this payload, then
-    /// [`TemplateStore::set_block`].
+    /// [`TemplateStore::set_txs`].
     Fetch {
         /// The template's payload (the node handle).
         payload: T,
@@ -85,17 +83,20 @@ pub(crate) struct TemplateStore<T> {
     previous_tip: Option<(BlockHash, Instant)>,
     /// How long templates of the previous tip stay usable after a new tip.
     grace: Duration,
+    /// What may be held.
+    budget: TemplateBudget,
 }
 
 impl<T: Clone> TemplateStore<T> {
-    /// An empty store whose first template gets id `first_id`.
-    pub fn new(grace: Duration, first_id: u64) -> Self {
+    /// An empty store whose first template gets id `first_id`, holding at most `budget`.
+    pub fn new(grace: Duration, first_id: u64, budget: TemplateBudget) -> Self {
         Self {
             templates: BTreeMap::new(),
             next_id: first_id,
             tip: None,
             previous_tip: None,
             grace,
+            budget,
         }
     }
 
@@ -126,8 +127,9 @@ impl<T: Clone> TemplateStore<T> {
     }
 
     /// Records `held` under [`TemplateStore::next_id`] and returns that id. Every held
-    /// template keeps its cached block (see [`super::cache`]), so a solution for any of
-    /// them can be saved and submitted whole.
+    /// template keeps its cached transactions (see [`super::cache`]), so a solution for
+    /// any of them can be saved and submitted whole. The caller then fits the store into
+    /// its budget ([`TemplateStore::fit_budget`] or [`TemplateStore::prune`]).
     pub fn insert(&mut self, held: Held<T>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -149,10 +151,9 @@ impl<T: Clone> TemplateStore<T> {
             .filter(move |h| Some(h.prev_hash) == tip)
     }
 
-    /// Caches the node's block for template `id` with its serialized `transactions`, if
-    /// still held, sharing the block and transaction list of a held template with the
-    /// same transactions.
-    pub fn set_block(&mut self, id: u64, block: Arc<Block>, transactions: Arc<Vec<Vec<u8>>>) {
+    /// Caches the transactions of template `id`, if still held, sharing the list of a
+    /// held template of the same tip with the same transactions.
+    pub fn set_txs(&mut self, id: u64, txs: TemplateTxs) {
         let Some(prev_hash) = self.templates.get(&id).map(|h| h.prev_hash) else {
             return;
         };
@@ -160,11 +161,10 @@ impl<T: Clone> TemplateStore<T> {
             .templates
             .values()
             .filter(|h| h.prev_hash == prev_hash)
-            .filter_map(|h| Some((h.block.clone()?, h.tx_data.clone())));
-        let (block, tx_data) = super::cache::share(block, cached);
+            .filter_map(|h| h.txs.as_ref());
+        let txs = cache::share(txs, cached);
         if let Some(held) = self.templates.get_mut(&id) {
-            held.block = Some(block);
-            held.tx_data = Some(tx_data.unwrap_or(transactions));
+            held.txs = Some(txs);
         }
     }
 
@@ -194,38 +194,99 @@ impl<T: Clone> TemplateStore<T> {
 
     /// Template `id`'s non-coinbase transactions, serialized once (when its block was
     /// read) and shared from then on.
-    pub fn transactions(&self, id: u64) -> Option<Arc<Vec<Vec<u8>>>> {
-        self.templates.get(&id)?.tx_data.clone()
+    pub fn transactions(&self, id: u64) -> Option<TxList> {
+        Some(self.templates.get(&id)?.txs.as_ref()?.list().clone())
     }
 
-    /// Drops templates of tips before the previous one, of the previous tip once its
-    /// grace period is over, and of the current tip beyond [`MAX_TEMPLATES_PER_GROUP`]
-    /// per group (unless younger than the grace period). `current` (each group's newest)
-    /// are always kept. Dropping a payload releases the node's copy.
+    /// Drops templates of tips before the previous one and of the previous tip once its
+    /// grace period is over, then fits the rest into the budget
+    /// ([`TemplateStore::fit_budget`]). `current` (each group's newest) are always kept.
+    /// Dropping a payload releases the node's copy.
     pub fn prune(&mut self, current: &[u64], now: Instant) {
         let grace_over = self
             .previous_tip
             .is_none_or(|(_, since)| now.saturating_duration_since(since) >= self.grace);
         let tip = self.tip();
         let previous = self.previous_tip.map(|(hash, _)| hash);
-        // Newest first, so the per-group cap keeps the latest.
-        let mut per_group: HashMap<Constraints, usize> = HashMap::new();
-        let mut keep = HashSet::new();
-        for (id, held) in self.templates.iter().rev() {
-            let kept = per_group.entry(held.group).or_default();
-            let young = now.saturating_duration_since(held.made) < self.grace;
-            let recent = Some(held.prev_hash) == tip && (*kept < MAX_TEMPLATES_PER_GROUP || young);
-            if current.contains(id) || recent || (!grace_over && Some(held.prev_hash) == previous) {
-                *kept += 1;
-                keep.insert(*id);
-            }
-        }
-        self.templates.retain(|id, _| keep.contains(id));
+        self.templates.retain(|id, held| {
+            current.contains(id)
+                || Some(held.prev_hash) == tip
+                || (!grace_over && Some(held.prev_hash) == previous)
+        });
+        self.fit_budget(current);
     }
 
-    /// Drops every template (shutdown).
-    pub fn clear(&mut self) {
-        self.templates.clear();
+    /// Drops templates until the store is within its budget (count and bytes): the
+    /// oldest first, those of other tips (the previous tip's, in its grace period) before
+    /// those of the node's tip. `current` (each group's newest) are always kept, even
+    /// beyond the budget, and so is each group's newest template on the node's tip (what
+    /// its clients mine while the group starts over, after a reconnect or a node that
+    /// answers again); for the bytes alone, neither is a template whose release frees
+    /// none (no transactions cached, or a list a kept template holds too).
+    pub fn fit_budget(&mut self, current: &[u64]) {
+        let mut holders = self.lists();
+        let mut bytes: usize = holders.values().map(|(_, b)| b).sum();
+        let budget = self.budget;
+        if self.templates.len() <= budget.templates && bytes <= budget.bytes {
+            return;
+        }
+        let tip = self.tip();
+        let mut kept: HashSet<u64> = current.iter().copied().collect();
+        let mut newest_on_tip: HashMap<Constraints, u64> = HashMap::new();
+        for (id, held) in self
+            .templates
+            .iter()
+            .filter(|(_, h)| Some(h.prev_hash) == tip)
+        {
+            newest_on_tip.insert(held.group, *id);
+        }
+        kept.extend(newest_on_tip.into_values());
+        let pinned: HashSet<ListKey> = kept
+            .iter()
+            .filter_map(|id| Some(self.templates.get(id)?.txs.as_ref()?.key()))
+            .collect();
+        let mut candidates: Vec<(bool, u64)> = self
+            .templates
+            .iter()
+            .filter(|(id, _)| !kept.contains(id))
+            .map(|(id, held)| (Some(held.prev_hash) == tip, *id))
+            .collect();
+        candidates.sort_unstable();
+        for (_, id) in candidates {
+            let over_count = self.templates.len() > budget.templates;
+            if !over_count && bytes <= budget.bytes {
+                break;
+            }
+            let txs = self.templates.get(&id).and_then(|h| h.txs.as_ref());
+            let frees = txs.is_some_and(|t| t.bytes() > 0 && !pinned.contains(&t.key()));
+            let list = txs.map(TemplateTxs::key);
+            if !over_count && !frees {
+                continue;
+            }
+            self.templates.remove(&id);
+            if let Some(entry) = list.and_then(|key| holders.get_mut(&key)) {
+                entry.0 -= 1;
+                if entry.0 == 0 {
+                    bytes -= entry.1;
+                }
+            }
+        }
+    }
+
+    /// Bytes of the cached transactions held, a list shared by several templates counted
+    /// once.
+    pub fn bytes_held(&self) -> usize {
+        self.lists().values().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// Every distinct cached list, with how many templates hold it and its bytes.
+    fn lists(&self) -> HashMap<ListKey, (usize, usize)> {
+        let mut lists: HashMap<ListKey, (usize, usize)> = HashMap::new();
+        for txs in self.templates.values().filter_map(|h| h.txs.as_ref()) {
+            let entry = lists.entry(txs.key()).or_default();
+            *entry = (entry.0 + 1, txs.bytes());
+        }
+        lists
     }
 
     /// How many templates are held.
@@ -233,11 +294,11 @@ impl<T: Clone> TemplateStore<T> {
     pub fn len(&self) -> usize {
         self.templates.len()
     }
-}
 
-/// The non-coinbase transactions of `block`, serialized with witness.
-pub(crate) fn transactions(block: &Block) -> Vec<Vec<u8>> {
-    block.txdata.iter().skip(1).map(serialize).collect()
+    /// Drops every template (shutdown).
+    pub fn clear(&mut self) {
+        self.templates.clear();
+    }
 }
 
 #[cfg(test)]

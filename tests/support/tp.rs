@@ -45,6 +45,8 @@ pub fn regtest_config(socket: &Path, datadir: &Path, extra: &[(&str, &str)]) -> 
             "max_clients" => args.max_clients = v,
             "tip_first" => args.tip_first = v,
             "node_call_timeout" => args.node_call_timeout = v,
+            "max_templates_held" => args.max_templates_held = v,
+            "max_template_bytes_held" => args.max_template_bytes_held = v,
             other => panic!("regtest_config: add {other}"),
         }
     }
