@@ -248,9 +248,13 @@ async fn a_block_found_while_the_node_is_killed_is_resubmitted_or_its_loss_expla
         let deadline = Instant::now() + DELIVERY_PATIENCE;
         let log = loop {
             let log = daemon.log_text();
-            if ["giving the block up", "block rejected by the node"]
-                .iter()
-                .any(|m| log.contains(m))
+            if [
+                "giving the block up",
+                "block rejected by the node",
+                "(a stale block)",
+            ]
+            .iter()
+            .any(|m| log.contains(m))
             {
                 break log;
             }
@@ -260,7 +264,7 @@ async fn a_block_found_while_the_node_is_killed_is_resubmitted_or_its_loss_expla
         let why: Vec<&str> = log
             .lines()
             .filter(|l| {
-                ["giving the block up", "block rejected"]
+                ["giving the block up", "block rejected", "(a stale block)"]
                     .iter()
                     .any(|m| l.contains(m))
             })
