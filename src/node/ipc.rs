@@ -547,8 +547,14 @@ pub(crate) async fn connect(path: &Path, call_timeout: Duration) -> Result<Conne
     ready_rx.await.map_err(|_| NodeError::Disconnected)?
 }
 
+/// Connects to the socket at `path` once it passed [`super::socket_check`]: to the very
+/// file checked, with every symlink resolved.
 async fn open(path: &Path) -> Result<tokio::net::UnixStream, NodeError> {
-    tokio::net::UnixStream::connect(path)
+    let checked =
+        super::socket_check::trusted_socket(path)?.ok_or_else(|| NodeError::SocketMissing {
+            path: path.to_path_buf(),
+        })?;
+    tokio::net::UnixStream::connect(&checked)
         .await
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {

@@ -9,6 +9,7 @@
 mod error;
 mod ipc;
 pub mod schema;
+mod socket_check;
 mod types;
 
 use std::path::{Path, PathBuf};
