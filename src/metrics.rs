@@ -66,13 +66,18 @@ pub struct Metrics {
     pub constraint_changes: IntCounterVec,
     /// `RequestTransactionData` by result (`success`, `template-id-not-found`, `stale-template-id`).
     pub tx_data_requests: IntCounterVec,
-    /// Solutions by result (`accepted`, `rejected`, `unknown-template`, `node-unavailable`).
+    /// Solutions by result: `accepted`, `rejected`, `node-unavailable`, `throttled` (real
+    /// blocks), and `bad-pow`, `malformed`, `unknown-template`, `duplicate` (junk).
     pub solutions: IntCounterVec,
     /// Solutions handed to the engine without awaiting their verdict (a client beyond
     /// `max_solutions_in_flight_per_client`).
     pub solutions_unawaited: IntCounter,
     /// Blocks found (solutions the node accepted).
     pub blocks_found: IntCounter,
+    /// Calls on a template (`submitSolution`, `getBlock`) and `submitBlock` that passed
+    /// `node_call_timeout` and are still being waited for (they are never abandoned), by
+    /// method.
+    pub node_calls_overdue: IntGaugeVec,
     /// From the node reporting a new tip to `SetNewPrevHash` being queued to clients.
     pub new_tip_to_prevhash_seconds: Histogram,
     /// Always 1, labelled with this build's `version`.
@@ -221,6 +226,14 @@ impl Metrics {
                 "Solutions the node accepted as blocks",
             )
             .expect("metric"),
+            node_calls_overdue: IntGaugeVec::new(
+                Opts::new(
+                    "sv2_tpd_node_calls_overdue",
+                    "Calls on a template and submitBlock past node_call_timeout, still awaited",
+                ),
+                &["method"],
+            )
+            .expect("metric"),
             new_tip_to_prevhash_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "sv2_tpd_new_tip_to_prevhash_seconds",
@@ -241,7 +254,7 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 24] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 25] = [
             Box::new(m.solutions_unawaited.clone()),
             Box::new(m.limit_waits.clone()),
             Box::new(m.node_connected.clone()),
@@ -264,6 +277,7 @@ impl Metrics {
             Box::new(m.tx_data_requests.clone()),
             Box::new(m.solutions.clone()),
             Box::new(m.blocks_found.clone()),
+            Box::new(m.node_calls_overdue.clone()),
             Box::new(m.new_tip_to_prevhash_seconds.clone()),
             Box::new(m.build_info.clone()),
         ];
@@ -319,6 +333,9 @@ impl Metrics {
             "malformed",
         ] {
             m.solutions.with_label_values(&[result]);
+        }
+        for method in ["submitSolution", "getBlock", "submitBlock"] {
+            m.node_calls_overdue.with_label_values(&[method]);
         }
         for sent in [
             "SetupConnectionSuccess",
