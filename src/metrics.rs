@@ -357,7 +357,7 @@ impl Metrics {
         }
         for method in [
             "createNewBlock",
-            "waitNext",
+            "waitTipChanged",
             "getBlock",
             "submitSolution",
             "destroy",

@@ -67,7 +67,7 @@ impl Jobs {
 /// A template the node keeps for us, with the bookkeeping that keeps its release safe.
 struct HeldTemplate {
     client: mining_capnp::block_template::Client,
-    /// Calls on it still running in the node (`waitNext`, `getBlock`, `submitSolution`).
+    /// Calls on it still running in the node (`getBlock`, `submitSolution`).
     in_flight: u32,
     /// Released by its owner; destroy once no call is in flight.
     released: bool,
@@ -338,19 +338,11 @@ impl Session {
         self.templates.borrow().len() + self.destroys_in_flight.get() as usize
     }
 
-    /// Destroys every held template (shutdown); waits are interrupted first.
+    /// Releases every held template (shutdown); each is destroyed once no call on it
+    /// runs.
     pub(crate) async fn release_all(self: &Rc<Self>) {
-        let keys: Vec<(u64, mining_capnp::block_template::Client, u32)> = self
-            .templates
-            .borrow()
-            .iter()
-            .map(|(k, t)| (*k, t.client.clone(), t.in_flight))
-            .collect();
-        for (key, client, pending) in keys {
-            if pending > 0 {
-                let interrupt = client.interrupt_wait_request().send().promise;
-                let _ = self.call(None, "interruptWait", interrupt).await;
-            }
+        let keys: Vec<u64> = self.templates.borrow().keys().copied().collect();
+        for key in keys {
             self.release(key);
         }
     }
