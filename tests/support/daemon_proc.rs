@@ -97,7 +97,7 @@ impl DaemonProcess {
 
     /// A set-up SV2 client of this daemon, with small coinbase constraints (100 bytes,
     /// 10 sigops), as a pool would connect.
-    pub async fn client(&self) -> sv2_tpd::sv2::TdpClient {
+    pub async fn client(&self) -> super::stream_check::CheckedClient {
         super::tp::client_at(
             self.sv2_addr.expect("SV2 address"),
             self.authority.expect("authority key"),
