@@ -11,7 +11,7 @@ use std::os::unix::fs::{chown, symlink, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
-use support::daemon_proc::{DaemonProcess, CHILD_PATIENCE};
+use support::daemon_proc::DaemonProcess;
 
 const NOBODY: u32 = 65534;
 
@@ -28,21 +28,6 @@ fn plant(root: &Path, name: &str, mode: u32) -> (PathBuf, UnixListener) {
     let listener = UnixListener::bind(&socket).expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     (socket, listener)
-}
-
-/// Waits for `daemon` to exit and returns its last error line, asserting exit code 2.
-fn refused(daemon: &mut DaemonProcess) -> String {
-    let status = daemon
-        .wait_exit(CHILD_PATIENCE)
-        .unwrap_or_else(|| panic!("sv2-tpd kept running; log:\n{}", daemon.log_text()));
-    let log = daemon.log_text();
-    assert_eq!(status.code(), Some(2), "log:\n{log}");
-    let error = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .rfind(|e| e["level"] == "ERROR")
-        .unwrap_or_else(|| panic!("no error logged:\n{log}"));
-    error["message"].as_str().unwrap_or_default().to_string()
 }
 
 fn assert_untouched(listener: &UnixListener) {
@@ -66,7 +51,7 @@ fn a_socket_owned_by_another_user_is_refused_with_exit_code_2() {
     let (socket, listener) = plant(dir.path(), "regtest", 0o700);
     chown(&socket, Some(NOBODY), None).expect("chown");
     let mut daemon = DaemonProcess::spawn(&socket, &dir.path().join("tpd"), &[]);
-    let message = refused(&mut daemon);
+    let message = daemon.failure_message(2);
     assert!(
         message.contains("refusing the node's IPC socket"),
         "{message}"
@@ -92,7 +77,7 @@ fn a_symlink_into_a_world_writable_directory_is_refused_with_exit_code_2() {
     let socket = regtest.join("node.sock");
     symlink(&target, &socket).expect("symlink");
     let mut daemon = DaemonProcess::spawn(&socket, &dir.path().join("tpd"), &[]);
-    let message = refused(&mut daemon);
+    let message = daemon.failure_message(2);
     assert!(message.contains(&socket.display().to_string()), "{message}");
     assert!(
         message.contains(&format!("{} on the way", shared.display())),
@@ -111,7 +96,7 @@ fn a_socket_planted_while_the_daemon_waits_is_refused_too() {
     // Someone makes the directory writable for all and puts a socket there.
     let (planted, listener) = plant(dir.path(), "regtest", 0o777);
     assert_eq!(planted, socket);
-    let message = refused(&mut daemon);
+    let message = daemon.failure_message(2);
     assert!(
         message.contains("writable by its group and others"),
         "{message}"

@@ -221,6 +221,15 @@ mod tests {
         (dir, listener)
     }
 
+    /// A private directory `root/name` whose `node.sock` is a symlink to `target`.
+    fn link_dir(root: &Path, name: &str, target: &Path) -> PathBuf {
+        let dir = root.join(name);
+        std::fs::create_dir(&dir).expect("mkdir");
+        chmod(&dir, 0o700);
+        symlink(target, dir.join("node.sock")).expect("symlink");
+        dir
+    }
+
     fn refusal(path: &Path) -> String {
         match trusted_socket(path) {
             Err(e @ NodeError::UntrustedSocket { .. }) => e.to_string(),
@@ -302,9 +311,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (shared, _listener) = node_dir(tmp.path(), "shared");
         chmod(&shared, 0o777);
-        let (dir, _own) = node_dir(tmp.path(), "regtest");
-        std::fs::remove_file(dir.join("node.sock")).expect("rm");
-        symlink(shared.join("node.sock"), dir.join("node.sock")).expect("symlink");
+        let dir = link_dir(tmp.path(), "regtest", &shared.join("node.sock"));
         let why = refusal(&dir.join("node.sock"));
         assert!(why.contains(&shared.display().to_string()), "{why}");
     }
@@ -356,9 +363,7 @@ mod tests {
         chown(&theirs, Some(OTHER_UID - 1), None).expect("chown");
         chown(theirs.join("node.sock"), Some(OTHER_UID - 1), None).expect("chown");
         // ...but the way there also goes through a directory of a second user.
-        let (dir, _own) = node_dir(tmp.path(), "regtest");
-        std::fs::remove_file(dir.join("node.sock")).expect("rm");
-        symlink(theirs.join("node.sock"), dir.join("node.sock")).expect("symlink");
+        let dir = link_dir(tmp.path(), "regtest", &theirs.join("node.sock"));
         chown(&dir, Some(OTHER_UID), None).expect("chown");
         let why = refusal(&dir.join("node.sock"));
         assert!(why.contains("neither root nor the node's user"), "{why}");

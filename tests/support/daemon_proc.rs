@@ -168,6 +168,22 @@ impl DaemonProcess {
         }
     }
 
+    /// Waits for the daemon to fail with exit code `code` and returns the message of its
+    /// last error line.
+    pub fn failure_message(&mut self, code: i32) -> String {
+        let status = self
+            .wait_exit(CHILD_PATIENCE)
+            .unwrap_or_else(|| panic!("sv2-tpd kept running; log:\n{}", self.log_text()));
+        let log = self.log_text();
+        assert_eq!(status.code(), Some(code), "log:\n{log}");
+        let error = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+            .rfind(|e| e["level"] == "ERROR")
+            .unwrap_or_else(|| panic!("no error logged:\n{log}"));
+        error["message"].as_str().unwrap_or_default().to_string()
+    }
+
     /// `GET path` on the metrics endpoint: status code and body.
     pub fn http_get(&self, path: &str) -> (i32, String) {
         let addr = self.metrics_addr.expect("metrics address known");
