@@ -120,8 +120,19 @@ fn main() -> ExitCode {
         Err(e) => {
             // Logging goes to stderr, so this is also what a terminal user sees.
             tracing::error!("{e:#}");
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(failure_code(&e))
         }
+    }
+}
+
+/// A node socket that is not to be trusted is the operator's setup to fix, like a bad
+/// configuration (2); every other failure is a runtime one (1).
+fn failure_code(e: &anyhow::Error) -> u8 {
+    use sv2_tpd::node::NodeError;
+    use sv2_tpd::template::EngineError;
+    match e.downcast_ref::<EngineError>() {
+        Some(EngineError::Unsupported(NodeError::UntrustedSocket { .. })) => EXIT_CONFIG,
+        _ => EXIT_FAILURE,
     }
 }
 

@@ -366,7 +366,7 @@ impl Metrics {
         }
         for method in [
             "createNewBlock",
-            "waitNext",
+            "waitTipChanged",
             "getBlock",
             "submitSolution",
             "destroy",

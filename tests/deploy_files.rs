@@ -19,11 +19,13 @@ use std::process::{Command, Stdio};
 use serde_json::Value as Json;
 use support::daemon_proc::DaemonProcess;
 use support::deploy_check::{
-    dashboard_metrics, deploy_dir, has_datasource_variable, missing, rule_file_metrics, MetricUse,
+    alerts_without_both_cases, dashboard_metrics, deploy_dir, has_datasource_variable, missing,
+    rule_file_metrics, MetricUse,
 };
 use sv2_tpd::mock::{MockNode, MockOptions};
 
 const ALERTS: &str = "prometheus/sv2-tpd-alerts.yml";
+const ALERT_TESTS: &str = "prometheus/sv2-tpd-alerts.test.yml";
 const DASHBOARD: &str = "grafana/sv2-tpd.json";
 
 /// The `process_*` series operators expect from any Prometheus-instrumented daemon.
@@ -191,6 +193,26 @@ async fn deploy_files_name_only_metrics_the_daemon_exports() {
             "promtool check metrics:\n{report}"
         );
     }
+}
+
+#[test]
+fn every_alert_has_a_rule_test_that_fires_it_and_one_that_does_not() {
+    let gaps = alerts_without_both_cases(&read(ALERTS), &read(ALERT_TESTS));
+    assert!(gaps.is_empty(), "{ALERT_TESTS}:\n{}", gaps.join("\n"));
+
+    // The check itself sees a missing case.
+    let rules = "      - alert: Tested\n      - alert: HalfTested\n      - alert: Untested\n";
+    let tests = "        alertname: Tested\n        exp_alerts: []\n\
+                 \x20       alertname: Tested\n        exp_alerts:\n          - exp_labels:\n\
+                 \x20       alertname: HalfTested\n        exp_alerts: []\n";
+    assert_eq!(
+        alerts_without_both_cases(rules, tests),
+        [
+            "HalfTested: no firing case",
+            "Untested: no firing case",
+            "Untested: no silent case"
+        ]
+    );
 }
 
 #[test]

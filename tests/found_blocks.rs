@@ -250,7 +250,7 @@ async fn a_block_whose_template_was_never_read_is_on_disk_before_the_node_answer
 /// Collects messages until a `SetNewPrevHash`, returning the non-future templates before
 /// it and the `SetNewPrevHash` itself.
 async fn updates_until_prev_hash(
-    c: &mut sv2_tpd::sv2::TdpClient,
+    c: &mut support::stream_check::CheckedClient,
 ) -> (Vec<NewTemplateOwned>, SetNewPrevHashOwned) {
     let mut updates = Vec::new();
     loop {

@@ -9,6 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::daemon_proc::{DaemonProcess, CHILD_PATIENCE};
+use support::stream_check::CheckedClient;
 use support::tp::{closed_by_server, next_tip, prev_hash};
 use sv2_tpd::mock::{MockNode, MockOptions};
 use sv2_tpd::sv2::TdpClient;
@@ -24,7 +25,7 @@ const MAX_PENDING: usize = 16;
 const RSS_BOUND_KIB: u64 = 64 * 1024;
 
 /// Mines a block and checks every pool gets its tip.
-async fn every_pool_gets_the_next_tip(node: &MockNode, pools: &mut [&mut TdpClient]) {
+async fn every_pool_gets_the_next_tip(node: &MockNode, pools: &mut [&mut CheckedClient]) {
     let mined = node.mine_block();
     for pool in pools.iter_mut() {
         let (_, p) = next_tip(pool).await;
@@ -124,9 +125,11 @@ async fn hostile_connections_do_not_cost_a_pool_its_tips() {
 
     // 4. A valid handshake and setup, then garbage (unencrypted, and a 16 MB header).
     for i in 0..10u64 {
-        let mut bad = TdpClient::connect(addr, daemon.authority.unwrap())
-            .await
-            .unwrap();
+        let mut bad = CheckedClient::new(
+            TdpClient::connect(addr, daemon.authority.unwrap())
+                .await
+                .unwrap(),
+        );
         bad.setup_connection().await.unwrap();
         if i % 2 == 0 {
             bad.send_constraints(100, 10).await.unwrap();

@@ -12,11 +12,12 @@ use std::time::Instant;
 use bitcoin::{Amount, ScriptBuf};
 use stratum_core::template_distribution_sv2::{NewTemplateOwned, SetNewPrevHashOwned};
 use support::daemon_proc::DaemonProcess;
+use support::stream_check::CheckedClient;
 use support::tp::{
     bad_nonce_solution, build_coinbase, client_at, next_tip, prev_hash, recv, solve,
 };
 use sv2_tpd::mock::{MockNode, MockOptions};
-use sv2_tpd::sv2::{TdpClient, TdpMessage};
+use sv2_tpd::sv2::TdpMessage;
 
 /// Memory an attack below may add to the daemon: far above what a bounded daemon needs,
 /// far below what keeping the attack's input would cost.
@@ -28,7 +29,7 @@ fn payout() -> ScriptBuf {
     ))
 }
 
-async fn connect(daemon: &DaemonProcess, size: u32) -> TdpClient {
+async fn connect(daemon: &DaemonProcess, size: u32) -> CheckedClient {
     client_at(
         daemon.sv2_addr.expect("SV2 address"),
         daemon.authority.expect("authority key"),
@@ -41,7 +42,7 @@ async fn connect(daemon: &DaemonProcess, size: u32) -> TdpClient {
 /// Mines a block, checks the pool gets its tip, and returns the pool's new template.
 async fn pool_gets_the_next_tip(
     node: &MockNode,
-    pool: &mut TdpClient,
+    pool: &mut CheckedClient,
 ) -> (NewTemplateOwned, SetNewPrevHashOwned) {
     let mined = node.mine_block();
     let (t, p) = next_tip(pool).await;

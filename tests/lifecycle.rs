@@ -208,17 +208,7 @@ async fn a_v30_node_is_refused_with_a_clear_message() {
     )
     .unwrap();
     let mut daemon = DaemonProcess::spawn(&socket, &dir.path().join("tpd"), &[]);
-    let status = daemon
-        .wait_exit(CHILD_PATIENCE)
-        .unwrap_or_else(|| panic!("sv2-tpd kept running; log:\n{}", daemon.log_text()));
-    let log = daemon.log_text();
-    assert_eq!(status.code(), Some(1), "log:\n{log}");
-    let error = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .rfind(|e| e["level"] == "ERROR")
-        .unwrap_or_else(|| panic!("no error logged:\n{log}"));
-    let message = error["message"].as_str().unwrap_or_default();
+    let message = daemon.failure_message(1);
     assert!(message.contains("v30"), "{message}");
     assert!(message.contains("v31 or later"), "{message}");
 }

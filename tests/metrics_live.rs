@@ -11,11 +11,12 @@ use std::path::Path;
 use bitcoin::hashes::Hash;
 use bitcoin::{Amount, ScriptBuf};
 use support::daemon_proc::{DaemonProcess, Metrics};
+use support::stream_check::CheckedClient;
 use support::tp::{
     bad_nonce_solution, build_coinbase, client_at, next_template, next_tip, prev_hash, recv, solve,
 };
 use sv2_tpd::mock::{MockNode, MockOptions};
-use sv2_tpd::sv2::{TdpClient, TdpMessage};
+use sv2_tpd::sv2::TdpMessage;
 use tokio::io::AsyncWriteExt;
 
 const CREATED: &str = "sv2_tpd_templates_created_total";
@@ -46,7 +47,7 @@ fn payout() -> ScriptBuf {
 }
 
 /// Reads until a `RequestTransactionData` answer, skipping template updates.
-async fn tx_data_answer(c: &mut TdpClient) -> TdpMessage {
+async fn tx_data_answer(c: &mut CheckedClient) -> TdpMessage {
     loop {
         match recv(c).await {
             TdpMessage::NewTemplate(_) | TdpMessage::SetNewPrevHash(_) => continue,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bitcoin::{Amount, ScriptBuf};
 use support::grind;
 use sv2_tpd::mock::{MockLine, MockMethod, MockNode, MockOptions};
-use sv2_tpd::node::{CreateOptions, NodeClient, NodeError, NodeLine, Template, WaitOptions};
+use sv2_tpd::node::{CreateOptions, NodeClient, NodeError, NodeLine, Template, Tip};
 
 /// Limit for any single step, so a hang fails the test instead of blocking the suite.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -80,21 +80,16 @@ async fn new_template(client: &NodeClient) -> Template {
     .expect("createNewBlock")
 }
 
-fn waiting(timeout: Duration, fee_threshold: Amount) -> WaitOptions {
-    WaitOptions {
-        timeout,
-        fee_threshold,
-    }
-}
-
-/// Starts a `waitNext` on `template` in its own task, so the test can act meanwhile.
-fn spawn_wait(
-    template: &Template,
+/// Starts a `waitTipChanged` from the mock's current tip in its own task, so the test can
+/// act meanwhile.
+fn spawn_tip_wait(
+    client: &NodeClient,
+    mock: &MockNode,
     timeout: Duration,
-    fee_threshold: Amount,
-) -> tokio::task::JoinHandle<Result<Option<Template>, NodeError>> {
-    let waiter = template.clone();
-    tokio::spawn(async move { waiter.wait_next(waiting(timeout, fee_threshold)).await })
+) -> tokio::task::JoinHandle<Result<Option<Tip>, NodeError>> {
+    let (current, _) = mock.tip();
+    let watcher = client.clone();
+    tokio::spawn(async move { watcher.wait_tip_changed(current, timeout).await })
 }
 
 /// Solves `template` and submits it; returns the node's acceptance and the solution.
@@ -109,9 +104,7 @@ async fn mine(template: &Template) -> (bool, grind::Solved) {
 /// they left before any answer came back. A client that waits for the template before
 /// asking for its data still scores one call per getter with this latency.
 fn give_creating_calls_latency(mock: &MockNode) {
-    for method in [MockMethod::CreateNewBlock, MockMethod::WaitNext] {
-        mock.set_delay(method, Duration::from_millis(50));
-    }
+    mock.set_delay(MockMethod::CreateNewBlock, Duration::from_millis(50));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,66 +162,6 @@ async fn solved_template_is_accepted_with_our_coinbase() {
     let block = f.mock.accepted_blocks().pop().expect("an accepted block");
     assert_eq!(block.txdata[0], solved.coinbase);
     assert_eq!(block.txdata.len(), 2, "the mempool tx was mined too");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wait_next_delivers_a_richer_template_in_one_round_trip() {
-    let f = Fixture::start(MockOptions::default());
-    give_creating_calls_latency(&f.mock);
-    let client = f.connect().await;
-    let template = new_template(&client).await;
-    assert_eq!(template.data().total_fees(), Amount::ZERO);
-
-    let next = spawn_wait(&template, Duration::from_secs(15), Amount::from_sat(1));
-    let fee = Amount::from_sat(40_000);
-    let txid = f.mock.add_mempool_tx(fee);
-    let next = within("waitNext", next)
-        .await
-        .expect("wait task")
-        .expect("waitNext")
-        .expect("a template with the new transaction, not a timeout");
-
-    assert_eq!(next.data().total_fees(), fee);
-    assert!(next.data().total_fees() > template.data().total_fees());
-    assert_eq!(
-        next.data().coinbase.block_reward_remaining,
-        REGTEST_SUBSIDY + fee
-    );
-    let stats = f.mock.stats();
-    assert_eq!(
-        stats.template_calls_after_delivery, 0,
-        "waitNext's data was not read pipelined"
-    );
-    println!(
-        "createNewBlock + waitNext: {} templates, {} template data call(s) after delivery \
-         => 1 IPC round trip per template",
-        stats.templates_created, stats.template_calls_after_delivery
-    );
-
-    let block = within("getBlock", next.block()).await.expect("getBlock");
-    assert!(
-        block.txdata.iter().any(|tx| tx.compute_txid() == txid),
-        "the new mempool tx is not in the template's block"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wait_next_delivers_a_template_on_the_new_tip() {
-    let f = Fixture::start(MockOptions::default());
-    let client = f.connect().await;
-    let template = new_template(&client).await;
-
-    let next = spawn_wait(&template, Duration::from_secs(15), Amount::MAX_MONEY);
-    // Mining while the wait may not have reached the mock yet is fine: it compares the
-    // tip with its template's parent.
-    f.mock.mine_block();
-    let next = within("waitNext", next)
-        .await
-        .expect("wait task")
-        .expect("waitNext")
-        .expect("a template on the new tip");
-    assert_eq!(next.data().header.prev_blockhash, f.mock.tip().0);
-    assert_eq!(next.data().height(), template.data().height() + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,69 +374,51 @@ async fn reconnects_after_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stopping_the_node_ends_a_pending_wait_next() {
+async fn stopping_the_node_ends_a_pending_wait_tip_changed() {
     let f = Fixture::start(MockOptions::default());
     let client = f.connect().await;
-    let template = new_template(&client).await;
 
-    let pending = spawn_wait(&template, Duration::from_secs(60), Amount::MAX_MONEY);
-    eventually("waitNext reaches the mock", || {
-        f.mock.stats().calls.contains_key("waitNext")
+    let pending = spawn_tip_wait(&client, &f.mock, Duration::from_secs(60));
+    eventually("waitTipChanged reaches the mock", || {
+        f.mock.calls(MockMethod::WaitTipChanged.name()) > 0
     })
     .await;
     let mock = &f.mock;
     tokio::task::block_in_place(|| mock.stop());
 
-    let ended = within("the pending waitNext", pending)
+    let ended = within("the pending waitTipChanged", pending)
         .await
         .expect("the wait task did not panic");
     match ended {
         Ok(None) | Err(_) => {}
-        Ok(Some(_)) => panic!("waitNext made a template while the node stopped"),
+        Ok(Some(tip)) => panic!("waitTipChanged reported {tip:?} while the node stopped"),
     }
     within("closed()", client.closed()).await;
 }
 
-/// Waits on one template with a wait only a new tip ends, and meanwhile mines `solve_on`
-/// (the waited-on template itself, or another one): were the submit queued behind the
-/// wait, neither would return before the wait's minute is up.
-async fn submit_during_wait_next(same_template: bool) {
+/// The tip follower's wait blocks until a new tip, and meanwhile a template is mined:
+/// were the submit queued behind the wait, it would not return before the wait's minute
+/// is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_returns_while_wait_tip_changed_blocks() {
     let f = Fixture::start(MockOptions::default());
     let client = f.connect().await;
-    let waited_on = new_template(&client).await;
-    let solve_on = if same_template {
-        waited_on.clone()
-    } else {
-        new_template(&client).await
-    };
+    let template = new_template(&client).await;
 
-    let pending = spawn_wait(&waited_on, Duration::from_secs(60), Amount::MAX_MONEY);
-    eventually("waitNext reaches the mock", || {
-        f.mock.stats().calls.contains_key("waitNext")
+    let pending = spawn_tip_wait(&client, &f.mock, Duration::from_secs(60));
+    eventually("waitTipChanged reaches the mock", || {
+        f.mock.calls(MockMethod::WaitTipChanged.name()) > 0
     })
     .await;
     // `mine` gives up after 20 s, long before the wait's own timeout.
-    let (accepted, solved) = mine(&solve_on).await;
+    let (accepted, solved) = mine(&template).await;
     assert!(accepted);
-    let next = within("waitNext after our block", pending)
+    let tip = within("waitTipChanged after our block", pending)
         .await
         .expect("wait task")
-        .expect("waitNext")
-        .expect("a template on our block");
-    assert_eq!(
-        next.data().header.prev_blockhash,
-        solved.header.block_hash()
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn submit_returns_while_wait_next_blocks_on_another_template() {
-    submit_during_wait_next(false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn submit_returns_while_wait_next_blocks_on_the_same_template() {
-    submit_during_wait_next(true).await;
+        .expect("waitTipChanged")
+        .expect("our block as the tip");
+    assert_eq!(tip.hash, solved.header.block_hash());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -594,20 +509,16 @@ async fn one_round_trip_per_template_over_many_templates() {
     let f = Fixture::start(MockOptions::default());
     give_creating_calls_latency(&f.mock);
     let client = f.connect().await;
-    let mut template = new_template(&client).await;
+    new_template(&client).await;
     let rounds = 5;
     for round in 0..rounds {
-        let next = spawn_wait(&template, Duration::from_secs(15), Amount::from_sat(1));
         if round % 2 == 0 {
             f.mock.add_mempool_tx(Amount::from_sat(1_000 * (round + 1)));
         } else {
             f.mock.mine_block();
         }
-        template = within("waitNext", next)
-            .await
-            .expect("wait task")
-            .expect("waitNext")
-            .expect("a template");
+        let template = new_template(&client).await;
+        assert_eq!(template.data().header.prev_blockhash, f.mock.tip().0);
     }
     let stats = f.mock.stats();
     assert_eq!(stats.templates_created, rounds + 1);
@@ -628,13 +539,8 @@ async fn dropped_templates_are_released_in_the_node() {
     let first = new_template(&client).await;
     let copy = first.clone();
     let second = new_template(&client).await;
-    let next = spawn_wait(&second, Duration::from_secs(15), Amount::MAX_MONEY);
     f.mock.mine_block();
-    let third = within("waitNext", next)
-        .await
-        .expect("wait task")
-        .expect("waitNext")
-        .expect("a template");
+    let third = new_template(&client).await;
     assert_eq!(f.mock.stats().templates_alive, 3);
 
     drop(first);
@@ -650,53 +556,52 @@ async fn dropped_templates_are_released_in_the_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_template_outlives_its_handle_while_a_wait_on_it_runs() {
+async fn a_template_outlives_its_handle_while_a_call_on_it_runs() {
     let f = Fixture::start(MockOptions::default());
     let client = f.connect().await;
     let template = new_template(&client).await;
+    f.mock
+        .set_delay(MockMethod::GetBlock, Duration::from_millis(500));
 
-    // The only handle goes into the wait's task; the test keeps none.
+    // The only handle goes into the call's task; the test keeps none.
     let pending = tokio::spawn(async move {
-        let next = template
-            .wait_next(waiting(Duration::from_secs(15), Amount::MAX_MONEY))
-            .await;
+        let block = template.block().await;
         drop(template);
-        next
+        block
     });
-    eventually("waitNext reaches the mock", || {
-        f.mock.stats().calls.contains_key("waitNext")
+    eventually("getBlock reaches the mock", || {
+        f.mock.calls(MockMethod::GetBlock.name()) > 0
     })
     .await;
-    f.mock.mine_block();
-    let next = within("waitNext", pending)
+    let block = within("getBlock", pending)
         .await
-        .expect("wait task")
-        .expect("waitNext completes normally")
-        .expect("a template on the new tip");
-    assert_eq!(next.data().header.prev_blockhash, f.mock.tip().0);
-    eventually("the waited-on template released", || {
-        f.mock.stats().templates_alive == 1
-    })
-    .await;
-    drop(next);
-    eventually("every template released", || {
+        .expect("call task")
+        .expect("getBlock completes normally");
+    assert_eq!(block.header.prev_blockhash, f.mock.tip().0);
+    eventually("the template released", || {
         f.mock.stats().templates_alive == 0
     })
     .await;
+    assert_eq!(f.mock.calls(MockMethod::Destroy.name()), 1);
+    drop(client);
 }
 
-/// A caller that gives up on `wait_next` (its future dropped, e.g. by a `select!`) and
-/// drops the template: the node's wait is still running, so the template must not be
-/// destroyed under it; once the wait ends, nothing may be left behind in the node.
+/// A caller that gives up on a call on a template (its future dropped, e.g. by a
+/// `select!`) and drops the template: the node's call is still running, so the template
+/// must not be destroyed under it; once the call ends, nothing may be left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_abandoned_wait_defers_the_destroy_and_leaks_nothing() {
+async fn an_abandoned_call_defers_the_destroy_and_leaks_nothing() {
     let f = Fixture::start(MockOptions::default());
     let client = f.connect().await;
     let template = new_template(&client).await;
+    // Long enough that the node is still inside the call when the test looks.
+    f.mock
+        .set_delay(MockMethod::GetBlock, Duration::from_secs(3));
 
-    let pending = spawn_wait(&template, Duration::from_secs(15), Amount::MAX_MONEY);
-    eventually("waitNext reaches the mock", || {
-        f.mock.stats().calls.contains_key("waitNext")
+    let caller = template.clone();
+    let pending = tokio::spawn(async move { caller.block().await });
+    eventually("getBlock reaches the mock", || {
+        f.mock.calls(MockMethod::GetBlock.name()) > 0
     })
     .await;
     pending.abort();
@@ -708,17 +613,15 @@ async fn an_abandoned_wait_defers_the_destroy_and_leaks_nothing() {
     assert_eq!(
         stats.calls.get("destroy"),
         None,
-        "destroyed while a waitNext on it was pending"
+        "destroyed while a getBlock on it was running"
     );
     assert_eq!(stats.templates_alive, 1);
 
-    // The node's wait ends with a new template that nobody will ever see.
-    f.mock.mine_block();
     eventually("every template released", || {
         f.mock.stats().templates_alive == 0
     })
     .await;
-    assert_eq!(f.mock.stats().templates_created, 2);
+    assert_eq!(f.mock.calls(MockMethod::Destroy.name()), 1);
     drop(client);
 }
 

@@ -1,7 +1,7 @@
 //! The IPC client (`sv2_tpd::node`) against a real regtest `bitcoin-node`: templates that
-//! match the chain, a solved block accepted, mempool transactions reaching `waitNext`,
-//! `waitTipChanged`, a submit that does not queue behind a wait, and a node that dies or
-//! stops under a pending wait. Skipped (with a printed notice) when no node binary is
+//! match the chain, a solved block accepted, mempool transactions reaching the next
+//! template, `waitTipChanged`, a submit that does not queue behind it, and a node that
+//! dies or stops under a pending wait. Skipped (with a printed notice) when no node binary is
 //! available outside CI.
 
 mod support;
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bitcoin::{Amount, BlockHash, ScriptBuf};
 use support::{grind, BitcoinNode};
-use sv2_tpd::node::{CreateOptions, NodeClient, NodeLine, Template, WaitOptions};
+use sv2_tpd::node::{CreateOptions, NodeClient, NodeError, NodeLine, Template, Tip};
 
 /// Limit for any single step, so a hang fails the test instead of blocking the suite.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -85,20 +85,15 @@ async fn mine(template: &Template) -> (bool, grind::Solved) {
     within("submitSolution", grind::mine(template, &payout())).await
 }
 
-/// A `wait_next` on `template` in its own task that only a new tip (or the node going
-/// away) ends within [`LONG_WAIT`].
+/// A `waitTipChanged` from `node`'s current tip in its own task, which only a new tip (or
+/// the node going away) ends within [`LONG_WAIT`].
 fn wait_for_new_tip(
-    template: &Template,
-) -> tokio::task::JoinHandle<Result<Option<Template>, sv2_tpd::node::NodeError>> {
-    let waiter = template.clone();
-    tokio::spawn(async move {
-        waiter
-            .wait_next(WaitOptions {
-                timeout: LONG_WAIT,
-                fee_threshold: Amount::MAX_MONEY,
-            })
-            .await
-    })
+    client: &NodeClient,
+    node: &BitcoinNode,
+) -> tokio::task::JoinHandle<Result<Option<Tip>, NodeError>> {
+    let current = best_block_hash(node);
+    let watcher = client.clone();
+    tokio::spawn(async move { watcher.wait_tip_changed(current, LONG_WAIT).await })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,31 +154,17 @@ async fn template_matches_the_chain_and_our_solved_block_is_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_mempool_transaction_reaches_wait_next() {
-    let node = node_or_skip!("a_new_mempool_transaction_reaches_wait_next");
+async fn a_new_mempool_transaction_reaches_the_next_template() {
+    let node = node_or_skip!("a_new_mempool_transaction_reaches_the_next_template");
     blocking(|| fund(&node));
     let client = connect(&node).await;
     let template = new_template(&client).await;
     assert_eq!(template.data().total_fees(), Amount::ZERO);
 
-    let waiter = template.clone();
-    let next = tokio::spawn(async move {
-        waiter
-            .wait_next(WaitOptions {
-                timeout: PATIENCE,
-                fee_threshold: Amount::from_sat(1),
-            })
-            .await
-    });
     let fee = Amount::from_sat(30_000);
     let txid = blocking(|| node.send_fee_tx(fee)).expect("fee transaction");
-    let next = within("waitNext", next)
-        .await
-        .expect("wait task")
-        .expect("waitNext")
-        .expect("a template with the new transaction, not a timeout");
+    let next = new_template(&client).await;
 
-    assert!(next.data().total_fees() > template.data().total_fees());
     assert_eq!(next.data().total_fees(), fee);
     assert_eq!(
         next.data().header.prev_blockhash,
@@ -227,58 +208,53 @@ async fn wait_tip_changed_returns_a_block_mined_over_rpc() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn submit_returns_while_wait_next_blocks_on_another_template() {
-    let node = node_or_skip!("submit_returns_while_wait_next_blocks_on_another_template");
+async fn submit_returns_while_wait_tip_changed_blocks() {
+    let node = node_or_skip!("submit_returns_while_wait_tip_changed_blocks");
     blocking(|| node.generate(1)).expect("leave IBD");
     let client = connect(&node).await;
-    let waited_on = new_template(&client).await;
-    let pending = wait_for_new_tip(&waited_on);
+    let template = new_template(&client).await;
+    let pending = wait_for_new_tip(&client, &node);
     // Give the wait time to reach the node and block there.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !pending.is_finished(),
-        "waitNext returned without a new tip"
+        "waitTipChanged returned without a new tip"
     );
 
-    let other = new_template(&client).await;
     // `mine` gives up after 30 s, well before the wait's 60 s: a submit queued behind
     // the wait could not return before the wait does.
-    let (accepted, solved) = mine(&other).await;
+    let (accepted, solved) = mine(&template).await;
     assert!(accepted, "bitcoin-node refused our block");
     assert_eq!(best_block_hash(&node), solved.header.block_hash());
 
-    let next = within("waitNext after our block", pending)
+    let tip = within("waitTipChanged after our block", pending)
         .await
         .expect("wait task")
-        .expect("waitNext")
-        .expect("a template on our block");
-    assert_eq!(
-        next.data().header.prev_blockhash,
-        solved.header.block_hash()
-    );
+        .expect("waitTipChanged")
+        .expect("our block as the tip");
+    assert_eq!(tip.hash, solved.header.block_hash());
 }
 
-/// A pending `waitNext` on a node that goes away ends — with an error or `None` — and the
-/// client notices the closed connection.
-async fn pending_wait_next_ends_when_the_node_goes(node: &BitcoinNode, stop: impl FnOnce()) {
+/// A pending `waitTipChanged` on a node that goes away ends — with an error or `None` —
+/// and the client notices the closed connection.
+async fn pending_wait_ends_when_the_node_goes(node: &BitcoinNode, stop: impl FnOnce()) {
     blocking(|| node.generate(1)).expect("leave IBD");
     let client = connect(node).await;
-    let template = new_template(&client).await;
-    let pending = wait_for_new_tip(&template);
+    let pending = wait_for_new_tip(&client, node);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !pending.is_finished(),
-        "waitNext returned without a new tip"
+        "waitTipChanged returned without a new tip"
     );
 
     blocking(stop);
-    let ended = within("the pending waitNext", pending)
+    let ended = within("the pending waitTipChanged", pending)
         .await
         .expect("the wait task did not panic");
-    println!("pending waitNext ended with {ended:?}");
+    println!("pending waitTipChanged ended with {ended:?}");
     assert!(
         !matches!(ended, Ok(Some(_))),
-        "waitNext made a template while the node went away"
+        "waitTipChanged reported a tip while the node went away"
     );
     within("closed()", client.closed()).await;
     let later = within("getTip after the node went", client.tip()).await;
@@ -286,13 +262,13 @@ async fn pending_wait_next_ends_when_the_node_goes(node: &BitcoinNode, stop: imp
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_ends_a_pending_wait_next() {
-    let node = node_or_skip!("kill9_ends_a_pending_wait_next");
-    pending_wait_next_ends_when_the_node_goes(&node, || node.kill9().expect("kill -9")).await;
+async fn kill9_ends_a_pending_wait_tip_changed() {
+    let node = node_or_skip!("kill9_ends_a_pending_wait_tip_changed");
+    pending_wait_ends_when_the_node_goes(&node, || node.kill9().expect("kill -9")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rpc_stop_ends_a_pending_wait_next() {
-    let node = node_or_skip!("rpc_stop_ends_a_pending_wait_next");
-    pending_wait_next_ends_when_the_node_goes(&node, || node.stop().expect("RPC stop")).await;
+async fn rpc_stop_ends_a_pending_wait_tip_changed() {
+    let node = node_or_skip!("rpc_stop_ends_a_pending_wait_tip_changed");
+    pending_wait_ends_when_the_node_goes(&node, || node.stop().expect("RPC stop")).await;
 }

@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use bitcoin::{Amount, ScriptBuf};
+use support::stream_check::CheckedClient;
 use support::tp::*;
 use sv2_tpd::mock::{MockNode, MockOptions};
 use sv2_tpd::sv2::TdpMessage;
@@ -506,10 +507,7 @@ async fn distinct_constraints_beyond_the_cap_share_a_larger_group() {
 }
 
 /// Mines a block and returns the template id each client got.
-async fn template_ids_after_mine(
-    node: &MockNode,
-    clients: &mut [sv2_tpd::sv2::TdpClient],
-) -> Vec<u64> {
+async fn template_ids_after_mine(node: &MockNode, clients: &mut [CheckedClient]) -> Vec<u64> {
     node.mine_block();
     let mut ids = Vec::new();
     for c in clients.iter_mut() {

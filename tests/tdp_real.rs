@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bitcoin::{Amount, ScriptBuf};
 use stratum_core::common_messages_sv2::Protocol;
+use support::stream_check::CheckedClient;
 use support::tp::*;
 use sv2_tpd::sv2::{TdpClient, TdpMessage};
 
@@ -95,9 +96,11 @@ async fn misbehaving_clients_get_the_spec_answer_and_others_keep_receiving() {
     next_tip(&mut good).await;
 
     // Wrong protocol: SetupConnection.Error, then closed.
-    let mut wrong = TdpClient::connect(daemon.sv2_addr, daemon.authority_pubkey)
-        .await
-        .unwrap();
+    let mut wrong = CheckedClient::new(
+        TdpClient::connect(daemon.sv2_addr, daemon.authority_pubkey)
+            .await
+            .unwrap(),
+    );
     wrong
         .send_setup_connection(Protocol::MiningProtocol, 2, 2)
         .await
@@ -119,14 +122,18 @@ async fn misbehaving_clients_get_the_spec_answer_and_others_keep_receiving() {
         .unwrap();
 
     // Garbage after the handshake, and a frame over the size limit.
-    let mut garbage = TdpClient::connect(daemon.sv2_addr, daemon.authority_pubkey)
-        .await
-        .unwrap();
+    let mut garbage = CheckedClient::new(
+        TdpClient::connect(daemon.sv2_addr, daemon.authority_pubkey)
+            .await
+            .unwrap(),
+    );
     garbage.setup_connection().await.unwrap();
     garbage.send_raw_bytes(&[0x42u8; 64]).await.unwrap();
-    let mut huge = TdpClient::connect(daemon.sv2_addr, daemon.authority_pubkey)
-        .await
-        .unwrap();
+    let mut huge = CheckedClient::new(
+        TdpClient::connect(daemon.sv2_addr, daemon.authority_pubkey)
+            .await
+            .unwrap(),
+    );
     huge.setup_connection().await.unwrap();
     let _ = huge.send_raw_frame(0, 0x70, &vec![0u8; 1 << 20]).await;
 

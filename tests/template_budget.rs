@@ -9,10 +9,11 @@
 mod support;
 
 use bitcoin::Amount;
+use support::stream_check::CheckedClient;
 use support::tp::*;
 use sv2_tpd::metrics::metrics;
 use sv2_tpd::mock::{MockNode, MockOptions};
-use sv2_tpd::sv2::{TdpClient, TdpMessage};
+use sv2_tpd::sv2::TdpMessage;
 
 /// Distinct constraint groups: the most the daemon serves.
 const GROUPS: u32 = 32;
@@ -23,7 +24,7 @@ const BUDGET: u64 = 40;
 const TIPS: u64 = 6;
 
 /// The transactions `c` is sent for template `id` (failing on an error answer).
-async fn tx_data(c: &mut TdpClient, id: u64) -> Vec<Vec<u8>> {
+async fn tx_data(c: &mut CheckedClient, id: u64) -> Vec<Vec<u8>> {
     c.request_tx_data(id).await.expect("request sent");
     match recv(c).await {
         TdpMessage::RequestTransactionDataSuccess(s) => s

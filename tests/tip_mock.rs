@@ -7,9 +7,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bitcoin::{Amount, ScriptBuf};
+use support::stream_check::CheckedClient;
 use support::tp::*;
 use sv2_tpd::mock::{MockNode, MockOptions};
-use sv2_tpd::sv2::{TdpClient, TdpMessage};
+use sv2_tpd::sv2::TdpMessage;
 
 fn mock(dir: &tempfile::TempDir) -> MockNode {
     MockNode::start(&dir.path().join("node.sock"), MockOptions::default()).expect("mock starts")
@@ -22,7 +23,7 @@ fn payout() -> ScriptBuf {
 }
 
 /// The next message, or `None` when none arrives within `quiet`.
-async fn within(c: &mut TdpClient, quiet: Duration) -> Option<TdpMessage> {
+async fn within(c: &mut CheckedClient, quiet: Duration) -> Option<TdpMessage> {
     tokio::time::timeout(quiet, c.recv())
         .await
         .ok()
@@ -32,7 +33,7 @@ async fn within(c: &mut TdpClient, quiet: Duration) -> Option<TdpMessage> {
 /// Solves `t` on `p` and waits until the node has the block; returns its hash.
 async fn mine_on(
     node: &MockNode,
-    c: &mut TdpClient,
+    c: &mut CheckedClient,
     t: &stratum_core::template_distribution_sv2::NewTemplateOwned,
     p: &stratum_core::template_distribution_sv2::SetNewPrevHashOwned,
 ) -> bitcoin::BlockHash {

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use bitcoin::{Amount, BlockHash, ScriptBuf};
 use support::daemon_proc::DaemonProcess;
+use support::stream_check::CheckedClient;
 use support::tp::*;
 use support::BitcoinNode;
-use sv2_tpd::sv2::{TdpClient, TdpMessage};
+use sv2_tpd::sv2::TdpMessage;
 
 /// The daemon's `node_call_timeout` in these tests, and its probe interval.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,7 +61,7 @@ fn start_daemon(node: &BitcoinNode, dir: &Path) -> DaemonProcess {
 
 /// Asks for `template_id`'s transactions until answered: once answered, the daemon holds
 /// the template's block, so a solution for it can be saved whole.
-async fn cache_block(c: &mut TdpClient, template_id: u64) {
+async fn cache_block(c: &mut CheckedClient, template_id: u64) {
     c.request_tx_data(template_id).await.unwrap();
     loop {
         match recv(c).await {

@@ -33,11 +33,12 @@ use anyhow::{bail, Context};
 use bitcoin::Amount;
 use key_utils::Secp256k1PublicKey;
 use sv2_tpd::mock::{MockNode, MockOptions};
-use sv2_tpd::sv2::{TdpClient, TdpMessage};
+use sv2_tpd::sv2::TdpMessage;
 use tokio::sync::mpsc;
 
 use support::bitcoin_node::free_local_port;
 use support::proc_status::rss_kib;
+use support::stream_check::CheckedClient;
 use support::tp::{client_at, next_template, next_tip, regtest_config};
 use support::BitcoinNode;
 
@@ -184,10 +185,10 @@ fn ms(d: Duration) -> String {
 
 /// A client whose messages are forwarded, time-stamped, to the collector.
 async fn spawn_listener(
-    mut client: TdpClient,
+    mut client: CheckedClient,
     index: usize,
     events: mpsc::UnboundedSender<(usize, Instant, TdpMessage)>,
-) -> tokio::task::JoinHandle<TdpClient> {
+) -> tokio::task::JoinHandle<CheckedClient> {
     tokio::spawn(async move {
         while let Ok(msg) = client.recv().await {
             if events.send((index, Instant::now(), msg)).is_err() {

@@ -23,6 +23,15 @@ pub enum NodeError {
         /// The path tried.
         path: PathBuf,
     },
+    /// The socket could have been put there by someone other than the node's user or
+    /// root (see `socket_check`), so the daemon will not send it anything.
+    #[error("refusing the node's IPC socket {path}: {reason}")]
+    UntrustedSocket {
+        /// The path configured.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
     /// Any other failure to open the socket.
     #[error("cannot connect to the node's IPC socket {path}: {reason}")]
     Connect {

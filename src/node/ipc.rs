@@ -442,19 +442,11 @@ impl Session {
         self.templates.borrow().len() + self.destroys_in_flight.get() as usize
     }
 
-    /// Destroys every held template (shutdown); waits are interrupted first.
+    /// Releases every held template (shutdown); each is destroyed once no call on it
+    /// runs.
     pub(crate) async fn release_all(self: &Rc<Self>) {
-        let keys: Vec<(u64, mining_capnp::block_template::Client, u32)> = self
-            .templates
-            .borrow()
-            .iter()
-            .map(|(k, t)| (*k, t.client.clone(), t.in_flight))
-            .collect();
-        for (key, client, pending) in keys {
-            if pending > 0 {
-                let interrupt = client.interrupt_wait_request().send().promise;
-                let _ = self.call(None, "interruptWait", interrupt).await;
-            }
+        let keys: Vec<u64> = self.templates.borrow().keys().copied().collect();
+        for key in keys {
             self.release(key);
         }
     }
@@ -651,8 +643,14 @@ pub(crate) async fn connect(path: &Path, call_timeout: Duration) -> Result<Conne
     ready_rx.await.map_err(|_| NodeError::Disconnected)?
 }
 
+/// Connects to the socket at `path` once it passed [`super::socket_check`]: to the very
+/// file checked, with every symlink resolved.
 async fn open(path: &Path) -> Result<tokio::net::UnixStream, NodeError> {
-    tokio::net::UnixStream::connect(path)
+    let checked =
+        super::socket_check::trusted_socket(path)?.ok_or_else(|| NodeError::SocketMissing {
+            path: path.to_path_buf(),
+        })?;
+    tokio::net::UnixStream::connect(&checked)
         .await
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {

@@ -3,12 +3,13 @@
 //! [`NodeClient::connect`] opens the node's unix socket, runs the libmultiprocess
 //! bootstrap on a dedicated IPC thread and detects the interface line. Every call that may
 //! be outstanding at once runs on its own node-side thread (borrowed from a pool), so a
-//! `submitSolution` never queues behind a blocking `waitNext`. Templates live in the node;
+//! `submitSolution` never queues behind a blocking `waitTipChanged`. Templates live in the node;
 //! a [`Template`] holds a reference and releases it when the last clone drops.
 
 mod error;
 mod ipc;
 pub mod schema;
+mod socket_check;
 mod types;
 
 use std::path::{Path, PathBuf};
@@ -21,9 +22,7 @@ use bitcoin::{Block, Transaction};
 use tokio::sync::watch;
 
 pub use error::NodeError;
-pub use types::{
-    CoinbaseTemplate, CreateOptions, NodeLine, SubmitVerdict, TemplateData, Tip, WaitOptions,
-};
+pub use types::{CoinbaseTemplate, CreateOptions, NodeLine, SubmitVerdict, TemplateData, Tip};
 
 use error::is_unimplemented;
 use ipc::{timed, Jobs};
@@ -57,7 +56,7 @@ impl NodeClient {
     }
 
     /// Like [`NodeClient::connect`], with every call that is not a wait (everything but
-    /// `createNewBlock`, `waitNext`, `waitTipChanged` and `makeMining`) failing with
+    /// `createNewBlock`, `waitTipChanged` and `makeMining`) failing with
     /// [`NodeError::Timeout`] when the node has not answered within `call_timeout`.
     pub async fn connect_with_timeout(
         socket: &Path,
@@ -256,7 +255,7 @@ impl NodeClient {
             .await
     }
 
-    /// Releases every template still held (interrupting their waits first) and waits,
+    /// Releases every template still held (each once no call on it runs) and waits,
     /// briefly, until the node has destroyed them. For shutdown.
     pub async fn release_all(&self) {
         let _ = self
@@ -313,59 +312,6 @@ impl Template {
 
     fn jobs(&self) -> &Jobs {
         &self.inner.jobs
-    }
-
-    /// Waits for a better template: a new tip, or fees up by `fee_threshold`. `None` on
-    /// timeout, [`Template::interrupt_wait`] or node shutdown. Runs on its own node thread.
-    pub async fn wait_next(&self, options: WaitOptions) -> Result<Option<Template>, NodeError> {
-        let key = self.key();
-        let jobs = self.jobs().clone();
-        self.jobs()
-            .run(move |s| async move {
-                let client = s.template(key)?;
-                let worker = s.worker();
-                let mut request = client.wait_next_request();
-                let mut params = request.get();
-                params.reborrow().init_context().set_thread(worker.thread());
-                let mut o = params.init_options();
-                o.set_timeout(options.timeout.as_secs_f64() * 1000.0);
-                o.set_fee_threshold(
-                    i64::try_from(options.fee_threshold.to_sat()).unwrap_or(i64::MAX),
-                );
-                s.begin_call(key);
-                let call = request.send();
-                let template = call.pipeline.get_result();
-                let (response, data) = futures::join!(
-                    timed("waitNext", call.promise),
-                    s.read_template(&template, &worker)
-                );
-                s.end_call(key);
-                let results = response?;
-                let results = results
-                    .get()
-                    .map_err(|e| NodeError::from_capnp("waitNext", e))?;
-                if !results.has_result() {
-                    return Ok(None);
-                }
-                let data = data?;
-                // See `create_new_block`: a caller that gave up must not leak it.
-                Ok(Some(Template::new(jobs, s.hold(template), data)))
-            })
-            .await
-    }
-
-    /// Makes a pending `waitNext` on this template return `None` (sticky: with none
-    /// pending, the next one returns at once).
-    pub async fn interrupt_wait(&self) -> Result<(), NodeError> {
-        let key = self.key();
-        self.jobs()
-            .run(move |s| async move {
-                let client = s.template(key)?;
-                let interrupt = client.interrupt_wait_request().send().promise;
-                s.call(None, "interruptWait", interrupt).await?;
-                Ok(())
-            })
-            .await
     }
 
     /// The full block (with a dummy coinbase), for the transaction data. Waited for to the

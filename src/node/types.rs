@@ -59,15 +59,6 @@ impl Default for CreateOptions {
     }
 }
 
-/// Options for `waitNext`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WaitOptions {
-    /// Give up (and answer `None`) after this long.
-    pub timeout: std::time::Duration,
-    /// Return early when fees rose by at least this much.
-    pub fee_threshold: Amount,
-}
-
 /// What the node requires of the coinbase transaction (`getCoinbaseTx`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CoinbaseTemplate {

@@ -41,28 +41,6 @@ pub const CONSTRAINTS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often refused and failed connections are summed up in the log.
 pub const REFUSAL_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Default Template Distribution port on mainnet.
-pub const DEFAULT_PORT_MAIN: u16 = 8442;
-/// Default Template Distribution port on testnet3.
-pub const DEFAULT_PORT_TESTNET: u16 = 18442;
-/// Default Template Distribution port on testnet4.
-pub const DEFAULT_PORT_TESTNET4: u16 = 48442;
-/// Default Template Distribution port on signet.
-pub const DEFAULT_PORT_SIGNET: u16 = 38442;
-/// Default Template Distribution port on regtest.
-pub const DEFAULT_PORT_REGTEST: u16 = 18447;
-
-/// The default Template Distribution port for `network`.
-pub fn default_port(network: bitcoin::Network) -> u16 {
-    match network {
-        bitcoin::Network::Bitcoin => DEFAULT_PORT_MAIN,
-        bitcoin::Network::Testnet => DEFAULT_PORT_TESTNET,
-        bitcoin::Network::Testnet4 => DEFAULT_PORT_TESTNET4,
-        bitcoin::Network::Signet => DEFAULT_PORT_SIGNET,
-        bitcoin::Network::Regtest => DEFAULT_PORT_REGTEST,
-    }
-}
-
 /// How the server accepts clients.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {

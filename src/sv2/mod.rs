@@ -8,4 +8,4 @@ pub mod session;
 pub mod transport;
 
 pub use client::{ClientError, TdpClient, TdpMessage};
-pub use listener::{default_port, serve, ServerConfig, ServerError};
+pub use listener::{serve, ServerConfig, ServerError};

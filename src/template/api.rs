@@ -77,7 +77,8 @@ impl EngineStatus {
 /// The engine stopped for a reason the operator must act on.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// The node cannot be driven by this version (e.g. a v30 node).
+    /// The node cannot be driven by this version (e.g. a v30 node), or its socket is not
+    /// to be trusted ([`NodeError::UntrustedSocket`]).
     #[error(transparent)]
     Unsupported(NodeError),
 }

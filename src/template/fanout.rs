@@ -16,7 +16,7 @@ pub(crate) const STANDING_GROUP: Constraints = Constraints {
     max_additional_sigops: 0,
 };
 
-/// Distinct constraint sets served with their own group (each is a `waitNext` loop and
+/// Distinct constraint sets served with their own group (each is a build task and
 /// templates held in the node); more clients share a larger group.
 pub(crate) const MAX_GROUPS: usize = 32;
 

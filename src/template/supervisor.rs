@@ -23,7 +23,8 @@ pub(crate) enum NodeEvent {
     Unresponsive(NodeError),
     /// The node answers the probe again after [`NodeEvent::Unresponsive`].
     Responsive,
-    /// The node cannot be driven by this version (e.g. a v30 node); the supervisor stops.
+    /// The node cannot be driven by this version (e.g. a v30 node), or its socket is not to
+    /// be trusted; the supervisor stops.
     Unusable(NodeError),
 }
 
@@ -79,7 +80,8 @@ pub(crate) async fn supervise(
 }
 
 /// Connects, retrying with backoff and saying so every few seconds, then waits out IBD.
-/// `None` on shutdown; `Some(Err)` only for a node this version cannot use.
+/// `None` on shutdown; `Some(Err)` only for a node this version cannot use or a socket
+/// that is not to be trusted.
 async fn connect(
     socket: &std::path::Path,
     call_timeout: Duration,
@@ -96,7 +98,9 @@ async fn connect(
                 Ok(()) => return Some(Ok(node)),
                 Err(e) => debug!(error = %e, "lost the node during IBD"),
             },
-            Err(e @ NodeError::UnsupportedVersion { .. }) => return Some(Err(e)),
+            Err(e @ (NodeError::UnsupportedVersion { .. } | NodeError::UntrustedSocket { .. })) => {
+                return Some(Err(e))
+            }
             Err(e) => {
                 if last_said.is_none_or(|t| t.elapsed() >= WAITING_LOG_EVERY) {
                     warn!(error = %e, "waiting for the node");

@@ -10,6 +10,8 @@ pub mod grind;
 pub mod op_true;
 #[path = "proc_status.rs"]
 pub mod proc_status;
+#[path = "stream_check.rs"]
+pub mod stream_check;
 #[path = "tp.rs"]
 pub mod tp;
 

@@ -97,7 +97,7 @@ impl DaemonProcess {
 
     /// A set-up SV2 client of this daemon, with small coinbase constraints (100 bytes,
     /// 10 sigops), as a pool would connect.
-    pub async fn client(&self) -> sv2_tpd::sv2::TdpClient {
+    pub async fn client(&self) -> super::stream_check::CheckedClient {
         super::tp::client_at(
             self.sv2_addr.expect("SV2 address"),
             self.authority.expect("authority key"),
@@ -166,6 +166,22 @@ impl DaemonProcess {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Waits for the daemon to fail with exit code `code` and returns the message of its
+    /// last error line.
+    pub fn failure_message(&mut self, code: i32) -> String {
+        let status = self
+            .wait_exit(CHILD_PATIENCE)
+            .unwrap_or_else(|| panic!("sv2-tpd kept running; log:\n{}", self.log_text()));
+        let log = self.log_text();
+        assert_eq!(status.code(), Some(code), "log:\n{log}");
+        let error = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+            .rfind(|e| e["level"] == "ERROR")
+            .unwrap_or_else(|| panic!("no error logged:\n{log}"));
+        error["message"].as_str().unwrap_or_default().to_string()
     }
 
     /// `GET path` on the metrics endpoint: status code and body.

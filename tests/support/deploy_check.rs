@@ -136,3 +136,36 @@ pub fn has_datasource_variable(dashboard: &Json) -> bool {
         .as_array()
         .is_some_and(|list| list.iter().any(|v| v["type"] == "datasource"))
 }
+
+/// Alerts of a rules file (`- alert: Name` lines) that its promtool test file leaves
+/// without a case in which they fire (`exp_alerts:` with entries) or one in which they
+/// stay silent (`exp_alerts: []`), each as "Name: no firing case" / "no silent case".
+pub fn alerts_without_both_cases(rules: &str, tests: &str) -> Vec<String> {
+    let mut firing = BTreeSet::new();
+    let mut silent = BTreeSet::new();
+    let mut current = None;
+    for line in tests.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("alertname:") {
+            current = Some(name.trim().to_string());
+        } else if let (Some(cases), Some(name)) = (line.strip_prefix("exp_alerts:"), &current) {
+            match cases.trim() {
+                "[]" => silent.insert(name.clone()),
+                _ => firing.insert(name.clone()),
+            };
+        }
+    }
+    let mut gaps = Vec::new();
+    for alert in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert:"))
+        .map(str::trim)
+    {
+        if !firing.contains(alert) {
+            gaps.push(format!("{alert}: no firing case"));
+        }
+        if !silent.contains(alert) {
+            gaps.push(format!("{alert}: no silent case"));
+        }
+    }
+    gaps
+}

@@ -12,6 +12,7 @@ pub mod grind;
 pub mod op_true;
 pub mod proc_status;
 pub mod sri;
+pub mod stream_check;
 
 pub use bitcoin_node::{bitcoin_node_binary, BitcoinNode, NodeError};
 pub use op_true::{

@@ -21,6 +21,8 @@ use sv2_tpd::config::{Config, ConfigArgs};
 use sv2_tpd::daemon::Daemon;
 use sv2_tpd::sv2::{TdpClient, TdpMessage};
 
+use super::stream_check::CheckedClient;
+
 /// Limit for any single wait in tests, to fail instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -61,8 +63,9 @@ pub async fn start_daemon(config: &Config) -> Daemon {
     Daemon::start(config).await.expect("daemon starts")
 }
 
-/// A set-up TDP client that sent `CoinbaseOutputConstraints`.
-pub async fn client(daemon: &Daemon, size: u32, sigops: u16) -> TdpClient {
+/// A set-up TDP client that sent `CoinbaseOutputConstraints`; every message it receives
+/// is checked (see [`CheckedClient`]).
+pub async fn client(daemon: &Daemon, size: u32, sigops: u16) -> CheckedClient {
     client_at(daemon.sv2_addr, daemon.authority_pubkey, size, sigops).await
 }
 
@@ -72,11 +75,11 @@ pub async fn client_at(
     authority: key_utils::Secp256k1PublicKey,
     size: u32,
     sigops: u16,
-) -> TdpClient {
+) -> CheckedClient {
     let mut c = TdpClient::connect(addr, authority).await.expect("connect");
     c.setup_connection().await.expect("setup");
     c.send_constraints(size, sigops).await.expect("constraints");
-    c
+    CheckedClient::new(c)
 }
 
 /// Waits until `condition` holds, failing the test after [`PATIENCE`] with `what`.
@@ -93,22 +96,22 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// Reads (and drops) what `c` is sent until the server closes it; false if it is still
 /// open after [`PATIENCE`].
-pub async fn closed_by_server(c: &mut TdpClient) -> bool {
+pub async fn closed_by_server(c: &mut CheckedClient) -> bool {
     tokio::time::timeout(PATIENCE, async { while c.recv().await.is_ok() {} })
         .await
         .is_ok()
 }
 
 /// The next message, failing the test after [`PATIENCE`].
-pub async fn recv(c: &mut TdpClient) -> TdpMessage {
+pub async fn recv(c: &mut CheckedClient) -> TdpMessage {
     tokio::time::timeout(PATIENCE, c.recv())
         .await
         .expect("message in time")
         .expect("message")
 }
 
-/// Waits for a `NewTemplate` (skipping anything else) and returns it.
-pub async fn next_template(c: &mut TdpClient) -> NewTemplateOwned {
+/// Waits for a `NewTemplate` (skipping anything else, checked) and returns it.
+pub async fn next_template(c: &mut CheckedClient) -> NewTemplateOwned {
     loop {
         if let TdpMessage::NewTemplate(t) = recv(c).await {
             return t;
@@ -116,8 +119,9 @@ pub async fn next_template(c: &mut TdpClient) -> NewTemplateOwned {
     }
 }
 
-/// Waits for the `NewTemplate(future)` + `SetNewPrevHash` pair of a new tip.
-pub async fn next_tip(c: &mut TdpClient) -> (NewTemplateOwned, SetNewPrevHashOwned) {
+/// Waits for the `NewTemplate(future)` + `SetNewPrevHash` pair of a new tip; what comes
+/// before it is checked and skipped.
+pub async fn next_tip(c: &mut CheckedClient) -> (NewTemplateOwned, SetNewPrevHashOwned) {
     loop {
         let t = next_template(c).await;
         if !t.future_template {
