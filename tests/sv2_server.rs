@@ -506,22 +506,55 @@ async fn clients_in_their_setup_do_not_take_pool_places() {
 }
 
 #[tokio::test]
-async fn a_full_handshake_set_evicts_its_oldest_for_a_newcomer() {
-    let mut server = start(|cfg| cfg.max_pending_handshakes = 4).await;
+async fn silent_sockets_take_no_setup_place_and_a_flood_of_them_evicts_the_oldest() {
+    let mut server = start(|cfg| cfg.max_pending_handshakes = 1).await;
     let evicted_before = refused("evicted");
+    // One place, so 16 may wait; 30 silent sockets make a flood.
     let mut silent = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..30 {
         silent.push(TcpStream::connect(server.addr).await.unwrap());
     }
     // However many silent sockets came first, a pool still gets through.
     let (mut pool, events) = server.subscribed_client().await;
     send_template(&events, 5).await;
     expect_template(&mut pool, 5).await;
-    assert!(refused("evicted") >= evicted_before + 6);
-    // The evicted sockets were closed by the server.
+    assert!(refused("evicted") >= evicted_before + 14);
+    // The evicted sockets were closed by the server, the oldest first.
     let mut buf = [0u8; 1];
     let read = within("an evicted socket to close", silent[0].read(&mut buf)).await;
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+#[tokio::test]
+async fn a_setup_in_progress_keeps_its_place_and_the_next_one_waits_its_turn() {
+    let mut server = start(|cfg| cfg.max_pending_handshakes = 1).await;
+    let evicted_before = refused("evicted");
+    // Noise done and SetupConnection answered: this one holds the only place.
+    let mut first = server.client().await;
+    let addr = server.addr;
+    let authority = server.keys.authority_pubkey();
+    let second = tokio::spawn(async move {
+        let mut c = TdpClient::connect(addr, authority).await.unwrap();
+        c.setup_connection().await.unwrap();
+        c
+    });
+    // However long the first takes (here: some time), it is not evicted for the second,
+    // which waits for the place; it cannot finish before the first is set up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "the second got a place while the first held it"
+    );
+    first.send_constraints(1000, 10).await.unwrap();
+    let (_, events) = server.subscription().await;
+    let mut second = within("the second setup", second).await.unwrap();
+    second.send_constraints(1000, 10).await.unwrap();
+    let (_, second_events) = server.subscription().await;
+    send_template(&events, 7).await;
+    expect_template(&mut first, 7).await;
+    send_template(&second_events, 8).await;
+    expect_template(&mut second, 8).await;
+    assert_eq!(refused("evicted"), evicted_before);
 }
 
 #[tokio::test]
