@@ -61,8 +61,8 @@ pub struct Metrics {
     /// Times a client-caused piece of work had to wait for a limit (`max_node_calls`,
     /// `max_tx_data_bytes_in_flight`).
     pub limit_waits: IntCounterVec,
-    /// Constraint changes from set-up sessions by result (`applied`, `deferred`,
-    /// `superseded`).
+    /// `CoinbaseOutputConstraints` after the first, by what came of them (`applied`,
+    /// `deferred`, `superseded`, and `resent`: the group's current template sent again).
     pub constraint_changes: IntCounterVec,
     /// `RequestTransactionData` by result (`success`, `template-id-not-found`, `stale-template-id`).
     pub tx_data_requests: IntCounterVec,
@@ -193,7 +193,7 @@ impl Metrics {
             constraint_changes: IntCounterVec::new(
                 Opts::new(
                     "sv2_tpd_constraint_changes_total",
-                    "CoinbaseOutputConstraints subscriptions applied, deferred by the rate limit, or superseded while deferred",
+                    "CoinbaseOutputConstraints subscriptions applied, deferred by the rate limit, or superseded while deferred, and current templates resent in answer",
                 ),
                 &["result"],
             )
@@ -297,7 +297,7 @@ impl Metrics {
         for kind in ["empty", "full"] {
             m.node_template_builds.with_label_values(&[kind]);
         }
-        for result in ["applied", "deferred", "superseded"] {
+        for result in ["applied", "deferred", "superseded", "resent"] {
             m.constraint_changes.with_label_values(&[result]);
         }
         for result in [

@@ -21,7 +21,7 @@ use sv2_tpd::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
@@ -100,6 +100,25 @@ impl Server {
                 events,
             } => (constraints, events),
             other => panic!("expected Subscribe, got {other:?}"),
+        }
+    }
+
+    /// The next request, which must be a `Resend` for the subscription fed by `events`;
+    /// returns where its answer goes.
+    async fn resend(&mut self, events: &mpsc::Sender<TemplateEvent>) -> oneshot::Sender<bool> {
+        match self.request().await {
+            EngineRequest::Resend {
+                subscription,
+                reply,
+            } => {
+                let asked = subscription.upgrade().expect("the subscription is open");
+                assert!(
+                    asked.same_channel(events),
+                    "Resend for another subscription"
+                );
+                reply
+            }
+            other => panic!("expected Resend, got {other:?}"),
         }
     }
 
@@ -274,6 +293,9 @@ async fn new_constraints_replace_the_subscription() {
     let mut server = start(|_| {}).await;
     let (mut client, old_events) = server.subscribed_client().await;
     client.send_constraints(50, 1).await.unwrap();
+    // Within constraints_interval of the first: the current group's pair at once (there
+    // is none here), the new subscription when the interval is up.
+    server.resend(&old_events).await.send(false).unwrap();
     let (constraints, new_events) = server.subscription().await;
     assert_eq!(constraints.max_additional_size, 50);
     assert_eq!(constraints.max_additional_sigops, 1);
@@ -660,18 +682,43 @@ async fn solutions_beyond_the_in_flight_cap_still_reach_the_engine_unawaited() {
 #[tokio::test]
 async fn constraint_changes_are_coalesced_and_rate_limited() {
     let mut server = start(|cfg| cfg.constraints_interval = Duration::from_millis(300)).await;
-    let (mut client, _events) = server.subscribed_client().await;
-    // Within one interval of the first subscription: only the last value is applied.
+    let (mut client, mut events) = server.subscribed_client().await;
+    // Within one interval of the first subscription: only the last value is applied, and
+    // each message meanwhile is answered with the current group's pair.
     for size in 1..=20 {
         client.send_constraints(size, 1).await.unwrap();
     }
-    let (constraints, mut events) = server.subscription().await;
-    if constraints.max_additional_size != 20 {
-        // The first change may land after the interval; the rest then coalesce behind it.
-        let (last, last_events) = server.subscription().await;
-        assert_eq!(last.max_additional_size, 20);
-        events = last_events;
+    let (mut resends, mut subscriptions) = (0, Vec::new());
+    while subscriptions.last() != Some(&20) {
+        match server.request().await {
+            EngineRequest::Resend {
+                subscription,
+                reply,
+            } => {
+                let asked = subscription.upgrade().expect("the subscription is open");
+                assert!(
+                    asked.same_channel(&events),
+                    "Resend for an old subscription"
+                );
+                reply.send(false).unwrap();
+                resends += 1;
+            }
+            EngineRequest::Subscribe {
+                constraints,
+                events: new_events,
+            } => {
+                subscriptions.push(constraints.max_additional_size);
+                events = new_events;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
+    // The first change may land after the interval; the rest then coalesce behind it.
+    assert!(
+        subscriptions == [20] || subscriptions == [1, 20],
+        "{subscriptions:?}"
+    );
+    assert_eq!(resends, 21 - subscriptions.len(), "one answer per message");
     // Nothing else was subscribed: the next request the engine sees is this one.
     client.request_tx_data(4).await.unwrap();
     match server.request().await {
@@ -696,4 +743,33 @@ async fn shutdown_closes_sessions_and_serve_returns() {
     server.shutdown.cancel();
     expect_closed(&mut client).await;
     within("serve to return", server.task).await.unwrap();
+}
+
+#[tokio::test]
+async fn every_later_constraints_message_is_answered_with_its_groups_pair() {
+    let mut server = start(|cfg| cfg.constraints_interval = Duration::from_millis(300)).await;
+    let (mut client, events) = server.subscribed_client().await;
+    for _ in 0..3 {
+        // The same constraints again: the session asks the engine for its group's
+        // current pair and the pair the engine queues reaches the client.
+        client.send_constraints(1000, 10).await.unwrap();
+        let reply = server.resend(&events).await;
+        events
+            .send(TemplateEvent::NewTemplate(Arc::new(new_template(8, true))))
+            .await
+            .unwrap();
+        events
+            .send(TemplateEvent::SetNewPrevHash(Arc::new(prev_hash(8))))
+            .await
+            .unwrap();
+        reply.send(true).unwrap();
+        match within("NewTemplate", client.recv()).await.unwrap() {
+            TdpMessage::NewTemplate(t) => assert_eq!(t, new_template(8, true)),
+            other => panic!("expected NewTemplate, got {other:?}"),
+        }
+        match within("SetNewPrevHash", client.recv()).await.unwrap() {
+            TdpMessage::SetNewPrevHash(p) => assert_eq!(p, prev_hash(8)),
+            other => panic!("expected SetNewPrevHash, got {other:?}"),
+        }
+    }
 }

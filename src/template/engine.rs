@@ -17,7 +17,7 @@ use super::api::{
 };
 use super::blocks::{BlockReads, FetchedBlock};
 use super::build::{FeePolicy, GroupReport, Reason};
-use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
+use super::fanout::{CurrentPair, Fanout, Subscriber, STANDING_GROUP};
 use super::group::Groups;
 use super::health::NodeLink;
 use super::ids::first_template_id;
@@ -314,12 +314,7 @@ impl Engine {
                     return;
                 };
                 // The group's current template goes out at once, if on the node's tip.
-                let current = self
-                    .groups
-                    .current(constraints)
-                    .and_then(|id| self.store.get(id))
-                    .filter(|held| self.store.tip() == Some(held.prev_hash))
-                    .map(|held| (&*held.payload.new_template, &held.payload.prev_hash_msg));
+                let current = current_pair(&self.groups, &self.store, constraints);
                 let sub = Subscriber {
                     constraints,
                     events,
@@ -331,6 +326,12 @@ impl Engine {
                 let client_caused = constraints != STANDING_GROUP;
                 self.ensure_group(constraints, Reason::Constraints, client_caused);
             }
+            EngineRequest::Resend {
+                subscription,
+                reply,
+            } => {
+                let _ = reply.send(self.resend(subscription));
+            }
             EngineRequest::TransactionData { template_id, reply } => {
                 let lookup = self.store.transaction_data(template_id);
                 self.reads
@@ -339,6 +340,23 @@ impl Engine {
             EngineRequest::SubmitSolution { solution, reply } => {
                 self.on_submit_solution(solution, reply)
             }
+        }
+    }
+
+    /// Queues a subscribed session's group's current template to it again (a client
+    /// that sends `CoinbaseOutputConstraints` needs a template to mine on now); false if
+    /// the session is gone or its group has no template on the tip yet, whose next one
+    /// then reaches it anyway. Held data only: no node call.
+    fn resend(&mut self, subscription: mpsc::WeakSender<TemplateEvent>) -> bool {
+        let Some(events) = subscription.upgrade() else {
+            return false;
+        };
+        let Some(group) = self.fanout.group_of(&events) else {
+            return false;
+        };
+        match current_pair(&self.groups, &self.store, group) {
+            Some(current) => self.fanout.resend(&events, current),
+            None => false,
         }
     }
 
@@ -373,4 +391,18 @@ impl Engine {
             }
         }
     }
+}
+
+/// The current template of `group` with its `SetNewPrevHash`, if it builds on the node's
+/// tip: what a client joining or asking again is sent.
+fn current_pair<'a>(
+    groups: &Groups,
+    store: &'a TemplateStore<Published>,
+    group: Constraints,
+) -> Option<CurrentPair<'a>> {
+    groups
+        .current(group)
+        .and_then(|id| store.get(id))
+        .filter(|held| store.tip() == Some(held.prev_hash))
+        .map(|held| (&*held.payload.new_template, &held.payload.prev_hash_msg))
 }

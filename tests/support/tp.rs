@@ -45,6 +45,7 @@ pub fn regtest_config(socket: &Path, datadir: &Path, extra: &[(&str, &str)]) -> 
             "max_clients" => args.max_clients = v,
             "tip_first" => args.tip_first = v,
             "node_call_timeout" => args.node_call_timeout = v,
+            "constraints_interval" => args.constraints_interval = v,
             other => panic!("regtest_config: add {other}"),
         }
     }
