@@ -74,20 +74,21 @@ async fn next_pair(
     }
 }
 
-/// Waits for the client's first pair (its group's first template: one, with an empty
-/// mempool), so that nothing else is on its way.
-async fn settled(c: &mut TdpClient, seen: &mut BTreeSet<u64>) {
-    next_pair(c, seen).await;
+/// A client of `daemon` (100 bytes, 10 sigops) that has its first pair (its group's
+/// first template: one, with an empty mempool), so that nothing else is on its way; the
+/// template ids it saw and the newest.
+async fn served(daemon: &sv2_tpd::daemon::Daemon) -> (TdpClient, BTreeSet<u64>, u64) {
+    let mut c = client(daemon, 100, 10).await;
+    let mut seen = BTreeSet::new();
+    let (t, _) = next_pair(&mut c, &mut seen).await;
+    (c, seen, t.template_id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_constraints_are_answered_with_the_current_pair_without_a_node_call() {
     let dir = tempfile::tempdir().unwrap();
     let (node, daemon) = start(&dir, "1").await;
-    let mut c = client(&daemon, 100, 10).await;
-    let mut seen = BTreeSet::new();
-    settled(&mut c, &mut seen).await;
-    let newest = *seen.last().expect("a template");
+    let (mut c, mut seen, newest) = served(&daemon).await;
     let work_before = template_work(&node);
 
     let asked = Instant::now();
@@ -118,10 +119,7 @@ async fn constraints_inside_the_interval_get_a_pair_at_once_and_the_new_groups_a
     let interval = Duration::from_secs(3);
     let (node, daemon) = start(&dir, "3").await;
     let subscribed = Instant::now();
-    let mut c = client(&daemon, 100, 10).await;
-    let mut seen = BTreeSet::new();
-    settled(&mut c, &mut seen).await;
-    let newest = *seen.last().expect("a template");
+    let (mut c, mut seen, newest) = served(&daemon).await;
     let wider = Constraints {
         max_additional_size: 5_000,
         max_additional_sigops: 10,
@@ -167,10 +165,7 @@ async fn constraints_inside_the_interval_get_a_pair_at_once_and_the_new_groups_a
 async fn five_hundred_identical_constraints_get_one_pair_each_and_no_node_call() {
     let dir = tempfile::tempdir().unwrap();
     let (node, daemon) = start(&dir, "1").await;
-    let mut c = client(&daemon, 100, 10).await;
-    let mut seen = BTreeSet::new();
-    settled(&mut c, &mut seen).await;
-    let newest = *seen.last().expect("a template");
+    let (mut c, mut seen, newest) = served(&daemon).await;
     let work_before = template_work(&node);
 
     let started = Instant::now();

@@ -111,11 +111,7 @@ impl Server {
                 subscription,
                 reply,
             } => {
-                let asked = subscription.upgrade().expect("the subscription is open");
-                assert!(
-                    asked.same_channel(events),
-                    "Resend for another subscription"
-                );
+                assert_names(&subscription, events);
                 reply
             }
             other => panic!("expected Resend, got {other:?}"),
@@ -168,6 +164,42 @@ async fn send_template(events: &mpsc::Sender<TemplateEvent>, id: u64) {
         ))))
         .await
         .unwrap();
+}
+
+/// `subscription` (from a `Resend`) names the open subscription fed by `events`.
+fn assert_names(
+    subscription: &mpsc::WeakSender<TemplateEvent>,
+    events: &mpsc::Sender<TemplateEvent>,
+) {
+    let asked = subscription.upgrade().expect("the subscription is open");
+    assert!(
+        asked.same_channel(events),
+        "Resend for another subscription"
+    );
+}
+
+/// Queues template `id` as a future template with its `SetNewPrevHash`.
+async fn send_pair(events: &mpsc::Sender<TemplateEvent>, id: u64) {
+    events
+        .send(TemplateEvent::NewTemplate(Arc::new(new_template(id, true))))
+        .await
+        .unwrap();
+    events
+        .send(TemplateEvent::SetNewPrevHash(Arc::new(prev_hash(id))))
+        .await
+        .unwrap();
+}
+
+/// The client receives template `id` as a future template and its `SetNewPrevHash`.
+async fn expect_pair(client: &mut TdpClient, id: u64) {
+    match within("NewTemplate", client.recv()).await.unwrap() {
+        TdpMessage::NewTemplate(t) => assert_eq!(t, new_template(id, true)),
+        other => panic!("expected NewTemplate, got {other:?}"),
+    }
+    match within("SetNewPrevHash", client.recv()).await.unwrap() {
+        TdpMessage::SetNewPrevHash(p) => assert_eq!(p, prev_hash(id)),
+        other => panic!("expected SetNewPrevHash, got {other:?}"),
+    }
 }
 
 async fn expect_template(client: &mut TdpClient, id: u64) {
@@ -267,24 +299,9 @@ async fn constraints_subscribe_and_events_are_forwarded_in_order() {
         }
     );
 
-    events
-        .send(TemplateEvent::NewTemplate(Arc::new(new_template(1, true))))
-        .await
-        .unwrap();
-    events
-        .send(TemplateEvent::SetNewPrevHash(Arc::new(prev_hash(1))))
-        .await
-        .unwrap();
+    send_pair(&events, 1).await;
     send_template(&events, 2).await;
-
-    match within("NewTemplate", client.recv()).await.unwrap() {
-        TdpMessage::NewTemplate(t) => assert_eq!(t, new_template(1, true)),
-        other => panic!("expected NewTemplate, got {other:?}"),
-    }
-    match within("SetNewPrevHash", client.recv()).await.unwrap() {
-        TdpMessage::SetNewPrevHash(p) => assert_eq!(p, prev_hash(1)),
-        other => panic!("expected SetNewPrevHash, got {other:?}"),
-    }
+    expect_pair(&mut client, 1).await;
     expect_template(&mut client, 2).await;
 }
 
@@ -695,11 +712,7 @@ async fn constraint_changes_are_coalesced_and_rate_limited() {
                 subscription,
                 reply,
             } => {
-                let asked = subscription.upgrade().expect("the subscription is open");
-                assert!(
-                    asked.same_channel(&events),
-                    "Resend for an old subscription"
-                );
+                assert_names(&subscription, &events);
                 reply.send(false).unwrap();
                 resends += 1;
             }
@@ -754,22 +767,8 @@ async fn every_later_constraints_message_is_answered_with_its_groups_pair() {
         // current pair and the pair the engine queues reaches the client.
         client.send_constraints(1000, 10).await.unwrap();
         let reply = server.resend(&events).await;
-        events
-            .send(TemplateEvent::NewTemplate(Arc::new(new_template(8, true))))
-            .await
-            .unwrap();
-        events
-            .send(TemplateEvent::SetNewPrevHash(Arc::new(prev_hash(8))))
-            .await
-            .unwrap();
+        send_pair(&events, 8).await;
         reply.send(true).unwrap();
-        match within("NewTemplate", client.recv()).await.unwrap() {
-            TdpMessage::NewTemplate(t) => assert_eq!(t, new_template(8, true)),
-            other => panic!("expected NewTemplate, got {other:?}"),
-        }
-        match within("SetNewPrevHash", client.recv()).await.unwrap() {
-            TdpMessage::SetNewPrevHash(p) => assert_eq!(p, prev_hash(8)),
-            other => panic!("expected SetNewPrevHash, got {other:?}"),
-        }
+        expect_pair(&mut client, 8).await;
     }
 }
