@@ -54,7 +54,8 @@ pub struct Metrics {
     /// Connections refused, evicted or failed before their setup was done, by reason
     /// (`max_clients`, `per_ip`, `evicted`, `handshake_timeout`, `handshake_failed`).
     pub connections_refused: IntCounterVec,
-    /// Connections in their setup (Noise, `SetupConnection`, first constraints).
+    /// Connections holding a setup place (Noise, `SetupConnection`, first constraints);
+    /// those still waiting for one are not counted.
     pub handshakes_pending: IntGauge,
     /// Set-up clients disconnected by a limit, by reason (`bad_messages`).
     pub clients_disconnected: IntCounterVec,
@@ -171,7 +172,7 @@ impl Metrics {
             .expect("metric"),
             handshakes_pending: IntGauge::new(
                 "sv2_tpd_handshakes_pending",
-                "Connections in their setup (Noise, SetupConnection, first constraints)",
+                "Connections holding a setup place (Noise, SetupConnection, first constraints)",
             )
             .expect("metric"),
             clients_disconnected: IntCounterVec::new(
