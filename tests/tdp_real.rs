@@ -167,12 +167,7 @@ async fn a_jdc_falling_back_to_solo_gets_a_pair_for_its_repeated_constraints_and
     );
     node.generate(1).expect("a recent block ends IBD");
     let dir = tempfile::tempdir().unwrap();
-    let config = regtest_config(
-        &node.socket_path(),
-        dir.path(),
-        &[("template_interval", "600")],
-    );
-    let daemon = start_daemon(&config).await;
+    let daemon = start_daemon_without_fee_checks(&node.socket_path(), dir.path()).await;
     // The JDC's constraints: one P2WPKH output, no sigops.
     let mut jdc = client(&daemon, 31, 0).await;
     let (first, _) = next_tip(&mut jdc).await;

@@ -55,6 +55,17 @@ pub fn regtest_config(socket: &Path, datadir: &Path, extra: &[(&str, &str)]) -> 
         .0
 }
 
+/// Starts a regtest daemon on `socket` (data in `datadir`) whose groups look at fees
+/// only every 10 minutes: every template it sends is a tip's or a group's first.
+pub async fn start_daemon_without_fee_checks(socket: &Path, datadir: &Path) -> Daemon {
+    start_daemon(&regtest_config(
+        socket,
+        datadir,
+        &[("template_interval", "600")],
+    ))
+    .await
+}
+
 /// Starts a daemon for `config`.
 pub async fn start_daemon(config: &Config) -> Daemon {
     Daemon::start(config).await.expect("daemon starts")
