@@ -146,7 +146,7 @@ pub struct Config {
     /// Time a client has for its whole setup: Noise, `SetupConnection` and its first
     /// `CoinbaseOutputConstraints`.
     pub handshake_timeout: Duration,
-    /// Connections in their setup at once; the oldest is evicted for a newcomer.
+    /// Connections in their setup at once; while full, newcomers wait in the accept backlog.
     pub max_pending_handshakes: usize,
     /// Connections from one non-loopback IP address at once; 0 for no limit.
     pub max_clients_per_ip: usize,
@@ -506,7 +506,7 @@ pub struct ConfigArgs {
     /// Seconds a client has for Noise, SetupConnection and its first constraints [default: 10]
     #[arg(long, global = true, value_name = "SECS")]
     pub handshake_timeout: Option<String>,
-    /// Connections in their setup at once; the oldest is evicted when full [default: 64]
+    /// Connections in their setup at once; while full, newcomers wait [default: 64]
     #[arg(long, global = true, value_name = "N")]
     pub max_pending_handshakes: Option<String>,
     /// Connections per non-loopback IP address, or 0 for no limit [default: 0]

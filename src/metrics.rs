@@ -56,15 +56,16 @@ pub struct Metrics {
     /// Connections refused, evicted or failed before their setup was done, by reason
     /// (`max_clients`, `per_ip`, `evicted`, `handshake_timeout`, `handshake_failed`).
     pub connections_refused: IntCounterVec,
-    /// Connections in their setup (Noise, `SetupConnection`, first constraints).
+    /// Connections holding a setup place (Noise, `SetupConnection`, first constraints);
+    /// those still waiting for one are not counted.
     pub handshakes_pending: IntGauge,
     /// Set-up clients disconnected by a limit, by reason (`bad_messages`).
     pub clients_disconnected: IntCounterVec,
     /// Times a client-caused piece of work had to wait for a limit (`max_node_calls`,
     /// `max_tx_data_bytes_in_flight`).
     pub limit_waits: IntCounterVec,
-    /// Constraint changes from set-up sessions by result (`applied`, `deferred`,
-    /// `superseded`).
+    /// `CoinbaseOutputConstraints` after the first, by what came of them (`applied`,
+    /// `deferred`, `superseded`, and `resent`: the group's current template sent again).
     pub constraint_changes: IntCounterVec,
     /// `RequestTransactionData` by result (`success`, `template-id-not-found`, `stale-template-id`).
     pub tx_data_requests: IntCounterVec,
@@ -183,7 +184,7 @@ impl Metrics {
             .expect("metric"),
             handshakes_pending: IntGauge::new(
                 "sv2_tpd_handshakes_pending",
-                "Connections in their setup (Noise, SetupConnection, first constraints)",
+                "Connections holding a setup place (Noise, SetupConnection, first constraints)",
             )
             .expect("metric"),
             clients_disconnected: IntCounterVec::new(
@@ -205,7 +206,7 @@ impl Metrics {
             constraint_changes: IntCounterVec::new(
                 Opts::new(
                     "sv2_tpd_constraint_changes_total",
-                    "CoinbaseOutputConstraints subscriptions applied, deferred by the rate limit, or superseded while deferred",
+                    "CoinbaseOutputConstraints subscriptions applied, deferred by the rate limit, or superseded while deferred, and current templates resent in answer",
                 ),
                 &["result"],
             )
@@ -319,7 +320,7 @@ impl Metrics {
         for kind in ["empty", "full"] {
             m.node_template_builds.with_label_values(&[kind]);
         }
-        for result in ["applied", "deferred", "superseded"] {
+        for result in ["applied", "deferred", "superseded", "resent"] {
             m.constraint_changes.with_label_values(&[result]);
         }
         for result in [

@@ -30,7 +30,7 @@ use stratum_core::{
 use sv2_tpd::{
     keys::ServerKeys,
     sv2::{
-        protocol::{decode, Action, BadMessage, CloseReason, Machine, Phase},
+        protocol::{decode, Action, CloseReason, Machine, Phase},
         session::MAX_CLIENT_FRAME_BYTES,
         transport::{FrameDecoder, TransportError},
     },
@@ -523,7 +523,8 @@ fn fuzz_tdp_decoder() {
             Action::Subscribe { .. }
             | Action::TransactionData { .. }
             | Action::SubmitSolution(_)
-            | Action::Ignore(BadMessage::RepeatedSetup)
+            | Action::RepeatSetup(_)
+            | Action::RefuseSetup(_)
             | Action::Close(CloseReason::Undecodable { .. }) => {}
             other => panic!("type {msg_type:#x} gave {other:?}"),
         }
@@ -574,8 +575,12 @@ fn fuzz_session_machine() {
                         (Phase::AwaitingSetup, Phase::AwaitingConstraints)
                     )
                 }
-                Action::RefuseSetup(_) => {
-                    assert_eq!((before, after), (Phase::AwaitingSetup, Phase::Closed))
+                // The first SetupConnection, or a second one for another protocol.
+                Action::RefuseSetup(_) => assert_eq!(after, Phase::Closed),
+                Action::RepeatSetup(_) => {
+                    assert!(before >= Phase::AwaitingConstraints && before < Phase::Closed);
+                    assert_eq!(before, after);
+                    assert!(machine.bad_messages() <= max_bad);
                 }
                 Action::Subscribe { first, .. } => {
                     assert_eq!(*first, before == Phase::AwaitingConstraints);

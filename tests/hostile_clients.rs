@@ -12,6 +12,7 @@ use support::daemon_proc::{DaemonProcess, CHILD_PATIENCE};
 use support::stream_check::CheckedClient;
 use support::tp::{closed_by_server, next_tip, prev_hash};
 use sv2_tpd::mock::{MockNode, MockOptions};
+use sv2_tpd::sv2::admission::WAITING_PER_PLACE;
 use sv2_tpd::sv2::TdpClient;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -82,9 +83,10 @@ async fn hostile_connections_do_not_cost_a_pool_its_tips() {
     next_tip(&mut steady).await;
     let rss_before = daemon.rss_kib();
 
-    // 1. max_clients + 100 silent TCP connections.
+    // 1. max_clients + 300 silent TCP connections: more than may wait for the
+    // max_pending setup places (16 each).
     let mut silent = Vec::new();
-    for _ in 0..MAX_CLIENTS + 100 {
+    for _ in 0..MAX_CLIENTS + 300 {
         silent.push(TcpStream::connect(addr).await.unwrap());
     }
     let asked = Instant::now();
@@ -92,11 +94,12 @@ async fn hostile_connections_do_not_cost_a_pool_its_tips() {
     next_tip(&mut newcomer).await;
     let newcomer_latency = asked.elapsed();
     every_pool_gets_the_next_tip(&node, &mut [&mut steady, &mut newcomer]).await;
+    let waiting = (MAX_PENDING * WAITING_PER_PLACE) as f64;
     let evicted = daemon.wait_for_metrics("evictions", |m| {
         m.value(
             "sv2_tpd_connections_refused_total",
             &[("reason", "evicted")],
-        ) >= 100.0
+        ) >= silent.len() as f64 - waiting
     });
     assert!(evicted.value("sv2_tpd_handshakes_pending", &[]) <= MAX_PENDING as f64);
     let rss_silent = daemon.rss_kib();

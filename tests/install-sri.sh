@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Stratum Reference Implementation peers used by tests/interop_pool.rs and
 # tests/interop_jdc.rs:
-#   - pool_sv2 0.7.0 (the SRI pool, a Template Distribution client of sv2-tpd)
+#   - pool_sv2 0.7.0 (the SRI pool, a Template Distribution client of sv2-tpd; with its
+#     embedded JDS, the upstream of the JDC that falls back to solo mining)
 #   - jd_client_sv2 0.6.0 (the SRI job-declaration client; solo mining on sv2-tpd templates)
 #   - mining_device from integration_tests_sv2 0.6.0 (the SRI CPU miner, an SV2 mining client)
 # into a cache outside the repository, and prints the directory holding the binaries.

@@ -104,8 +104,31 @@ fn a_full_template_ahead_of_its_tips_set_new_prev_hash_is_caught() {
 
 #[test]
 fn a_template_id_is_never_reused() {
-    let why = broken(&[template(1, true, 10), activate(1), template(1, false, 10)]);
-    assert!(why.contains("template id 1 was used before"), "{why}");
+    let why = broken(&[
+        template(1, true, 10),
+        activate(1),
+        template(2, true, 11),
+        activate(2),
+        template(1, false, 11),
+    ]);
+    assert!(
+        why.contains("template id 1 was used before for another template"),
+        "{why}"
+    );
+}
+
+#[test]
+fn the_same_template_may_come_again_as_a_pair() {
+    // A client that sends CoinbaseOutputConstraints again gets its current template again.
+    let mut checker = StreamChecker::default();
+    for message in [
+        template(1, true, 10),
+        activate(1),
+        template(1, true, 10),
+        activate(1),
+    ] {
+        checker.observe(&message).expect("a resend breaks no rule");
+    }
 }
 
 #[test]

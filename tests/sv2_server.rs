@@ -21,7 +21,7 @@ use sv2_tpd::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
@@ -103,6 +103,21 @@ impl Server {
         }
     }
 
+    /// The next request, which must be a `Resend` for the subscription fed by `events`;
+    /// returns where its answer goes.
+    async fn resend(&mut self, events: &mpsc::Sender<TemplateEvent>) -> oneshot::Sender<bool> {
+        match self.request().await {
+            EngineRequest::Resend {
+                subscription,
+                reply,
+            } => {
+                assert_names(&subscription, events);
+                reply
+            }
+            other => panic!("expected Resend, got {other:?}"),
+        }
+    }
+
     /// A client that is set up and subscribed, with the sender for its events.
     async fn subscribed_client(&mut self) -> (TdpClient, mpsc::Sender<TemplateEvent>) {
         let mut client = self.client().await;
@@ -149,6 +164,42 @@ async fn send_template(events: &mpsc::Sender<TemplateEvent>, id: u64) {
         ))))
         .await
         .unwrap();
+}
+
+/// `subscription` (from a `Resend`) names the open subscription fed by `events`.
+fn assert_names(
+    subscription: &mpsc::WeakSender<TemplateEvent>,
+    events: &mpsc::Sender<TemplateEvent>,
+) {
+    let asked = subscription.upgrade().expect("the subscription is open");
+    assert!(
+        asked.same_channel(events),
+        "Resend for another subscription"
+    );
+}
+
+/// Queues template `id` as a future template with its `SetNewPrevHash`.
+async fn send_pair(events: &mpsc::Sender<TemplateEvent>, id: u64) {
+    events
+        .send(TemplateEvent::NewTemplate(Arc::new(new_template(id, true))))
+        .await
+        .unwrap();
+    events
+        .send(TemplateEvent::SetNewPrevHash(Arc::new(prev_hash(id))))
+        .await
+        .unwrap();
+}
+
+/// The client receives template `id` as a future template and its `SetNewPrevHash`.
+async fn expect_pair(client: &mut TdpClient, id: u64) {
+    match within("NewTemplate", client.recv()).await.unwrap() {
+        TdpMessage::NewTemplate(t) => assert_eq!(t, new_template(id, true)),
+        other => panic!("expected NewTemplate, got {other:?}"),
+    }
+    match within("SetNewPrevHash", client.recv()).await.unwrap() {
+        TdpMessage::SetNewPrevHash(p) => assert_eq!(p, prev_hash(id)),
+        other => panic!("expected SetNewPrevHash, got {other:?}"),
+    }
 }
 
 async fn expect_template(client: &mut TdpClient, id: u64) {
@@ -248,24 +299,9 @@ async fn constraints_subscribe_and_events_are_forwarded_in_order() {
         }
     );
 
-    events
-        .send(TemplateEvent::NewTemplate(Arc::new(new_template(1, true))))
-        .await
-        .unwrap();
-    events
-        .send(TemplateEvent::SetNewPrevHash(Arc::new(prev_hash(1))))
-        .await
-        .unwrap();
+    send_pair(&events, 1).await;
     send_template(&events, 2).await;
-
-    match within("NewTemplate", client.recv()).await.unwrap() {
-        TdpMessage::NewTemplate(t) => assert_eq!(t, new_template(1, true)),
-        other => panic!("expected NewTemplate, got {other:?}"),
-    }
-    match within("SetNewPrevHash", client.recv()).await.unwrap() {
-        TdpMessage::SetNewPrevHash(p) => assert_eq!(p, prev_hash(1)),
-        other => panic!("expected SetNewPrevHash, got {other:?}"),
-    }
+    expect_pair(&mut client, 1).await;
     expect_template(&mut client, 2).await;
 }
 
@@ -274,6 +310,9 @@ async fn new_constraints_replace_the_subscription() {
     let mut server = start(|_| {}).await;
     let (mut client, old_events) = server.subscribed_client().await;
     client.send_constraints(50, 1).await.unwrap();
+    // Within constraints_interval of the first: the current group's pair at once (there
+    // is none here), the new subscription when the interval is up.
+    server.resend(&old_events).await.send(false).unwrap();
     let (constraints, new_events) = server.subscription().await;
     assert_eq!(constraints.max_additional_size, 50);
     assert_eq!(constraints.max_additional_sigops, 1);
@@ -506,22 +545,55 @@ async fn clients_in_their_setup_do_not_take_pool_places() {
 }
 
 #[tokio::test]
-async fn a_full_handshake_set_evicts_its_oldest_for_a_newcomer() {
-    let mut server = start(|cfg| cfg.max_pending_handshakes = 4).await;
+async fn silent_sockets_take_no_setup_place_and_a_flood_of_them_evicts_the_oldest() {
+    let mut server = start(|cfg| cfg.max_pending_handshakes = 1).await;
     let evicted_before = refused("evicted");
+    // One place, so 16 may wait; 30 silent sockets make a flood.
     let mut silent = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..30 {
         silent.push(TcpStream::connect(server.addr).await.unwrap());
     }
     // However many silent sockets came first, a pool still gets through.
     let (mut pool, events) = server.subscribed_client().await;
     send_template(&events, 5).await;
     expect_template(&mut pool, 5).await;
-    assert!(refused("evicted") >= evicted_before + 6);
-    // The evicted sockets were closed by the server.
+    assert!(refused("evicted") >= evicted_before + 14);
+    // The evicted sockets were closed by the server, the oldest first.
     let mut buf = [0u8; 1];
     let read = within("an evicted socket to close", silent[0].read(&mut buf)).await;
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+#[tokio::test]
+async fn a_setup_in_progress_keeps_its_place_and_the_next_one_waits_its_turn() {
+    let mut server = start(|cfg| cfg.max_pending_handshakes = 1).await;
+    let evicted_before = refused("evicted");
+    // Noise done and SetupConnection answered: this one holds the only place.
+    let mut first = server.client().await;
+    let addr = server.addr;
+    let authority = server.keys.authority_pubkey();
+    let second = tokio::spawn(async move {
+        let mut c = TdpClient::connect(addr, authority).await.unwrap();
+        c.setup_connection().await.unwrap();
+        c
+    });
+    // However long the first takes (here: some time), it is not evicted for the second,
+    // which waits for the place; it cannot finish before the first is set up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "the second got a place while the first held it"
+    );
+    first.send_constraints(1000, 10).await.unwrap();
+    let (_, events) = server.subscription().await;
+    let mut second = within("the second setup", second).await.unwrap();
+    second.send_constraints(1000, 10).await.unwrap();
+    let (_, second_events) = server.subscription().await;
+    send_template(&events, 7).await;
+    expect_template(&mut first, 7).await;
+    send_template(&second_events, 8).await;
+    expect_template(&mut second, 8).await;
+    assert_eq!(refused("evicted"), evicted_before);
 }
 
 #[tokio::test]
@@ -627,18 +699,39 @@ async fn solutions_beyond_the_in_flight_cap_still_reach_the_engine_unawaited() {
 #[tokio::test]
 async fn constraint_changes_are_coalesced_and_rate_limited() {
     let mut server = start(|cfg| cfg.constraints_interval = Duration::from_millis(300)).await;
-    let (mut client, _events) = server.subscribed_client().await;
-    // Within one interval of the first subscription: only the last value is applied.
+    let (mut client, mut events) = server.subscribed_client().await;
+    // Within one interval of the first subscription: only the last value is applied, and
+    // each message meanwhile is answered with the current group's pair.
     for size in 1..=20 {
         client.send_constraints(size, 1).await.unwrap();
     }
-    let (constraints, mut events) = server.subscription().await;
-    if constraints.max_additional_size != 20 {
-        // The first change may land after the interval; the rest then coalesce behind it.
-        let (last, last_events) = server.subscription().await;
-        assert_eq!(last.max_additional_size, 20);
-        events = last_events;
+    let (mut resends, mut subscriptions) = (0, Vec::new());
+    while subscriptions.last() != Some(&20) {
+        match server.request().await {
+            EngineRequest::Resend {
+                subscription,
+                reply,
+            } => {
+                assert_names(&subscription, &events);
+                reply.send(false).unwrap();
+                resends += 1;
+            }
+            EngineRequest::Subscribe {
+                constraints,
+                events: new_events,
+            } => {
+                subscriptions.push(constraints.max_additional_size);
+                events = new_events;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
+    // The first change may land after the interval; the rest then coalesce behind it.
+    assert!(
+        subscriptions == [20] || subscriptions == [1, 20],
+        "{subscriptions:?}"
+    );
+    assert_eq!(resends, 21 - subscriptions.len(), "one answer per message");
     // Nothing else was subscribed: the next request the engine sees is this one.
     client.request_tx_data(4).await.unwrap();
     match server.request().await {
@@ -663,4 +756,19 @@ async fn shutdown_closes_sessions_and_serve_returns() {
     server.shutdown.cancel();
     expect_closed(&mut client).await;
     within("serve to return", server.task).await.unwrap();
+}
+
+#[tokio::test]
+async fn every_later_constraints_message_is_answered_with_its_groups_pair() {
+    let mut server = start(|cfg| cfg.constraints_interval = Duration::from_millis(300)).await;
+    let (mut client, events) = server.subscribed_client().await;
+    for _ in 0..3 {
+        // The same constraints again: the session asks the engine for its group's
+        // current pair and the pair the engine queues reaches the client.
+        client.send_constraints(1000, 10).await.unwrap();
+        let reply = server.resend(&events).await;
+        send_pair(&events, 8).await;
+        reply.send(true).unwrap();
+        expect_pair(&mut client, 8).await;
+    }
 }

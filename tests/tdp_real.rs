@@ -163,3 +163,36 @@ async fn misbehaving_clients_get_the_spec_answer_and_others_keep_receiving() {
     }
     daemon.stop().await;
 }
+
+/// What SRI's jd_client_sv2 0.6 does when its pool goes away: it keeps its Template
+/// Distribution connection, sends the same `CoinbaseOutputConstraints` again and mines
+/// nothing until a `NewTemplate(future)` + `SetNewPrevHash` pair comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jdc_falling_back_to_solo_gets_a_pair_for_its_repeated_constraints_and_mines_it() {
+    let node = node_or_skip!(
+        "a_jdc_falling_back_to_solo_gets_a_pair_for_its_repeated_constraints_and_mines_it"
+    );
+    node.generate(1).expect("a recent block ends IBD");
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon_without_fee_checks(&node.socket_path(), dir.path()).await;
+    // The JDC's constraints: one P2WPKH output, no sigops.
+    let mut jdc = client(&daemon, 31, 0).await;
+    let (first, _) = next_tip(&mut jdc).await;
+
+    jdc.send_constraints(31, 0).await.unwrap();
+    let (t, p) = next_tip(&mut jdc).await;
+    assert_eq!(
+        t.template_id, first.template_id,
+        "the current template again"
+    );
+    assert_eq!(prev_hash(&p), node.best_block_hash().unwrap());
+
+    // The pair is one to mine on: its block is accepted.
+    let height = node.block_count().unwrap();
+    let (solution, hash) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
+    jdc.submit_solution(solution).await.unwrap();
+    let (_, next) = next_tip(&mut jdc).await;
+    assert_eq!(prev_hash(&next), hash);
+    assert_eq!(node.block_count().unwrap(), height + 1);
+    daemon.stop().await;
+}

@@ -24,12 +24,7 @@ async fn with_a_full_mempool_the_pair_comes_first_and_blocks_on_either_template_
     node.fill_mempool(300).expect("mempool filled");
     let dir = tempfile::tempdir().unwrap();
     // No fee checks during the test: every template is a tip's.
-    let config = regtest_config(
-        &node.socket_path(),
-        dir.path(),
-        &[("template_interval", "600")],
-    );
-    let daemon = start_daemon(&config).await;
+    let daemon = start_daemon_without_fee_checks(&node.socket_path(), dir.path()).await;
     let mut c = client(&daemon, 100, 10).await;
     next_tip(&mut c).await;
 

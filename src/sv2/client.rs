@@ -23,7 +23,7 @@ use stratum_core::{
         MESSAGE_TYPE_REQUEST_TRANSACTION_DATA_SUCCESS, MESSAGE_TYPE_SET_NEW_PREV_HASH,
     },
 };
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::sv2::{
     session::PROTOCOL_VERSION,
@@ -125,7 +125,37 @@ impl TdpClient {
         authority: Secp256k1PublicKey,
         timeout: Duration,
     ) -> Result<TdpClient, ClientError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        Self::connect_over(TcpStream::connect(addr), addr, authority, timeout).await
+    }
+
+    /// [`Self::connect_with_timeout`] from the local address `local` (for example
+    /// 127.0.0.2, to be another loopback address than other clients).
+    pub async fn connect_from(
+        local: std::net::IpAddr,
+        addr: SocketAddr,
+        authority: Secp256k1PublicKey,
+        timeout: Duration,
+    ) -> Result<TdpClient, ClientError> {
+        let connect = async {
+            let socket = match local {
+                std::net::IpAddr::V4(_) => TcpSocket::new_v4(),
+                std::net::IpAddr::V6(_) => TcpSocket::new_v6(),
+            }?;
+            socket.bind(SocketAddr::new(local, 0))?;
+            socket.connect(addr).await
+        };
+        Self::connect_over(connect, addr, authority, timeout).await
+    }
+
+    /// Runs the Noise handshake on the stream `connect` opens to `addr`, both within
+    /// `timeout`.
+    async fn connect_over(
+        connect: impl std::future::Future<Output = std::io::Result<TcpStream>>,
+        addr: SocketAddr,
+        authority: Secp256k1PublicKey,
+        timeout: Duration,
+    ) -> Result<TdpClient, ClientError> {
+        let stream = tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| ClientError::Connect {
                 addr,

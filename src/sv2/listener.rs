@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use crate::{
     keys::ServerKeys,
     metrics::metrics,
+    ratelog::LogBudget,
     status::StatusBoard,
     sv2::{
         admission::{Admission, AdmissionLimits, Refusal, Ticket},
@@ -49,13 +50,15 @@ pub struct ServerConfig {
     /// Validity of the Noise certificate issued in each handshake.
     pub cert_validity: Duration,
     /// Time a client gets for its whole setup: Noise, `SetupConnection` and its first
-    /// `CoinbaseOutputConstraints`, counted from TCP accept.
+    /// `CoinbaseOutputConstraints`, counted from when it got a setup place; also the
+    /// time a connection may stay silent after TCP accept.
     pub handshake_timeout: Duration,
     /// Set-up clients served at once; connections in their setup do not count.
     pub max_clients: usize,
     /// Where sessions are listed for `/status`.
     pub board: Arc<StatusBoard>,
-    /// Connections in their setup at once; when full, the oldest is evicted for a newcomer.
+    /// Setups in progress at once; more connections wait for a place, in turn (see
+    /// [`crate::sv2::admission`], floods included).
     pub max_pending_handshakes: usize,
     /// Connections from one non-loopback IP address at once; 0 for no limit.
     pub max_clients_per_ip: usize,
@@ -141,12 +144,17 @@ pub async fn serve(
         cfg.refusal_summary_interval,
     );
     let mut tasks = JoinSet::new();
+    let mut flood_log = LogBudget::new(1, cfg.refusal_summary_interval);
     loop {
+        // While as many connections wait for a setup place as may, and none of them is
+        // silent, newcomers wait in the kernel's backlog (see `admission`).
+        let accepting = admission.can_accept();
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = summary.tick() => log_summary(&admission, cfg.refusal_summary_interval),
-            accepted = listener.accept() => {
+            _ = admission.left_waiting(), if !accepting => {}
+            accepted = listener.accept(), if accepting => {
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -157,6 +165,9 @@ pub async fn serve(
                     }
                 };
                 let accepted_at = Instant::now();
+                if admission.flooded() {
+                    note_flood(&mut flood_log, &admission);
+                }
                 let Ok(ticket) = admission.admit(peer.ip(), &shutdown) else {
                     // Counted for the summary; closing the socket is the whole answer.
                     drop(stream);
@@ -180,6 +191,19 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
     log_summary(&admission, cfg.refusal_summary_interval);
     Ok(())
+}
+
+/// Says (at most once per summary period) that the waiting set is full and newcomers
+/// now evict silent connections.
+fn note_flood(budget: &mut LogBudget, admission: &Admission) {
+    if budget.hit(std::time::Instant::now()).log {
+        warn!(
+            pending = admission.pending(),
+            in_setup = admission.in_setup(),
+            "too many connections waiting for a setup place; newcomers now evict the \
+             oldest silent connections of the address with the most of them"
+        );
+    }
 }
 
 /// One log line with the connections refused or failed since the last one, if any.
@@ -214,11 +238,30 @@ struct Client {
 }
 
 impl Client {
-    async fn run(self) {
+    async fn run(mut self) {
         let peer = self.peer;
         if let Err(e) = self.stream.set_nodelay(true) {
             debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
+        let cancel = self.ticket.token().clone();
+        // Until its first bytes arrive the connection is silent, which a flood evicts
+        // (see `admission`); it has `handshake_timeout` to send them.
+        let mut first_byte = [0u8; 1];
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return,
+            first = tokio::time::timeout_at(self.deadline, self.stream.peek(&mut first_byte)) => first,
+        };
+        match first {
+            Ok(Ok(1..)) => self.ticket.heard_from(),
+            Ok(_) => return self.ticket.record(Refusal::HandshakeFailed),
+            Err(_) => return self.ticket.record(Refusal::HandshakeTimeout),
+        }
+        // Then a setup place, in turn; the setup's time counts from here.
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = self.ticket.take_place() => {}
+        }
+        self.deadline = Instant::now() + self.cfg.handshake_timeout;
         let handshake = transport::accept(
             self.stream,
             self.public,
@@ -227,7 +270,6 @@ impl Client {
             self.deadline.saturating_duration_since(Instant::now()),
             session::MAX_CLIENT_FRAME_BYTES,
         );
-        let cancel = self.ticket.token().clone();
         let (reader, writer) = tokio::select! {
             // Shutdown or eviction (counted when it happened).
             _ = cancel.cancelled() => return,

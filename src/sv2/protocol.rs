@@ -12,10 +12,12 @@
 //!   with `SetupConnection.Error` and the connection closed;
 //! - a known client message whose payload does not decode closes the connection (the client
 //!   is broken and nothing it sends next can be trusted);
-//! - a message of an extension that was not negotiated, a message type a Template
-//!   Distribution client does not send, or a second `SetupConnection` is a *bad message*:
-//!   ignored and counted; the one that takes the count past `max_bad_messages` closes the
-//!   connection.
+//! - a message of an extension that was not negotiated or a message type a Template
+//!   Distribution client does not send is a *bad message*: ignored and counted; the one
+//!   that takes the count past `max_bad_messages` closes the connection;
+//! - a second `SetupConnection` counts as a bad message too, but is answered as the first
+//!   was (`SetupConnection.Success`, or `.Error` and close for another protocol or
+//!   version): a client that sends one waits for its answer.
 
 use stratum_core::{
     binary_sv2::{self, Decodable},
@@ -114,6 +116,9 @@ pub enum CloseReason {
 pub enum Action {
     /// Answer `SetupConnection.Success`.
     AcceptSetup(SetupInfo),
+    /// Answer a second `SetupConnection` with `SetupConnection.Success` again; it counted
+    /// against the client as [`BadMessage::RepeatedSetup`].
+    RepeatSetup(SetupInfo),
     /// Answer `SetupConnection.Error` with this code, then close.
     RefuseSetup(&'static str),
     /// Subscribe with these constraints; `first` ends the connection's setup.
@@ -140,7 +145,10 @@ impl Action {
     /// Whether the frame was unknown, undecodable or out of order (what
     /// `sv2_tpd_messages_unexpected_total` counts).
     pub fn is_unexpected(&self) -> bool {
-        matches!(self, Action::Ignore(_) | Action::Close(_))
+        matches!(
+            self,
+            Action::Ignore(_) | Action::RepeatSetup(_) | Action::Close(_)
+        )
     }
 }
 
@@ -182,7 +190,7 @@ impl Machine {
             Action::AcceptSetup(_) => self.phase = Phase::AwaitingConstraints,
             Action::Subscribe { .. } => self.phase = Phase::Serving,
             Action::RefuseSetup(_) | Action::Close(_) => self.phase = Phase::Closed,
-            Action::Ignore(_) => {
+            Action::Ignore(_) | Action::RepeatSetup(_) => {
                 self.bad_messages = self.bad_messages.saturating_add(1);
                 if self.bad_messages > self.max_bad_messages {
                     self.phase = Phase::Closed;
@@ -242,7 +250,10 @@ impl Machine {
             }
             MESSAGE_TYPE_SUBMIT_SOLUTION => decode::<SubmitSolution>(payload, "SubmitSolution")
                 .map(|s| Action::SubmitSolution(s.into_owned())),
-            MESSAGE_TYPE_SETUP_CONNECTION => Ok(Action::Ignore(BadMessage::RepeatedSetup)),
+            MESSAGE_TYPE_SETUP_CONNECTION => Ok(match setup_connection(payload) {
+                Action::AcceptSetup(info) => Action::RepeatSetup(info),
+                refused_or_broken => refused_or_broken,
+            }),
             _ => Ok(Action::Ignore(BadMessage::NotAClientMessage { msg_type })),
         };
         result.unwrap_or_else(Action::Close)
@@ -408,6 +419,24 @@ mod tests {
         assert_eq!(
             m.on_frame(0, MESSAGE_TYPE_SETUP_CONNECTION, &mut setup),
             Action::Close(CloseReason::TooManyBadMessages { limit: 2 })
+        );
+        assert_eq!(m.phase(), Phase::Closed);
+    }
+
+    #[test]
+    fn a_second_setup_connection_is_answered_and_counted() {
+        let mut m = set_up(4);
+        let mut again = setup_bytes(Protocol::TemplateDistributionProtocol, 2, 2);
+        assert!(matches!(
+            m.on_frame(0, MESSAGE_TYPE_SETUP_CONNECTION, &mut again),
+            Action::RepeatSetup(_)
+        ));
+        assert_eq!(m.bad_messages(), 1);
+        assert_eq!(m.phase(), Phase::AwaitingConstraints);
+        let mut mining = setup_bytes(Protocol::MiningProtocol, 2, 2);
+        assert_eq!(
+            m.on_frame(0, MESSAGE_TYPE_SETUP_CONNECTION, &mut mining),
+            Action::RefuseSetup(ERROR_CODE_SETUP_CONNECTION_UNSUPPORTED_PROTOCOL)
         );
         assert_eq!(m.phase(), Phase::Closed);
     }

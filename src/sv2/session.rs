@@ -18,8 +18,12 @@
 //!   once (more get `RequestTransactionData.Error` "throttled"); answers are built off the
 //!   main loop, so a slow block read never delays a template, and their bytes count
 //!   against `max_tx_data_bytes_in_flight` (all clients together) until written;
-//! - constraint changes are applied at most once per [`SessionLimits::constraints_interval`];
-//!   changes within that window are coalesced, the latest winning when it ends;
+//! - every `CoinbaseOutputConstraints` after the first is answered with the current
+//!   template of the session's group (`NewTemplate(future)` + `SetNewPrevHash`, from what
+//!   the engine holds, no node call), one pair per message and one at a time; a *change*
+//!   is applied at most once per [`SessionLimits::constraints_interval`]: changes within
+//!   that window are coalesced, the latest winning when it ends, when the new group's
+//!   pair follows;
 //! - a frame that fails to decrypt or is over [`MAX_CLIENT_FRAME_BYTES`] closes the
 //!   connection.
 
@@ -55,7 +59,9 @@ use crate::{
         protocol::{self, Action, BadMessage, CloseReason, SetupInfo},
         transport::{Frame, FrameReader, FrameWriter, TransportError},
     },
-    template::{Constraints, EngineHandle, SolutionOutcome, TemplateEvent, TransactionData},
+    template::{
+        Constraints, EngineHandle, SolutionOutcome, Subscription, TemplateEvent, TransactionData,
+    },
 };
 
 /// Largest frame (encrypted bytes, header included) accepted from a client. The largest valid
@@ -234,7 +240,7 @@ struct Session {
     reader: FrameReader,
     writer: FrameWriter,
     engine: EngineHandle,
-    events: Option<mpsc::Receiver<TemplateEvent>>,
+    events: Option<Subscription>,
     machine: protocol::Machine,
     limits: SessionLimits,
     ticket: Ticket,
@@ -337,6 +343,10 @@ impl Session {
         }
         match action {
             Action::AcceptSetup(info) => self.accept_setup(info).await,
+            Action::RepeatSetup(info) => {
+                self.log_bad_message(BadMessage::RepeatedSetup);
+                self.accept_setup(info).await
+            }
             Action::RefuseSetup(code) => self.refuse_setup(code).await,
             Action::Subscribe {
                 constraints,
@@ -407,23 +417,45 @@ impl Session {
         }
     }
 
-    /// A later `CoinbaseOutputConstraints`: applied at once if the session's last
-    /// subscription is old enough, else kept (replacing any value already waiting) until
-    /// it is.
+    /// A later `CoinbaseOutputConstraints`. The client is saying it needs a template to
+    /// mine on now (SRI's JDC sends its constraints again when it falls back to solo
+    /// mining, and waits for a pair), so it always gets one: a change applied at once
+    /// brings its new group's pair; the same constraints, or a change that must wait for
+    /// the session's last subscription to be old enough (kept, replacing any value
+    /// already waiting), bring the pair of the group it is in now.
     async fn change_constraints(&mut self, constraints: Constraints) -> Result<(), SessionError> {
         if self.constraints == Some(constraints) {
-            // Back to what is subscribed: nothing to change, nothing waiting.
+            // Back to what is subscribed: nothing waiting any more.
             if self.deferred.take().is_some() {
                 count_constraints("superseded");
             }
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= self.next_subscribe {
+        } else if tokio::time::Instant::now() >= self.next_subscribe {
             return self.subscribe(constraints).await;
+        } else {
+            match self.deferred.replace(constraints) {
+                Some(_) => count_constraints("superseded"),
+                None => count_constraints("deferred"),
+            }
         }
-        match self.deferred.replace(constraints) {
-            Some(_) => count_constraints("superseded"),
-            None => count_constraints("deferred"),
+        self.resend().await
+    }
+
+    /// Has the engine queue the current pair of this session's group again, and waits
+    /// until it has: one message gets at most one pair, and a client sending constraints
+    /// in a loop never has more than one on its way.
+    async fn resend(&mut self) -> Result<(), SessionError> {
+        let Some(subscription) = &self.events else {
+            return Ok(());
+        };
+        let resent = self
+            .engine
+            .resend(subscription)
+            .await
+            .map_err(|_| SessionError::EngineGone)?;
+        // Without a template on the tip yet, the group's next one is the answer.
+        debug!(resent, "constraints answered with the current template");
+        if resent {
+            count_constraints("resent");
         }
         Ok(())
     }
@@ -574,7 +606,7 @@ impl Session {
         let mut sent = Vec::with_capacity(EVENTS_PER_WRITE * 2);
         self.queue(event, &mut sent)?;
         for _ in 1..EVENTS_PER_WRITE {
-            let Some(Ok(event)) = self.events.as_mut().map(|events| events.try_recv()) else {
+            let Some(Ok(event)) = self.events.as_mut().map(|sub| sub.events.try_recv()) else {
                 break;
             };
             self.queue(event, &mut sent)?;
@@ -641,9 +673,9 @@ impl Session {
     }
 }
 
-async fn next_event(events: &mut Option<mpsc::Receiver<TemplateEvent>>) -> Option<TemplateEvent> {
+async fn next_event(events: &mut Option<Subscription>) -> Option<TemplateEvent> {
     match events {
-        Some(events) => events.recv().await,
+        Some(sub) => sub.events.recv().await,
         None => std::future::pending().await,
     }
 }

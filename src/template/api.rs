@@ -271,14 +271,23 @@ impl SolutionOutcome {
 #[derive(Debug)]
 pub enum EngineRequest {
     /// Start receiving templates for these constraints. The current template (if any) is
-    /// sent at once as `NewTemplate(future=true)` + `SetNewPrevHash`. Sending again with
-    /// other constraints replaces the subscription of that `events` channel's session;
-    /// dropping the receiver ends it.
+    /// sent at once as `NewTemplate(future=true)` + `SetNewPrevHash`. Dropping the
+    /// receiver ends the subscription.
     Subscribe {
         /// The session's constraints.
         constraints: Constraints,
         /// Where the engine sends this session's events.
         events: mpsc::Sender<TemplateEvent>,
+    },
+    /// Send the subscription's group's current template again, as
+    /// `NewTemplate(future=true)` + `SetNewPrevHash`, into its event stream (behind
+    /// whatever is queued there). No node call.
+    Resend {
+        /// The subscription, named by its event channel.
+        subscription: mpsc::WeakSender<TemplateEvent>,
+        /// Whether a pair was queued (false while the group has no template on the tip:
+        /// the group's next one is on its way).
+        reply: oneshot::Sender<bool>,
     },
     /// `RequestTransactionData`.
     TransactionData {
@@ -294,6 +303,16 @@ pub enum EngineRequest {
         /// Where the outcome goes.
         reply: oneshot::Sender<SolutionOutcome>,
     },
+}
+
+/// One session's subscription: the engine's events for it, and the name the engine knows
+/// it by (which does not keep the stream open: when the engine drops the session, its
+/// stream ends).
+#[derive(Debug)]
+pub struct Subscription {
+    /// The group's templates, in the order the engine sent them.
+    pub events: mpsc::Receiver<TemplateEvent>,
+    key: mpsc::WeakSender<TemplateEvent>,
 }
 
 /// The engine is gone (the daemon is shutting down).
@@ -314,17 +333,30 @@ impl EngineHandle {
     }
 
     /// Subscribes a session with `constraints`; returns its event stream.
-    pub async fn subscribe(
-        &self,
-        constraints: Constraints,
-    ) -> Result<mpsc::Receiver<TemplateEvent>, EngineStopped> {
+    pub async fn subscribe(&self, constraints: Constraints) -> Result<Subscription, EngineStopped> {
         let (events, receiver) = mpsc::channel(SESSION_EVENT_QUEUE);
+        let key = events.downgrade();
         self.send(EngineRequest::Subscribe {
             constraints,
             events,
         })
         .await?;
-        Ok(receiver)
+        Ok(Subscription {
+            events: receiver,
+            key,
+        })
+    }
+
+    /// Asks for `subscription`'s current pair again (see [`EngineRequest::Resend`]) and
+    /// waits until the engine has queued it; returns whether there was one.
+    pub async fn resend(&self, subscription: &Subscription) -> Result<bool, EngineStopped> {
+        let (reply, answer) = oneshot::channel();
+        self.send(EngineRequest::Resend {
+            subscription: subscription.key.clone(),
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| EngineStopped)
     }
 
     /// Asks for the transactions of template `template_id`.

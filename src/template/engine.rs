@@ -18,7 +18,7 @@ use super::api::{
 use super::blocks::{BlockReads, FetchedBlock};
 use super::build::{FeePolicy, GroupReport, Reason};
 use super::cache::TemplateTxs;
-use super::fanout::{Fanout, Subscriber, STANDING_GROUP};
+use super::fanout::{CurrentPair, Fanout, Subscriber, STANDING_GROUP};
 use super::group::{GroupStart, Groups};
 use super::health::NodeLink;
 use super::ids::first_template_id;
@@ -355,8 +355,7 @@ impl Engine {
                 // A group that starts now builds on what the joiner was just sent: on the
                 // same tip its first template is an update, not a second pair.
                 let sent_tip = current.map(|held| held.prev_hash);
-                let current =
-                    current.map(|held| (&*held.payload.new_template, &held.payload.prev_hash_msg));
+                let current = current.map(pair_of);
                 let sub = Subscriber {
                     constraints,
                     events,
@@ -372,6 +371,12 @@ impl Engine {
                 };
                 self.ensure_group(constraints, start);
             }
+            EngineRequest::Resend {
+                subscription,
+                reply,
+            } => {
+                let _ = reply.send(self.resend(subscription));
+            }
             EngineRequest::TransactionData { template_id, reply } => {
                 let lookup = self.store.transaction_data(template_id);
                 self.reads
@@ -380,6 +385,23 @@ impl Engine {
             EngineRequest::SubmitSolution { solution, reply } => {
                 self.on_submit_solution(solution, reply)
             }
+        }
+    }
+
+    /// Queues a subscribed session's group's current template to it again (a client
+    /// that sends `CoinbaseOutputConstraints` needs a template to mine on now); false if
+    /// the session is gone or its group has no template on the tip yet, whose next one
+    /// then reaches it anyway. Held data only: no node call.
+    fn resend(&mut self, subscription: mpsc::WeakSender<TemplateEvent>) -> bool {
+        let Some(events) = subscription.upgrade() else {
+            return false;
+        };
+        let Some(group) = self.fanout.group_of(&events) else {
+            return false;
+        };
+        match current_pair(&self.groups, &self.store, group) {
+            Some(current) => self.fanout.resend(&events, current),
+            None => false,
         }
     }
 
@@ -450,4 +472,19 @@ fn group_template<'a>(
         .and_then(|id| store.get(id))
         .filter(|held| tip == Some(held.prev_hash))
         .or_else(|| store.on_tip().find(|held| held.group == constraints))
+}
+
+/// The current template of `group` with its `SetNewPrevHash` (see [`group_template`]):
+/// what a client joining or asking again is sent.
+fn current_pair<'a>(
+    groups: &Groups,
+    store: &'a TemplateStore<Published>,
+    group: Constraints,
+) -> Option<CurrentPair<'a>> {
+    group_template(groups, store, group).map(pair_of)
+}
+
+/// A held template's `NewTemplate` and `SetNewPrevHash`.
+fn pair_of(held: &Held<Published>) -> CurrentPair<'_> {
+    (&*held.payload.new_template, &held.payload.prev_hash_msg)
 }

@@ -58,18 +58,41 @@ impl Fanout {
 
     /// Adds a subscriber; when its group already has a template (`current`), that goes
     /// out first, as a future template with its `SetNewPrevHash`.
-    pub fn add(
-        &mut self,
-        sub: Subscriber,
-        current: Option<(&NewTemplateOwned, &Arc<SetNewPrevHashOwned>)>,
-    ) {
-        if let Some((new_template, prev_hash)) = current {
-            let mut future = new_template.clone();
-            future.future_template = true;
-            send(&sub, TemplateEvent::NewTemplate(Arc::new(future)));
-            send(&sub, TemplateEvent::SetNewPrevHash(prev_hash.clone()));
+    pub fn add(&mut self, sub: Subscriber, current: Option<CurrentPair<'_>>) {
+        if let Some(pair) = current {
+            send_pair(&sub, pair);
         }
         self.subscribers.push(sub);
+    }
+
+    /// The group of the session whose queue is `events`, if it is subscribed.
+    pub fn group_of(&self, events: &mpsc::Sender<TemplateEvent>) -> Option<Constraints> {
+        self.subscribers
+            .iter()
+            .find(|s| s.events.same_channel(events))
+            .map(|s| s.constraints)
+    }
+
+    /// Queues `current` (its group's current template) again to the session whose queue is
+    /// `events`, as on joining; a session too slow to take it is dropped, as in
+    /// [`Fanout::publish`]. Returns whether it was queued.
+    pub fn resend(
+        &mut self,
+        events: &mpsc::Sender<TemplateEvent>,
+        current: CurrentPair<'_>,
+    ) -> bool {
+        let Some(i) = self
+            .subscribers
+            .iter()
+            .position(|s| s.events.same_channel(events))
+        else {
+            return false;
+        };
+        let queued = send_pair(&self.subscribers[i], current);
+        if !queued {
+            self.subscribers.remove(i);
+        }
+        queued
     }
 
     /// Queues a group's new template (for a new tip, with its `SetNewPrevHash`) to every
@@ -122,6 +145,18 @@ pub(crate) fn choose_group(
                 && c.max_additional_sigops >= requested.max_additional_sigops
         })
         .min_by_key(|c| (c.max_additional_size, c.max_additional_sigops))
+}
+
+/// A group's current template and its `SetNewPrevHash`, as the engine holds them.
+pub(crate) type CurrentPair<'a> = (&'a NewTemplateOwned, &'a Arc<SetNewPrevHashOwned>);
+
+/// Queues `(template, prev_hash)` as `NewTemplate(future)` + `SetNewPrevHash`: what a
+/// client needs to start mining on the group's current template.
+fn send_pair(sub: &Subscriber, (new_template, prev_hash): CurrentPair<'_>) -> bool {
+    let mut future = new_template.clone();
+    future.future_template = true;
+    send(sub, TemplateEvent::NewTemplate(Arc::new(future)))
+        && send(sub, TemplateEvent::SetNewPrevHash(prev_hash.clone()))
 }
 
 fn send(sub: &Subscriber, event: TemplateEvent) -> bool {

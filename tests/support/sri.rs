@@ -318,16 +318,47 @@ impl Pool {
     ) -> anyhow::Result<Self> {
         let keys = ServerKeys::ephemeral();
         let listen = SocketAddr::from(([127, 0, 0, 1], free_local_port()?));
-        let config_path = workdir.join("pool.toml");
         let config = pool_config(settings, &keys, listen);
-        let mut process = spawn_configured(
-            bin_dir,
-            "pool_sv2",
-            "POOL__",
-            workdir,
-            &config_path,
-            &config,
-        )?;
+        Self::start_configured(bin_dir, workdir, &config, &keys, listen)
+    }
+
+    /// Like [`Pool::start`], with its embedded Job Declaration Server listening on
+    /// `jds_listen`. pool_sv2 0.7 takes its templates straight from `node` over IPC then
+    /// (its JDS refuses `Sv2Tp`).
+    pub fn start_with_jds(
+        bin_dir: &Path,
+        workdir: &Path,
+        node: &BitcoinNode,
+        coinbase_script: &Script,
+        jds_listen: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let keys = ServerKeys::ephemeral();
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_local_port()?));
+        let mut config = pool_header(&keys, listen, coinbase_script, 6.0);
+        let _ = writeln!(config, "[template_provider_type.BitcoinCoreIpc]");
+        let _ = writeln!(config, "version = 31");
+        let _ = writeln!(config, "network = \"regtest\"");
+        let _ = writeln!(config, "data_dir = \"{}\"", node.datadir().display());
+        let _ = writeln!(config, "fee_threshold = 100");
+        let _ = writeln!(config, "min_interval = 5");
+        let _ = writeln!(config);
+        let _ = writeln!(config, "[jds]");
+        let _ = writeln!(config, "listen_address = \"{jds_listen}\"");
+        Self::start_configured(bin_dir, workdir, &config, &keys, listen)
+    }
+
+    /// Writes `config` (which names `keys` and `listen`) into `workdir`, starts
+    /// `pool_sv2` from `bin_dir` and waits until it accepts miners.
+    fn start_configured(
+        bin_dir: &Path,
+        workdir: &Path,
+        config: &str,
+        keys: &ServerKeys,
+        listen: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let config_path = workdir.join("pool.toml");
+        let mut process =
+            spawn_configured(bin_dir, "pool_sv2", "POOL__", workdir, &config_path, config)?;
         process.wait_until("first template from the Template Provider", |pool| {
             pool.log_text().contains(POOL_READY_LINE)
         })?;
@@ -365,6 +396,29 @@ impl Pool {
 /// A pool_sv2 0.7 TOML configuration (same keys as its `config-examples/*/
 /// pool-config-local-sv2-tp-example.toml`).
 pub fn pool_config(settings: &PoolSettings<'_>, keys: &ServerKeys, listen: SocketAddr) -> String {
+    let mut toml = pool_header(
+        keys,
+        listen,
+        settings.coinbase_script,
+        settings.shares_per_minute,
+    );
+    let _ = writeln!(toml, "[template_provider_type.Sv2Tp]");
+    let _ = writeln!(toml, "address = \"{}\"", settings.template_provider);
+    let _ = writeln!(
+        toml,
+        "public_key = \"{}\"",
+        settings.template_provider_authority
+    );
+    toml
+}
+
+/// The top-level keys of a pool_sv2 0.7 configuration, before its template provider.
+fn pool_header(
+    keys: &ServerKeys,
+    listen: SocketAddr,
+    coinbase_script: &Script,
+    shares_per_minute: f32,
+) -> String {
     let mut toml = String::new();
     let _ = writeln!(
         toml,
@@ -381,24 +435,13 @@ pub fn pool_config(settings: &PoolSettings<'_>, keys: &ServerKeys, listen: Socke
     let _ = writeln!(
         toml,
         "coinbase_reward_script = \"raw({})\"",
-        settings.coinbase_script.to_hex_string()
+        coinbase_script.to_hex_string()
     );
     let _ = writeln!(toml, "server_id = 1");
     let _ = writeln!(toml, "pool_signature = \"sv2-tpd interop\"");
-    let _ = writeln!(
-        toml,
-        "shares_per_minute = {:.1}",
-        settings.shares_per_minute
-    );
+    let _ = writeln!(toml, "shares_per_minute = {shares_per_minute:.1}");
     let _ = writeln!(toml, "share_batch_size = 1");
     let _ = writeln!(toml);
-    let _ = writeln!(toml, "[template_provider_type.Sv2Tp]");
-    let _ = writeln!(toml, "address = \"{}\"", settings.template_provider);
-    let _ = writeln!(
-        toml,
-        "public_key = \"{}\"",
-        settings.template_provider_authority
-    );
     toml
 }
 
@@ -455,6 +498,21 @@ impl Jdc {
         config: &str,
         listen: SocketAddr,
     ) -> anyhow::Result<Self> {
+        let mut jdc = Self::start_with_upstreams(bin_dir, workdir, config, listen)?;
+        jdc.process.wait_until("solo mining mode", |jdc| {
+            jdc.log_text().contains(JDC_SOLO_LINE)
+        })?;
+        Ok(jdc)
+    }
+
+    /// Like [`Jdc::start`] for a configuration with upstreams (a pool and its JDS): waits
+    /// only until the JDC has a template and accepts miners.
+    pub fn start_with_upstreams(
+        bin_dir: &Path,
+        workdir: &Path,
+        config: &str,
+        listen: SocketAddr,
+    ) -> anyhow::Result<Self> {
         let config_path = workdir.join("jdc.toml");
         let mut process = spawn_configured(
             bin_dir,
@@ -464,14 +522,23 @@ impl Jdc {
             &config_path,
             config,
         )?;
-        process.wait_until("solo mining mode", |jdc| {
-            jdc.log_text().contains(JDC_SOLO_LINE)
-        })?;
         // The same line as the pool's: its listener is bound and it has a template.
         process.wait_until("first template from the Template Provider", |jdc| {
             jdc.log_text().contains(POOL_READY_LINE)
         })?;
         Ok(Self { process, listen })
+    }
+
+    /// Waits until the JDC has fallen back to solo mining and is ready again: it logged
+    /// its solo-mode line and, after it, that it has a template (from its repeated
+    /// `CoinbaseOutputConstraints`) and accepts miners.
+    pub fn wait_for_solo_fallback(&mut self) -> anyhow::Result<()> {
+        self.process
+            .wait_until("solo fallback with a template", |jdc| {
+                let log = jdc.log_text();
+                log.split_once(JDC_SOLO_LINE)
+                    .is_some_and(|(_, after)| after.contains(POOL_READY_LINE))
+            })
     }
 
     /// Log lines in which the JDC reports trouble: every error, and warnings of its

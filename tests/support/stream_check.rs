@@ -6,11 +6,12 @@
 //!   one `SetNewPrevHash`, and it builds on the block that one activated (the BIP34
 //!   height in its `coinbase_prefix` is the activated template's), so a template for a
 //!   new tip sent ahead of that tip's `SetNewPrevHash` is caught;
-//! - template ids are never reused.
+//! - template ids are never reused: an id sent again names the same template (a client
+//!   that sends `CoinbaseOutputConstraints` again gets its current template again).
 //!
 //! A helper may skip messages it has no use for, but only after they passed the check.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::ops::{Deref, DerefMut};
 
 use stratum_core::template_distribution_sv2::NewTemplateOwned;
@@ -22,7 +23,8 @@ const HISTORY: usize = 16;
 /// What one client was sent so far, as far as the rules need it.
 #[derive(Debug, Default)]
 pub struct StreamChecker {
-    ids: HashSet<u64>,
+    /// Every template sent, by id (as a non-future template: a resend may be future).
+    ids: HashMap<u64, NewTemplateOwned>,
     /// Future templates not activated yet: id → the height they build.
     future: HashMap<u64, Option<u32>>,
     /// The height of the block a template for the client's current tip builds; outer
@@ -56,8 +58,19 @@ impl StreamChecker {
     }
 
     fn new_template(&mut self, t: &NewTemplateOwned) -> Result<(), String> {
-        if !self.ids.insert(t.template_id) {
-            return Err(format!("template id {} was used before", t.template_id));
+        let mut seen_as = t.clone();
+        seen_as.future_template = false;
+        match self.ids.get(&t.template_id) {
+            Some(before) if *before != seen_as => {
+                return Err(format!(
+                    "template id {} was used before for another template",
+                    t.template_id
+                ))
+            }
+            Some(_) => {}
+            None => {
+                self.ids.insert(t.template_id, seen_as);
+            }
         }
         let height = bip34_height(t.coinbase_prefix.as_bytes());
         if t.future_template {

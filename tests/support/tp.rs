@@ -49,6 +49,7 @@ pub fn regtest_config(socket: &Path, datadir: &Path, extra: &[(&str, &str)]) -> 
             "node_call_timeout" => args.node_call_timeout = v,
             "max_templates_held" => args.max_templates_held = v,
             "max_template_bytes_held" => args.max_template_bytes_held = v,
+            "constraints_interval" => args.constraints_interval = v,
             other => panic!("regtest_config: add {other}"),
         }
     }
@@ -56,6 +57,17 @@ pub fn regtest_config(socket: &Path, datadir: &Path, extra: &[(&str, &str)]) -> 
     Config::load_from(&args, no_env, Some(datadir))
         .expect("valid test config")
         .0
+}
+
+/// Starts a regtest daemon on `socket` (data in `datadir`) whose groups look at fees
+/// only every 10 minutes: every template it sends is a tip's or a group's first.
+pub async fn start_daemon_without_fee_checks(socket: &Path, datadir: &Path) -> Daemon {
+    start_daemon(&regtest_config(
+        socket,
+        datadir,
+        &[("template_interval", "600")],
+    ))
+    .await
 }
 
 /// Starts a daemon for `config`.
