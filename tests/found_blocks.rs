@@ -202,16 +202,10 @@ async fn a_block_beyond_the_in_flight_limit_waits_for_a_place_and_reaches_the_no
         .accepted_blocks()
         .iter()
         .any(|b| b.block_hash() == second_hash));
-    let saved = dir.path().join("tpd/solutions");
-    let name = format!("{second_hash}.block.hex");
-    eventually("the second block saved", || {
-        std::fs::read_dir(&saved)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .any(|e| e.file_name().to_string_lossy().ends_with(&name))
-            })
-            .unwrap_or(false)
-    })
+    saved_file(
+        &dir.path().join("tpd/solutions"),
+        &format!("{second_hash}.block.hex"),
+    )
     .await;
 }
 
@@ -230,16 +224,11 @@ async fn a_block_whose_template_was_never_read_is_on_disk_before_the_node_answer
     node.set_delay(MockMethod::SubmitSolution, Duration::from_secs(3600));
     let (solution, hash) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
     c.submit_solution(solution).await.unwrap();
-    let saved = dir.path().join("tpd/solutions");
-    let name = format!("{hash}.solution.json");
-    eventually("the header and coinbase saved", || {
-        std::fs::read_dir(&saved)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .any(|e| e.file_name().to_string_lossy().ends_with(&name))
-            })
-            .unwrap_or(false)
-    })
+    // The header and coinbase, saved while the node has not answered.
+    saved_file(
+        &dir.path().join("tpd/solutions"),
+        &format!("{hash}.solution.json"),
+    )
     .await;
     let m = daemon.wait_for_metrics("the submit still waited for", |m| {
         m.value(OVERDUE, &[("method", "submitSolution")]) == 1.0

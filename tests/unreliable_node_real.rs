@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bitcoin::{Amount, BlockHash, ScriptBuf};
+use stratum_core::template_distribution_sv2::{NewTemplateOwned, SetNewPrevHashOwned};
 use support::daemon_proc::DaemonProcess;
 use support::stream_check::CheckedClient;
 use support::tp::*;
@@ -76,16 +77,27 @@ async fn cache_block(c: &mut CheckedClient, template_id: u64) {
 
 /// The file the daemon saved block `hash` in, waiting for it.
 async fn saved_block(solutions: &Path, hash: BlockHash) -> PathBuf {
-    let suffix = format!("{hash}.block.hex");
-    let found = || {
-        std::fs::read_dir(solutions)
-            .ok()?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.to_string_lossy().ends_with(&suffix))
-    };
-    eventually("the block saved whole", || found().is_some()).await;
-    found().expect("saved")
+    saved_file(solutions, &format!("{hash}.block.hex")).await
+}
+
+/// A daemon on `node` (after one block, so out of IBD) with a client that has the tip's
+/// template, whose block the daemon holds (so a solution for it is saved whole).
+async fn served_with_a_cached_template(
+    node: &BitcoinNode,
+) -> (
+    tempfile::TempDir,
+    DaemonProcess,
+    CheckedClient,
+    NewTemplateOwned,
+    SetNewPrevHashOwned,
+) {
+    node.generate(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_daemon(node, dir.path());
+    let mut c = daemon.client().await;
+    let (t, p) = next_tip(&mut c).await;
+    cache_block(&mut c, t.template_id).await;
+    (dir, daemon, c, t, p)
 }
 
 /// Waits until the node's active chain contains `hash`.
@@ -209,12 +221,7 @@ async fn a_block_found_while_the_node_is_killed_is_resubmitted_or_its_loss_expla
     let Some(node) = BitcoinNode::start_if_available(test).expect("bitcoin-node starts") else {
         return;
     };
-    node.generate(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = start_daemon(&node, dir.path());
-    let mut c = daemon.client().await;
-    let (t, p) = next_tip(&mut c).await;
-    cache_block(&mut c, t.template_id).await;
+    let (dir, daemon, mut c, t, p) = served_with_a_cached_template(&node).await;
     let parent = prev_hash(&p);
     let height = u64::from(t.coinbase_tx_locktime) + 1;
 
@@ -293,12 +300,7 @@ async fn a_block_submitted_to_a_stopped_node_is_sent_once_and_lands() {
     let Some(node) = BitcoinNode::start_if_available(test).expect("bitcoin-node starts") else {
         return;
     };
-    node.generate(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = start_daemon(&node, dir.path());
-    let mut c = daemon.client().await;
-    let (t, p) = next_tip(&mut c).await;
-    cache_block(&mut c, t.template_id).await;
+    let (_dir, daemon, mut c, t, p) = served_with_a_cached_template(&node).await;
     let before = submits_received(&node);
 
     // The node stops as the block goes out, and stays stopped for three deadlines.

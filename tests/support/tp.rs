@@ -106,6 +106,23 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// The file in `dir` whose name ends with `suffix`, waiting for it (failing the test
+/// after [`PATIENCE`]).
+pub async fn saved_file(dir: &Path, suffix: &str) -> std::path::PathBuf {
+    let found = || {
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(suffix))
+    };
+    eventually(&format!("a file *{suffix} in {}", dir.display()), || {
+        found().is_some()
+    })
+    .await;
+    found().expect("found just now")
+}
+
 /// Reads (and drops) what `c` is sent until the server closes it; false if it is still
 /// open after [`PATIENCE`].
 pub async fn closed_by_server(c: &mut CheckedClient) -> bool {
