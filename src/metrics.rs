@@ -70,7 +70,7 @@ pub struct Metrics {
     /// `RequestTransactionData` by result (`success`, `template-id-not-found`, `stale-template-id`).
     pub tx_data_requests: IntCounterVec,
     /// Solutions by result: blocks (`accepted`, `stale`, `rejected`, `node-unavailable`,
-    /// `throttled`) and what is no block (`bad-pow`, `malformed`, `unknown-template`,
+    /// `released`, `throttled`) and what is no block (`bad-pow`, `malformed`, `unknown-template`,
     /// `duplicate`).
     pub solutions: IntCounterVec,
     /// Calls that must not be abandoned (`submitSolution`, `submitBlock`, `getBlock`) still
@@ -337,6 +337,7 @@ impl Metrics {
             "stale",
             "unknown-template",
             "node-unavailable",
+            "released",
             "throttled",
             "bad-pow",
             "duplicate",

@@ -271,7 +271,9 @@ impl StatusBoard {
             clients,
             blocks_found: m.blocks_found.get(),
             solutions_rejected: solutions("rejected"),
-            solutions_undelivered: solutions("node-unavailable") + solutions("throttled"),
+            solutions_undelivered: solutions("node-unavailable")
+                + solutions("released")
+                + solutions("throttled"),
             submits_overdue: submits_overdue(),
         }
     }

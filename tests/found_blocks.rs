@@ -236,6 +236,47 @@ async fn a_block_whose_template_was_never_read_is_on_disk_before_the_node_answer
     assert_eq!(m.value(SOLUTIONS, &[("result", "accepted")]), 0.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_on_a_template_released_since_is_saved_and_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = mock(dir.path(), MockLine::V31_99);
+    let daemon = daemon(&node, dir.path(), &["--stale-template-grace", "1"]);
+    let mut c = daemon.client().await;
+    let (t, p) = next_tip(&mut c).await;
+    node.mine_block();
+    next_tip(&mut c).await;
+    // Once the grace period is over the old tip's template is released.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the template never released"
+        );
+        c.request_tx_data(t.template_id).await.unwrap();
+        match recv(&mut c).await {
+            TdpMessage::RequestTransactionDataError { error_code, .. }
+                if error_code == "template-id-not-found" =>
+            {
+                break
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    // A pool still mining it finds a block.
+    let (solution, hash) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
+    c.submit_solution(solution).await.unwrap();
+    daemon.wait_for_log("a block was found on a template this daemon had already released");
+    let m = daemon.wait_for_metrics("the block counted as released", |m| {
+        m.value(SOLUTIONS, &[("result", "released")]) == 1.0
+    });
+    assert_eq!(m.value(SOLUTIONS, &[("result", "unknown-template")]), 0.0);
+    saved_file(
+        &dir.path().join("tpd/solutions"),
+        &format!("{hash}.solution.json"),
+    )
+    .await;
+}
+
 /// Collects messages until a `SetNewPrevHash`, returning the non-future templates before
 /// it and the `SetNewPrevHash` itself.
 async fn updates_until_prev_hash(

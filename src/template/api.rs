@@ -235,6 +235,12 @@ pub enum SolutionOutcome {
     Malformed(String),
     /// No held template has this id.
     UnknownTemplate,
+    /// A block on a template released since: it cannot be submitted (its header and
+    /// coinbase are kept on disk).
+    Released {
+        /// Hash of the block.
+        block_hash: bitcoin::BlockHash,
+    },
     /// The solution could not reach the node (it is kept on disk).
     NodeUnavailable(String),
 }
@@ -252,6 +258,7 @@ impl SolutionOutcome {
             SolutionOutcome::Malformed(_) => "malformed",
             SolutionOutcome::UnknownTemplate => "unknown-template",
             SolutionOutcome::NodeUnavailable(_) => "node-unavailable",
+            SolutionOutcome::Released { .. } => "released",
         }
     }
 

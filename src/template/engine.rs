@@ -23,6 +23,7 @@ use super::group::{GroupStart, Groups};
 use super::health::NodeLink;
 use super::ids::first_template_id;
 use super::publish::{self, Published};
+use super::released::Issued;
 use super::solutions::{self, Gate, Submission};
 use super::store::{Held, TemplateBudget, TemplateStore};
 use super::supervisor::{supervise, NodeEvent};
@@ -75,6 +76,7 @@ pub fn spawn(
             },
         ),
         gate: Gate::new(config.max_solutions_in_flight),
+        issued: Issued::default(),
         groups: Groups::new(fees, client_calls, reports_tx, shutdown.clone()),
         fanout: Fanout::default(),
         config,
@@ -111,6 +113,8 @@ struct Engine {
     store: TemplateStore<Published>,
     /// What a solution must pass before it costs a disk write or a node call.
     gate: Gate,
+    /// The templates handed out lately, also those released since.
+    issued: Issued,
     /// Block reads on their way (prefetches, one at a time; reads clients wait for).
     reads: BlockReads,
     /// The live connection's tip follower.
@@ -272,6 +276,7 @@ impl Engine {
         let Some(id) = publish::hold(&mut self.store, constraints, &template, reason) else {
             return;
         };
+        self.issued.record(id, template.data());
         let Some(held) = self.store.get(id) else {
             return;
         };
@@ -430,10 +435,27 @@ impl Engine {
                         );
                         held
                     }
-                    None => {
-                        let _ = reply.send(self.gate.refuse_unknown(solution.template_id));
-                        return;
-                    }
+                    // A template released since: a real block must not pass for junk.
+                    None => match self.issued.get(solution.template_id) {
+                        Some(data) => {
+                            match self.gate.admit(data, &solution) {
+                                Ok(admitted) => solutions::spawn_released(
+                                    admitted.solved,
+                                    data.height(),
+                                    self.config.solutions_dir.clone(),
+                                    reply,
+                                ),
+                                Err(refused) => {
+                                    let _ = reply.send(refused);
+                                }
+                            }
+                            return;
+                        }
+                        None => {
+                            let _ = reply.send(self.gate.refuse_unknown(solution.template_id));
+                            return;
+                        }
+                    },
                 }
             }
         };

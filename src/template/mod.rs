@@ -37,6 +37,7 @@ mod health;
 mod ids;
 pub mod messages;
 mod publish;
+mod released;
 mod resubmit;
 mod solutions;
 mod store;

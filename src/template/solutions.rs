@@ -178,6 +178,37 @@ pub(crate) fn spawn(job: Submission, reply: oneshot::Sender<SolutionOutcome>) {
     );
 }
 
+/// A block found on a template released since (its transactions are gone): saves its
+/// header and coinbase, says so at error level and counts it `released`, in a task of its
+/// own, which sends the outcome to `reply`.
+pub(crate) fn spawn_released(
+    solved: SolvedBlock,
+    height: u32,
+    dir: PathBuf,
+    reply: oneshot::Sender<SolutionOutcome>,
+) {
+    let block_hash = solved.header.block_hash();
+    let span = info_span!("solution", %block_hash);
+    tokio::spawn(
+        async move {
+            let file = save_solution(&dir, height, &solved, None).await;
+            let file = file
+                .map(|f| f.display().to_string())
+                .unwrap_or_else(|| "(not saved)".into());
+            error!(
+                %block_hash,
+                %file,
+                "a block was found on a template this daemon had already released: its \
+                 transactions are gone, so it cannot be submitted; its header and coinbase \
+                 are saved (raise max_templates_held or stale_template_grace)"
+            );
+            metrics().solutions.with_label_values(&["released"]).inc();
+            let _ = reply.send(SolutionOutcome::Released { block_hash });
+        }
+        .instrument(span),
+    );
+}
+
 /// Writes the block to disk and hands the solution to the node (once a place in flight
 /// is free), then tells what the node made of it.
 async fn submit(job: Submission) -> SolutionOutcome {
