@@ -162,6 +162,8 @@ pub struct MockStats {
     pub templates_created: u64,
     /// Templates neither destroyed nor released by the client.
     pub templates_alive: u64,
+    /// The most templates alive at once so far.
+    pub templates_alive_peak: u64,
     /// `Thread`s made by `ThreadMap.makeThread` and not yet released.
     pub threads_alive: u64,
     /// Data calls on a template (getBlockHeader, getBlock, getTxFees, getTxSigops,

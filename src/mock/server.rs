@@ -687,6 +687,10 @@ impl TemplateImpl {
             let mut state = ctx.shared.lock();
             state.stats.templates_created += 1;
             state.stats.templates_alive += 1;
+            state.stats.templates_alive_peak = state
+                .stats
+                .templates_alive_peak
+                .max(state.stats.templates_alive);
         }
         let template = Rc::new(TemplateImpl {
             ctx: ctx.clone(),
