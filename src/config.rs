@@ -152,7 +152,8 @@ pub struct Config {
     pub max_clients_per_ip: usize,
     /// Unknown or out-of-order messages tolerated per session before it is disconnected.
     pub max_bad_messages: u32,
-    /// Solutions of one session waiting for the node at once; more are dropped.
+    /// Solutions of one session whose verdict is awaited at once; more are still sent to
+    /// the node, without awaiting their verdict.
     pub max_solutions_in_flight_per_client: usize,
     /// Solutions whose header misses its target tolerated per session before it is disconnected.
     pub max_bad_solutions: u32,

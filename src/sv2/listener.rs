@@ -83,7 +83,7 @@ pub struct ServerConfig {
     pub max_clients_per_ip: usize,
     /// Unknown or out-of-order messages tolerated per session; one more disconnects.
     pub max_bad_messages: u32,
-    /// Solutions of one session waiting for the node at once; more are dropped.
+    /// Solutions of one session whose verdict is awaited at once; more are sent on unawaited.
     pub max_solutions_in_flight_per_client: usize,
     /// Least time between two subscriptions of one session (constraint changes coalesce).
     pub constraints_interval: Duration,
