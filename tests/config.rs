@@ -358,3 +358,27 @@ fn every_declared_key_has_its_flag() {
         );
     }
 }
+
+/// The shell completions and the manual page the package ships know every flag.
+#[test]
+fn completions_and_man_page_name_every_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let bash = run(dir.path(), &["completions", "bash"], &[]);
+    let man = run(dir.path(), &["man"], &[]);
+    assert!(bash.status.success() && man.status.success());
+    let bash = String::from_utf8_lossy(&bash.stdout);
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        man.starts_with(".ie") && man.contains(".TH sv2-tpd 1"),
+        "{man}"
+    );
+    for doc in sv2_tpd::config::KEY_DOCS {
+        assert!(bash.contains(doc.flag), "{} not completed", doc.flag);
+        // roff escapes the dashes.
+        assert!(
+            man.contains(&doc.flag.replace('-', "\\-")),
+            "{} not in man",
+            doc.flag
+        );
+    }
+}
