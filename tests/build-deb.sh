@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the Debian package (metadata in Cargo.toml, [package.metadata.deb]) and prints
+# the path of the .deb. cargo-deb comes from tests/install-cargo-deb.sh's cache.
+#
+# Staged under target/deb-assets/ first, from the release binary and deploy/:
+#   units/sv2-tpd.service   deploy/sv2-tpd.service running /usr/bin/sv2-tpd
+#   units/sv2-tpd.sysusers  deploy/sv2-tpd.sysusers (cargo-deb adds systemd-sysusers
+#                           to the postinst)
+#   completions for bash, zsh and fish, and the manual page, from the binary itself.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+cargo_deb=$(bash tests/install-cargo-deb.sh)
+cargo build --release --locked --bin sv2-tpd >&2
+binary="${CARGO_TARGET_DIR:-$PWD/target}/release/sv2-tpd"
+
+assets=target/deb-assets
+rm -rf "$assets"
+mkdir -p "$assets/units"
+sed '/^ExecStart=/s#/usr/local/bin/sv2-tpd#/usr/bin/sv2-tpd#' deploy/sv2-tpd.service \
+    >"$assets/units/sv2-tpd.service"
+grep -q '^ExecStart=/usr/bin/sv2-tpd ' "$assets/units/sv2-tpd.service" ||
+    { echo "build-deb: the unit's ExecStart= was not rewritten" >&2; exit 1; }
+cp deploy/sv2-tpd.sysusers "$assets/units/sv2-tpd.sysusers"
+"$binary" completions bash >"$assets/sv2-tpd.bash"
+"$binary" completions zsh >"$assets/_sv2-tpd"
+"$binary" completions fish >"$assets/sv2-tpd.fish"
+"$binary" man | gzip -9n >"$assets/sv2-tpd.1.gz"
+
+out="${CARGO_TARGET_DIR:-$PWD/target}/debian"
+mkdir -p "$out"
+deb=$("$cargo_deb" --no-build --fast --output "$out" | tail -n 1)
+[ -f "$deb" ] || { echo "build-deb: cargo-deb printed no package path ($deb)" >&2; exit 1; }
+echo "$deb"
