@@ -61,13 +61,14 @@ runroot = "/run/sv2-tpd-ci/containers"
 CONF
 }
 
-# rootfs_image NAME MMDEBSTRAP_ARGS...: makes image NAME from a Debian root file system
-# unless it exists. The last argument may be a podman import --change list, after `--`.
+# rootfs_image NAME MMDEBSTRAP_ARGS... [-- IMPORT_CHANGES...]: makes image NAME from a
+# Debian root file system. The image is labelled with a hash of its recipe (the
+# arguments and $IMAGE_INPUTS, which names what the hooks copy in) and remade when the
+# recipe changes.
 rootfs_image() {
     local name="$1"
     shift
-    local changes=()
-    local args=()
+    local changes=() args=()
     while (($#)); do
         if [ "$1" = -- ]; then
             shift
@@ -77,7 +78,10 @@ rootfs_image() {
         args+=("$1")
         shift
     done
-    if pm image exists "$name"; then
+    local recipe
+    recipe=$(printf '%s\n' "$DEBIAN_SUITE" "${args[@]}" "${changes[@]}" "${IMAGE_INPUTS:-}" |
+        sha256sum | cut -c1-16)
+    if [ "$(pm image inspect -f '{{index .Labels "sv2-tpd-ci.recipe"}}' "$name" 2>/dev/null)" = "$recipe" ]; then
         return
     fi
     local tarball="$PODMAN_DIR/rootfs/${name//[\/:]/_}.tar"
@@ -86,7 +90,7 @@ rootfs_image() {
         "deb http://deb.debian.org/debian $DEBIAN_SUITE main" \
         "deb http://deb.debian.org/debian $DEBIAN_SUITE-updates main" \
         "deb http://deb.debian.org/debian-security $DEBIAN_SUITE-security main"
-    local change_args=()
+    local change_args=(--change "LABEL sv2-tpd-ci.recipe=$recipe")
     for change in "${changes[@]}"; do change_args+=(--change "$change"); done
     pm import "${change_args[@]}" "$tarball" "$name" >/dev/null
     rm -f "$tarball"
@@ -107,9 +111,15 @@ rootfs_image docker.io/library/debian:bookworm-slim --variant=minbase \
 
 toolchain=$(rust_toolchain)
 say "builder toolchain: $toolchain ($(rustc --version))"
-rootfs_image docker.io/library/rust:1-bookworm --variant=minbase \
+# The builder fetches crates as this machine does: through its TLS trust store, which
+# may hold local CAs (/usr/local/share/ca-certificates) that Debian's lacks.
+local_cas=(/usr/local/share/ca-certificates/*.crt)
+[ -e "${local_cas[0]}" ] || local_cas=()
+IMAGE_INPUTS="$(rustc --version) $(cat "${local_cas[@]}" /dev/null | sha256sum)" \
+    rootfs_image docker.io/library/rust:1-bookworm --variant=minbase \
     --include=gcc,libc6-dev,ca-certificates,pkg-config \
     --customize-hook="mkdir -p \"\$1/usr/local/cargo\" && for d in bin lib libexec etc; do [ ! -d '$toolchain'/\$d ] || cp -a '$toolchain'/\$d \"\$1/usr/local/cargo/\"; done" \
+    --customize-hook="for ca in ${local_cas[*]}; do cp \"\$ca\" \"\$1/usr/local/share/ca-certificates/\"; done; chroot \"\$1\" update-ca-certificates >/dev/null" \
     -- 'ENV PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     'ENV CARGO_HOME=/usr/local/cargo' 'CMD ["bash"]'
 
