@@ -5,7 +5,6 @@
 #   docker build -t sv2-tpd .
 #   docker run -d --name sv2-tpd \
 #     --group-add "$(getent group bitcoin | cut -d: -f3)" \
-#     --ulimit nofile=4096 \
 #     -v sv2-tpd-data:/data \
 #     -v /var/lib/bitcoind:/bitcoin:ro \
 #     -e SV2TPD_CHAIN=main \
