@@ -57,8 +57,8 @@ inside test -f /usr/share/bash-completion/completions/sv2-tpd
 inside sed -i 's/^chain = "main"$/chain = "regtest"/' /etc/sv2-tpd/sv2-tpd.toml
 inside sh -c 'echo "sv2_bind = \"0.0.0.0\"" >>/etc/sv2-tpd/sv2-tpd.toml'
 
-say "systemctl start sv2-tpd"
-inside systemctl start sv2-tpd
+say "systemctl enable --now sv2-tpd"
+inside systemctl enable --now sv2-tpd
 wait_for 60 "the authority key" inside test -s /var/lib/sv2-tpd/authority.key
 inside systemctl is-active sv2-tpd >/dev/null || fail "sv2-tpd is not active: $(inside systemctl status sv2-tpd)"
 key=$(inside sv2-tpd --config /etc/sv2-tpd/sv2-tpd.toml --datadir /var/lib/sv2-tpd keys show)
