@@ -30,6 +30,9 @@ say "podman build -t $image . (the Dockerfile's cargo build --release --locked)"
 started=$SECONDS
 pm build --format docker --network host -t "$image" "$REPO" >&2
 say "image built in $((SECONDS - started))s"
+# Earlier builds' images, now untagged, would pile up in the cache (the build cache
+# mounts are not images and stay).
+pm image prune -f >/dev/null
 
 node_start "$work/bitcoin"
 # The node's group: a gid with no name here, standing in for the header's

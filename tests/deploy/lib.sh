@@ -102,6 +102,6 @@ node_share_socket() {
 # watch_template ADDR KEY: one NewTemplate and its SetNewPrevHash from the Template
 # Provider at ADDR (authority public key KEY), as a pool receives them; prints them.
 watch_template() {
-    local sv2_tpd="${SV2TPD_BIN:-$REPO/target/debug/sv2-tpd}"
+    local sv2_tpd="${SV2_TPD_TEST_BIN:-$REPO/target/debug/sv2-tpd}"
     timeout 60 "$sv2_tpd" watch --tp "$1" --authority "$2" --json --count 2
 }

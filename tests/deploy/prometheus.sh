@@ -8,11 +8,11 @@
 #   fire, after the rule's own `for:`.
 #
 #   bash tests/deploy/prometheus.sh
-# Needs BITCOIN_NODE and the daemon's binary (SV2TPD_BIN, default target/debug/sv2-tpd).
+# Needs BITCOIN_NODE and the daemon's binary (SV2_TPD_TEST_BIN, default target/debug/sv2-tpd).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-sv2_tpd="${SV2TPD_BIN:-$REPO/target/debug/sv2-tpd}"
+sv2_tpd="${SV2_TPD_TEST_BIN:-$REPO/target/debug/sv2-tpd}"
 command -v prometheus >/dev/null || fail "prometheus is not installed (.ci/run installs it)"
 work=$(mktemp -d)
 daemon_pid=
