@@ -7,7 +7,8 @@
 #   the chain set in /etc/sv2-tpd/sv2-tpd.toml, `systemctl start sv2-tpd` -> active,
 #   a Template Distribution client (`sv2-tpd watch`, from the host through the
 #   published loopback port) gets a template, `systemctl stop` -> a clean exit (status
-#   0), `systemd-analyze security sv2-tpd` printed, and a purge that keeps the key.
+#   0), `systemd-analyze security sv2-tpd` printed, a purge that keeps the key, and
+#   one with SV2TPD_PURGE_KEYS=yes that does not.
 #
 #   bash tests/deploy/systemd-package.sh [PACKAGE.deb]    (default: tests/build-deb.sh)
 # Needs BITCOIN_NODE; run as root (rootful Podman).
@@ -95,4 +96,8 @@ say "dpkg --purge sv2-tpd (without SV2TPD_PURGE_KEYS)"
 inside dpkg --purge sv2-tpd >&2
 inside test -s /var/lib/sv2-tpd/authority.key || fail "purge removed the authority key"
 if inside test -e /etc/sv2-tpd; then fail "purge left /etc/sv2-tpd"; fi
+say "dpkg -i, then SV2TPD_PURGE_KEYS=yes dpkg --purge sv2-tpd"
+inside dpkg -i /tmp/sv2-tpd.deb >/dev/null
+inside env SV2TPD_PURGE_KEYS=yes dpkg --purge sv2-tpd >&2
+if inside test -e /var/lib/sv2-tpd; then fail "SV2TPD_PURGE_KEYS=yes kept /var/lib/sv2-tpd"; fi
 say "passed"
