@@ -17,7 +17,7 @@ work=$(mktemp -d)
 name="sv2-tpd-image-$$"
 volume="sv2-tpd-data-$$"
 cleanup() {
-    pm rm -f -t 0 "$name" >/dev/null 2>&1 || true
+    pm rm -f -v -t 0 "$name" >/dev/null 2>&1 || true
     pm volume rm -f "$volume" >/dev/null 2>&1 || true
     node_stop
     rm -rf "$work"

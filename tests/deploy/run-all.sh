@@ -47,7 +47,7 @@ if step podman-setup bash "$REPO/tests/deploy/podman-setup.sh"; then
         extract() {
             local id
             id=$(pm create localhost/sv2-tpd:ci) &&
-                pm cp "$id:/usr/local/bin/sv2-tpd" "$binary" && pm rm "$id" >/dev/null
+                pm cp "$id:/usr/local/bin/sv2-tpd" "$binary" && pm rm -v "$id" >/dev/null
         }
         extract >"$logs/extract.log" 2>&1 || binary=
     fi

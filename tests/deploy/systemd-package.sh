@@ -20,7 +20,7 @@ deb=$(realpath "${1:-$(bash "$REPO/tests/build-deb.sh")}")
 work=$(mktemp -d)
 name="sv2-tpd-systemd-$$"
 cleanup() {
-    pm rm -f -t 0 "$name" >/dev/null 2>&1 || true
+    pm rm -f -v -t 0 "$name" >/dev/null 2>&1 || true
     node_stop
     rm -rf "$work"
 }
