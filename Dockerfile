@@ -4,17 +4,21 @@
 #
 #   docker build -t sv2-tpd .
 #   docker run -d --name sv2-tpd \
-#     --user "$(id -u bitcoin):$(id -g bitcoin)" \
+#     --group-add "$(getent group bitcoin | cut -d: -f3)" \
 #     -v sv2-tpd-data:/data \
 #     -v /var/lib/bitcoind:/bitcoin:ro \
 #     -e SV2TPD_CHAIN=main \
 #     -p 8442:8442 -p 127.0.0.1:9842:9842 \
 #     sv2-tpd
 #
-# /bitcoin is the node's data directory (its IPC socket is <chain dir>/node.sock);
-# the container's user must be allowed to connect to that socket, hence --user with
-# the node's uid and gid, or a socket opened to a shared group. /data holds our keys
-# and, optionally, /data/sv2-tpd.toml.
+# The container runs as the image's user sv2-tpd (uid 10001), which owns /data: the
+# authority key is created there on first start, and a new named volume starts with
+# that ownership. /data holds our keys and, optionally, /data/sv2-tpd.toml (a bind
+# mount for /data must be writable by uid 10001).
+#
+# /bitcoin is the node's data directory (its IPC socket is <chain dir>/node.sock).
+# --group-add gives the container the node's group, to which the drop-in in
+# deploy/bitcoind.service.d/ opens the socket (and the test chains' sub-directory).
 #
 # The SV2TPD_* variables below make the ports reachable from outside the container;
 # environment variables win over the config file, so change them with -e.

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::status::StatusBoard;
-use crate::sv2::{serve, session::ByteBudget, ServerConfig, ServerError};
+use crate::sv2::{serve, ServerConfig, ServerError};
 use crate::template::{self, EngineConfig, EngineError, EngineStatus};
 use crate::{keys, metrics_http};
 
@@ -96,19 +96,8 @@ impl Daemon {
         };
 
         let server_config = ServerConfig {
-            cert_validity: config.cert_validity,
-            handshake_timeout: config.handshake_timeout,
-            max_clients: config.max_clients,
             board,
-            max_pending_handshakes: config.max_pending_handshakes,
-            max_clients_per_ip: config.max_clients_per_ip,
-            max_bad_messages: config.max_bad_messages,
-            max_solutions_in_flight_per_client: config.max_solutions_in_flight_per_client,
-            max_bad_solutions: config.max_bad_solutions,
-            max_tx_data_requests_per_client: config.max_tx_data_requests_per_client,
-            tx_data_bytes: ByteBudget::new(config.max_tx_data_bytes_in_flight),
-            constraints_interval: config.constraints_interval,
-            ..ServerConfig::new(sv2_addr)
+            ..ServerConfig::from_config(sv2_addr, config)
         };
         let server = tokio::spawn(serve(
             listener,

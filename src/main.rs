@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use sv2_tpd::config::{Config, ConfigArgs};
 
 /// Stratum V2 Template Provider for Bitcoin Core's IPC Mining interface.
@@ -33,6 +33,13 @@ enum Command {
     Watch(WatchArgs),
     /// Ask the running daemon (on its metrics address) how it is; exit 1 when unhealthy.
     Status(StatusArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, in roff (`sv2-tpd man | man -l -`).
+    Man,
 }
 
 /// `sv2-tpd status` options.
@@ -91,6 +98,16 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // These two describe the command line itself and need no configuration.
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            let mut command = Cli::command();
+            clap_complete::generate(*shell, &mut command, "sv2-tpd", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man) => return man_page(),
+        _ => {}
+    }
     let config = match Config::load(&cli.config) {
         Ok((config, provenance)) => {
             if matches!(cli.command, Some(Command::Config)) {
@@ -114,6 +131,7 @@ fn main() -> ExitCode {
         Command::Keys { action } => keys_command(&config, action),
         Command::Watch(args) => block_on(watch_command(args)),
         Command::Status(args) => return status_command(&config, args),
+        Command::Completions { .. } | Command::Man => Ok(()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -133,6 +151,18 @@ fn failure_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<EngineError>() {
         Some(EngineError::Unsupported(NodeError::UntrustedSocket { .. })) => EXIT_CONFIG,
         _ => EXIT_FAILURE,
+    }
+}
+
+/// `sv2-tpd man`: the manual page (options, every configuration flag, subcommands).
+fn man_page() -> ExitCode {
+    let page = clap_mangen::Man::new(Cli::command());
+    match page.render(&mut std::io::stdout().lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sv2-tpd: cannot write the manual page: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

@@ -300,3 +300,85 @@ fn systemd_unit_verifies() {
         .collect();
     assert!(complaints.is_empty(), "{}", complaints.join("\n"));
 }
+
+/// `config/*.toml` and the README's table of keys are generated from the key
+/// declarations in src/config/keys.rs; `SV2TPD_UPDATE_DOCS=1` rewrites them.
+#[test]
+fn example_files_and_the_readme_table_are_generated_from_the_declarations() {
+    use sv2_tpd::config::{docs, Chain};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let update = std::env::var_os("SV2TPD_UPDATE_DOCS").is_some();
+    let mut stale = Vec::new();
+    let mut check = |path: PathBuf, expected: String| {
+        let actual = std::fs::read_to_string(&path).unwrap_or_default();
+        if actual != expected {
+            if update {
+                std::fs::write(&path, expected).unwrap();
+            } else {
+                stale.push(path.display().to_string());
+            }
+        }
+    };
+    for chain in Chain::ALL {
+        let path = root.join("config").join(docs::example_file_name(chain));
+        check(path, docs::example_toml(chain));
+    }
+    let readme_path = root.join("README.md");
+    let readme = std::fs::read_to_string(&readme_path).unwrap();
+    let (start, end) = docs::README_TABLE_MARKERS;
+    let (before, rest) = readme
+        .split_once(start)
+        .expect("README has the table's start marker");
+    let (_, after) = rest
+        .split_once(end)
+        .expect("README has the table's end marker");
+    check(
+        readme_path,
+        format!("{before}{start}\n{}{end}{after}", docs::readme_table()),
+    );
+    assert!(
+        stale.is_empty(),
+        "out of date with src/config/keys.rs (run SV2TPD_UPDATE_DOCS=1 cargo test --test config): {}",
+        stale.join(", ")
+    );
+}
+
+/// Every declared key has its flag in `--help`, spelled as the documentation says.
+#[test]
+fn every_declared_key_has_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(dir.path(), &["--help"], &[]);
+    let help = String::from_utf8_lossy(&output.stdout);
+    for doc in sv2_tpd::config::KEY_DOCS {
+        assert_eq!(doc.flag, format!("--{}", doc.key.replace('_', "-")));
+        assert!(
+            help.contains(&format!("{} <{}>", doc.flag, doc.value_name)),
+            "{} missing from --help",
+            doc.flag
+        );
+    }
+}
+
+/// The shell completions and the manual page the package ships know every flag.
+#[test]
+fn completions_and_man_page_name_every_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let bash = run(dir.path(), &["completions", "bash"], &[]);
+    let man = run(dir.path(), &["man"], &[]);
+    assert!(bash.status.success() && man.status.success());
+    let bash = String::from_utf8_lossy(&bash.stdout);
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        man.starts_with(".ie") && man.contains(".TH sv2-tpd 1"),
+        "{man}"
+    );
+    for doc in sv2_tpd::config::KEY_DOCS {
+        assert!(bash.contains(doc.flag), "{} not completed", doc.flag);
+        // roff escapes the dashes.
+        assert!(
+            man.contains(&doc.flag.replace('-', "\\-")),
+            "{} not in man",
+            doc.flag
+        );
+    }
+}

@@ -3,6 +3,8 @@
 //! - every metric the alert rules and the Grafana dashboard name is exported on `/metrics`
 //!   (checked against the real binary), and `/metrics` passes `promtool check metrics`;
 //! - the dashboard is JSON with a data source variable;
+//! - the README's metric table names every family on `/metrics`, every label, and every
+//!   label value where it lists them;
 //! - `promtool` accepts the rules and the scrape config, and the rule unit tests pass;
 //! - `systemd-analyze verify` accepts the unit and the bitcoind drop-in without a warning.
 //!
@@ -20,7 +22,7 @@ use serde_json::Value as Json;
 use support::daemon_proc::DaemonProcess;
 use support::deploy_check::{
     alerts_without_both_cases, dashboard_metrics, deploy_dir, has_datasource_variable, missing,
-    rule_file_metrics, MetricUse,
+    readme_metric_rows, rule_file_metrics, undocumented_series, MetricUse,
 };
 use sv2_tpd::mock::{MockNode, MockOptions};
 
@@ -112,6 +114,21 @@ fn the_checker_reports_a_metric_the_daemon_does_not_export() {
 
     let block = "      - alert: X\n        expr: |\n          sv2_tpd_x\n";
     assert!(rule_file_metrics("rules.yml", block).is_err());
+
+    let readme = "| `sv2_tpd_a_total` | counter | `result` (`ok`) | a |\n\
+                  | `sv2_tpd_b` | gauge | | b |\n";
+    let page = "sv2_tpd_a_total{result=\"ok\"} 1\nsv2_tpd_a_total{result=\"bad\"} 1\n\
+                sv2_tpd_b{kind=\"x\"} 1\nsv2_tpd_c 1\nup 1\n";
+    let scrape = prometheus_parse::Scrape::parse(page.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let gaps = undocumented_series(&readme_metric_rows(readme), &scrape.samples);
+    assert_eq!(
+        gaps,
+        BTreeSet::from([
+            "sv2_tpd_a_total: result=bad not listed".to_string(),
+            "sv2_tpd_b: label kind not named".to_string(),
+            "sv2_tpd_c has no row".to_string(),
+        ])
+    );
 }
 
 #[test]
@@ -151,6 +168,15 @@ async fn deploy_files_name_only_metrics_the_daemon_exports() {
             .map(|u| format!("  {} in {}", u.name, u.place))
             .collect::<Vec<_>>()
             .join("\n")
+    );
+
+    let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let readme = std::fs::read_to_string(readme).expect("README.md");
+    let gaps = undocumented_series(&readme_metric_rows(&readme), &scrape.scrape.samples);
+    assert!(
+        gaps.is_empty(),
+        "README.md's metric table leaves out:\n  {}",
+        gaps.into_iter().collect::<Vec<_>>().join("\n  ")
     );
 
     for family in PROCESS_FAMILIES {

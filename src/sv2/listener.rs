@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    config::{Chain, Config},
     keys::ServerKeys,
     metrics::metrics,
     ratelog::LogBudget,
@@ -25,20 +26,6 @@ use crate::{
     template::EngineHandle,
 };
 
-/// Default `max_pending_handshakes`.
-pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 64;
-/// Default `max_bad_messages`.
-pub const DEFAULT_MAX_BAD_MESSAGES: u32 = 16;
-/// Default `max_solutions_in_flight_per_client`.
-pub const DEFAULT_MAX_SOLUTIONS_IN_FLIGHT: usize = 4;
-/// Default `max_bad_solutions`.
-pub const DEFAULT_MAX_BAD_SOLUTIONS: u32 = 3;
-/// Default `max_tx_data_requests_per_client`.
-pub const DEFAULT_MAX_TX_DATA_REQUESTS: usize = 4;
-/// Default `max_tx_data_bytes_in_flight`.
-pub const DEFAULT_MAX_TX_DATA_BYTES: usize = 64 << 20;
-/// Least time between two subscriptions of one session.
-pub const CONSTRAINTS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often refused and failed connections are summed up in the log.
 pub const REFUSAL_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -64,7 +51,7 @@ pub struct ServerConfig {
     pub max_clients_per_ip: usize,
     /// Unknown or out-of-order messages tolerated per session; one more disconnects.
     pub max_bad_messages: u32,
-    /// Solutions of one session waiting for the node at once; more are dropped.
+    /// Solutions of one session whose verdict is awaited at once; more are sent on unawaited.
     pub max_solutions_in_flight_per_client: usize,
     /// Least time between two subscriptions of one session (constraint changes coalesce).
     pub constraints_interval: Duration,
@@ -79,24 +66,30 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// Defaults for `bind`: certificates valid one hour, 10 s handshake timeout, 100 clients,
-    /// the default admission limits and a status board of its own.
+    /// The configuration keys' defaults (src/config/keys.rs) for `bind`, with a status
+    /// board of its own.
     pub fn new(bind: SocketAddr) -> Self {
+        let (defaults, _) = Config::defaults(Chain::Main, std::path::Path::new("/"));
+        ServerConfig::from_config(bind, &defaults)
+    }
+
+    /// The server's part of `config` for `bind`, with a status board of its own.
+    pub fn from_config(bind: SocketAddr, config: &Config) -> Self {
         ServerConfig {
             bind,
-            cert_validity: Duration::from_secs(3600),
-            handshake_timeout: Duration::from_secs(10),
-            max_clients: 100,
+            cert_validity: config.cert_validity,
+            handshake_timeout: config.handshake_timeout,
+            max_clients: config.max_clients,
             board: StatusBoard::new("unknown", "unknown"),
-            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
-            max_clients_per_ip: 0,
-            max_bad_messages: DEFAULT_MAX_BAD_MESSAGES,
-            max_solutions_in_flight_per_client: DEFAULT_MAX_SOLUTIONS_IN_FLIGHT,
-            constraints_interval: CONSTRAINTS_INTERVAL,
+            max_pending_handshakes: config.max_pending_handshakes,
+            max_clients_per_ip: config.max_clients_per_ip,
+            max_bad_messages: config.max_bad_messages,
+            max_solutions_in_flight_per_client: config.max_solutions_in_flight_per_client,
+            constraints_interval: config.constraints_interval,
             refusal_summary_interval: REFUSAL_SUMMARY_INTERVAL,
-            max_bad_solutions: DEFAULT_MAX_BAD_SOLUTIONS,
-            max_tx_data_requests_per_client: DEFAULT_MAX_TX_DATA_REQUESTS,
-            tx_data_bytes: ByteBudget::new(DEFAULT_MAX_TX_DATA_BYTES),
+            max_bad_solutions: config.max_bad_solutions,
+            max_tx_data_requests_per_client: config.max_tx_data_requests_per_client,
+            tx_data_bytes: ByteBudget::new(config.max_tx_data_bytes_in_flight),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! Only names in the daemon's namespaces are checked (`sv2_tpd_*` and the standard
 //! `process_*`); `up` and other series Prometheus makes itself are not ours to export.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
@@ -165,6 +165,64 @@ pub fn alerts_without_both_cases(rules: &str, tests: &str) -> Vec<String> {
         }
         if !silent.contains(alert) {
             gaps.push(format!("{alert}: no silent case"));
+        }
+    }
+    gaps
+}
+
+/// The README's metric table: each metric name of the first column with the text of the
+/// row's labels column (rows may name several metrics, e.g. the `process_*` gauges).
+pub fn readme_metric_rows(readme: &str) -> BTreeMap<String, String> {
+    let mut rows = BTreeMap::new();
+    for line in readme.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // "| names | type | labels | meaning |" splits into 6 cells, empty at both ends.
+        if cells.len() != 6
+            || !cells[1].starts_with("`sv2_tpd_") && !cells[1].starts_with("`process_")
+        {
+            continue;
+        }
+        for name in cells[1].split('`').skip(1).step_by(2) {
+            rows.insert(name.to_string(), cells[3].to_string());
+        }
+    }
+    rows
+}
+
+/// What the README's metric table leaves out of the series on `/metrics`: a family with
+/// no row, a label its row does not name, or a label value missing from a row that
+/// lists the values (`` `label` (`a`, `b`) ``). `le` (histogram buckets) is not a label
+/// of ours.
+pub fn undocumented_series(
+    rows: &BTreeMap<String, String>,
+    samples: &[prometheus_parse::Sample],
+) -> BTreeSet<String> {
+    let mut gaps = BTreeSet::new();
+    for sample in samples {
+        if !OUR_PREFIXES.iter().any(|p| sample.metric.starts_with(p)) {
+            continue;
+        }
+        // A histogram's `_sum` and `_count` series belong to its family's row.
+        let family = DERIVED_SUFFIXES
+            .iter()
+            .filter_map(|suffix| sample.metric.strip_suffix(suffix))
+            .find(|family| rows.contains_key(*family))
+            .unwrap_or(&sample.metric);
+        let Some(cell) = rows.get(family) else {
+            gaps.insert(format!("{} has no row", sample.metric));
+            continue;
+        };
+        for (label, value) in sample.labels.iter() {
+            let named = format!("`{label}`");
+            let Some(at) = cell.find(&named) else {
+                gaps.insert(format!("{}: label {label} not named", sample.metric));
+                continue;
+            };
+            let after = cell[at + named.len()..].trim_start();
+            let lists_values = after.starts_with('(');
+            if lists_values && !after.contains(&format!("`{value}`")) {
+                gaps.insert(format!("{}: {label}={value} not listed", sample.metric));
+            }
         }
     }
     gaps
