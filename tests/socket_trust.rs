@@ -120,6 +120,18 @@ fn a_socket_planted_while_the_daemon_waits_is_refused_too() {
     assert_untouched(&listener);
 }
 
+/// The daemon started on `socket` exits with code 2, logs every one of `needles`, and
+/// never connects to `listener`.
+fn assert_refused(socket: &Path, listener: &UnixListener, needles: &[String]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = DaemonProcess::spawn(socket, &dir.path().join("tpd"), &[]);
+    let message = daemon.failure_message(2);
+    for needle in needles {
+        assert!(message.contains(needle.as_str()), "{needle:?} in {message}");
+    }
+    assert_untouched(listener);
+}
+
 #[test]
 fn another_users_symlink_in_a_sticky_directory_is_refused_with_exit_code_2() {
     if !running_as_root() {
@@ -132,17 +144,15 @@ fn another_users_symlink_in_a_sticky_directory_is_refused_with_exit_code_2() {
     let link = sticky.join("sv2poc-node.sock");
     symlink(&target, &link).expect("symlink");
     lchown(&link, Some(NOBODY), None).expect("lchown");
-    let mut daemon = DaemonProcess::spawn(&link, &dir.path().join("tpd"), &[]);
-    let message = daemon.failure_message(2);
-    assert!(
-        message.contains(&format!(
-            "the symlink {} on the way to the socket is owned by uid {NOBODY}",
-            link.display()
-        )),
-        "{message}"
+    let owned = format!(
+        "the symlink {} on the way to the socket is owned by uid {NOBODY}",
+        link.display()
     );
-    assert!(message.contains("outside shared directories"), "{message}");
-    assert_untouched(&listener);
+    assert_refused(
+        &link,
+        &listener,
+        &[owned, "outside shared directories".into()],
+    );
 }
 
 #[test]
@@ -155,15 +165,13 @@ fn a_directory_squatted_in_a_sticky_directory_is_refused_with_exit_code_2() {
     let sticky = sticky_dir(dir.path());
     // Another user made `<sticky>/bitcoin` before the node did, socket and all.
     let (socket, listener) = plant_as_nobody(&sticky, "bitcoin");
-    let mut daemon = DaemonProcess::spawn(&socket, &dir.path().join("tpd"), &[]);
-    let message = daemon.failure_message(2);
-    assert!(
-        message.contains(&format!(
-            "the directory {} on the way to the socket is owned by uid {NOBODY}",
-            sticky.join("bitcoin").display()
-        )),
-        "{message}"
+    let owned = format!(
+        "the directory {} on the way to the socket is owned by uid {NOBODY}",
+        sticky.join("bitcoin").display()
     );
-    assert!(message.contains("outside shared directories"), "{message}");
-    assert_untouched(&listener);
+    assert_refused(
+        &socket,
+        &listener,
+        &[owned, "outside shared directories".into()],
+    );
 }

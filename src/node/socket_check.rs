@@ -316,9 +316,13 @@ mod tests {
         }
     }
 
-    /// Root may hand files to another user; elsewhere the ownership cases cannot be built.
-    fn can_chown() -> bool {
-        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    /// Only root may hand files to another user; elsewhere the ownership cases are skipped.
+    fn skipped_without_root() -> bool {
+        let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        if !root {
+            eprintln!("skipped: needs root to give files to another user");
+        }
+        !root
     }
 
     #[test]
@@ -415,8 +419,7 @@ mod tests {
 
     #[test]
     fn a_socket_owned_by_another_user_is_refused() {
-        if !can_chown() {
-            eprintln!("skipped: needs root to give the socket to another user");
+        if skipped_without_root() {
             return;
         }
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -432,8 +435,7 @@ mod tests {
 
     #[test]
     fn a_symlink_into_another_users_directory_is_refused() {
-        if !can_chown() {
-            eprintln!("skipped: needs root to give a directory to another user");
+        if skipped_without_root() {
             return;
         }
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -462,18 +464,23 @@ mod tests {
         chown(dir.join("node.sock"), Some(uid), None).expect("chown");
     }
 
+    /// `root/name` (mode 0755) and its listening `node.sock`, both another user's.
+    fn another_users_dir(root: &Path, name: &str) -> (PathBuf, UnixListener) {
+        let (dir, listener) = node_dir(root, name);
+        chmod(&dir, 0o755);
+        give(&dir, OTHER_UID);
+        (dir, listener)
+    }
+
     #[test]
     fn a_directory_another_user_squatted_in_a_sticky_directory_is_refused() {
-        if !can_chown() {
-            eprintln!("skipped: needs root to give a directory to another user");
+        if skipped_without_root() {
             return;
         }
         let tmp = tempfile::tempdir().expect("tempdir");
         let sticky = sticky_dir(tmp.path());
         // The attacker made `bitcoin` before the node did, and owns all of it.
-        let (squatted, _listener) = node_dir(&sticky, "bitcoin");
-        chmod(&squatted, 0o755);
-        give(&squatted, OTHER_UID);
+        let (squatted, _listener) = another_users_dir(&sticky, "bitcoin");
         let why = refusal(&squatted.join("node.sock"));
         assert!(
             why.contains(&format!(
@@ -490,15 +497,12 @@ mod tests {
 
     #[test]
     fn a_symlink_another_user_left_in_a_sticky_directory_is_refused() {
-        if !can_chown() {
-            eprintln!("skipped: needs root to give a symlink to another user");
+        if skipped_without_root() {
             return;
         }
         let tmp = tempfile::tempdir().expect("tempdir");
         let sticky = sticky_dir(tmp.path());
-        let (evil, _listener) = node_dir(&sticky, "evil");
-        chmod(&evil, 0o755);
-        give(&evil, OTHER_UID);
+        let (evil, _listener) = another_users_dir(&sticky, "evil");
         let link = sticky.join("node.sock");
         symlink(evil.join("node.sock"), &link).expect("symlink");
         lchown(&link, Some(OTHER_UID), None).expect("lchown");
@@ -520,8 +524,7 @@ mod tests {
 
     #[test]
     fn a_socket_another_user_left_in_a_sticky_directory_is_refused() {
-        if !can_chown() {
-            eprintln!("skipped: needs root to give the socket to another user");
+        if skipped_without_root() {
             return;
         }
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -535,8 +538,7 @@ mod tests {
 
     #[test]
     fn the_debian_layout_with_a_node_user_is_trusted() {
-        if !can_chown() {
-            eprintln!("skipped: needs root to give the datadir to the node's user");
+        if skipped_without_root() {
             return;
         }
         let tmp = tempfile::tempdir().expect("tempdir");
