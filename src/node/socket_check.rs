@@ -564,4 +564,28 @@ mod tests {
         assert!(why.contains("writable by its group"), "{why}");
         assert!(why.contains("chmod go-w"), "{why}");
     }
+
+    #[test]
+    fn a_group_member_cannot_plant_in_a_sticky_group_directory() {
+        if skipped_without_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // Like `/run/bitcoin-ipc` root:bitcoin 3770: the group may add names, sticky.
+        let shared = tmp.path().join("bitcoin-ipc");
+        std::fs::create_dir(&shared).expect("mkdir");
+        chmod(&shared, 0o3770);
+        let socket = shared.join("node.sock");
+        let _listener = UnixListener::bind(&socket).expect("bind");
+        assert!(trusted_socket(&socket).is_ok(), "root's own socket there");
+        chown(&socket, Some(OTHER_UID), None).expect("chown");
+        assert!(refusal(&socket).contains(&format!("owned by uid {OTHER_UID}")));
+        // A member's own directory there does not make that member the node's user.
+        let (theirs, _theirs_listener) = another_users_dir(&shared, "mine");
+        let why = refusal(&theirs.join("node.sock"));
+        assert!(
+            why.contains(&format!("the directory {}", theirs.display())),
+            "{why}"
+        );
+    }
 }
