@@ -14,15 +14,16 @@
 //!   names but not replace someone else's);
 //! - every entry on the way that sits in a sticky directory — directory, symlink or the
 //!   socket itself — is owned by root, the daemon's own user or that sticky directory's
-//!   owner, as the kernel's `fs.protected_symlinks` asks of symlinks there.
+//!   owner, much as the kernel's `fs.protected_symlinks` does for symlinks there.
 //!
 //! The last rule is what makes the node's user trustworthy: anyone may create a
 //! directory in `/tmp` and so become the owner of the socket's directory, but only by
 //! leaving an entry of their own in a sticky directory on the way, which is refused. Above
 //! the first sticky directory nobody but root and the owners of the directories on the
-//! way could have placed anything. A directory writable by its group (like a shared
-//! `root:bitcoin 2770` socket directory) is refused: any member of the group could have
-//! put the socket there, and nothing on disk tells which member did.
+//! way could have placed anything. A directory writable by its group and not sticky (like
+//! a shared `root:bitcoin 2770` socket directory) is refused: any member of the group
+//! could have put the socket there, and nothing on disk tells which member did. Made
+//! sticky (3770), it is accepted, but only for what root or the daemon's user put there.
 //!
 //! A path that does not exist (yet) is not refused: the node may not have started.
 
@@ -511,7 +512,7 @@ mod tests {
             why.contains(&format!("the symlink {}", link.display())),
             "{why}"
         );
-        // Even pointing at a socket that is fine on its own, as fs.protected_symlinks.
+        // Even pointing at a socket that is fine on its own, as with fs.protected_symlinks.
         let (safe, _safe_listener) = node_dir(tmp.path(), "safe");
         std::fs::remove_file(&link).expect("rm");
         symlink(safe.join("node.sock"), &link).expect("symlink");
