@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::os::unix::fs::{chown, symlink, PermissionsExt};
+use std::os::unix::fs::{chown, lchown, symlink, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +35,22 @@ fn assert_untouched(listener: &UnixListener) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         other => panic!("the daemon connected to a socket it refused: {other:?}"),
     }
+}
+
+/// A directory like `/tmp` in `root`: sticky, writable by all, root's.
+fn sticky_dir(root: &Path) -> PathBuf {
+    let dir = root.join("tmp");
+    std::fs::create_dir(&dir).expect("mkdir");
+    chmod(&dir, 0o1777);
+    dir
+}
+
+/// A socket another user made in their own directory `<sticky>/<name>` (mode 0755).
+fn plant_as_nobody(sticky: &Path, name: &str) -> (PathBuf, UnixListener) {
+    let (socket, listener) = plant(sticky, name, 0o755);
+    chown(socket.parent().expect("dir"), Some(NOBODY), None).expect("chown");
+    chown(&socket, Some(NOBODY), None).expect("chown");
+    (socket, listener)
 }
 
 fn running_as_root() -> bool {
@@ -102,4 +118,60 @@ fn a_socket_planted_while_the_daemon_waits_is_refused_too() {
         "{message}"
     );
     assert_untouched(&listener);
+}
+
+/// The daemon started on `socket` exits with code 2, logs every one of `needles`, and
+/// never connects to `listener`.
+fn assert_refused(socket: &Path, listener: &UnixListener, needles: &[String]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = DaemonProcess::spawn(socket, &dir.path().join("tpd"), &[]);
+    let message = daemon.failure_message(2);
+    for needle in needles {
+        assert!(message.contains(needle.as_str()), "{needle:?} in {message}");
+    }
+    assert_untouched(listener);
+}
+
+#[test]
+fn another_users_symlink_in_a_sticky_directory_is_refused_with_exit_code_2() {
+    if !running_as_root() {
+        eprintln!("skipped: needs root to give the symlink to another user");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sticky = sticky_dir(dir.path());
+    let (target, listener) = plant_as_nobody(&sticky, "evil-poc");
+    let link = sticky.join("sv2poc-node.sock");
+    symlink(&target, &link).expect("symlink");
+    lchown(&link, Some(NOBODY), None).expect("lchown");
+    let owned = format!(
+        "the symlink {} on the way to the socket is owned by uid {NOBODY}",
+        link.display()
+    );
+    assert_refused(
+        &link,
+        &listener,
+        &[owned, "outside shared directories".into()],
+    );
+}
+
+#[test]
+fn a_directory_squatted_in_a_sticky_directory_is_refused_with_exit_code_2() {
+    if !running_as_root() {
+        eprintln!("skipped: needs root to give the directory to another user");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sticky = sticky_dir(dir.path());
+    // Another user made `<sticky>/bitcoin` before the node did, socket and all.
+    let (socket, listener) = plant_as_nobody(&sticky, "bitcoin");
+    let owned = format!(
+        "the directory {} on the way to the socket is owned by uid {NOBODY}",
+        sticky.join("bitcoin").display()
+    );
+    assert_refused(
+        &socket,
+        &listener,
+        &[owned, "outside shared directories".into()],
+    );
 }

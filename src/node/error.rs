@@ -23,8 +23,8 @@ pub enum NodeError {
         /// The path tried.
         path: PathBuf,
     },
-    /// The socket could have been put there by someone other than the node's user or
-    /// root (see `socket_check`), so the daemon will not send it anything.
+    /// The socket could have been put there by someone other than root, the node's user or
+    /// this daemon's user (see `socket_check`), so the daemon will not send it anything.
     #[error("refusing the node's IPC socket {path}: {reason}")]
     UntrustedSocket {
         /// The path configured.

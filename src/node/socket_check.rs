@@ -3,15 +3,27 @@
 //! Whoever can put a socket at the configured path gets the daemon's calls, solved blocks
 //! included. So the path is resolved by hand, symlink by symlink, and the daemon connects
 //! to the socket it checked (not to the name it was given), which leaves no window in
-//! which a checked symlink could be pointed elsewhere. The rule:
+//! which a checked symlink could be pointed elsewhere. Trusted owners are root, the
+//! daemon's own user and the node's user: the owner of the directory the socket is in.
+//! The rule:
 //!
-//! - the path leads to a socket;
-//! - the socket is owned by root or by the owner of the directory it is in (the node's
-//!   user);
+//! - the path leads to a socket, owned by a trusted owner;
 //! - every directory on the way — each ancestor of the socket and of every symlink
-//!   followed — is owned by root or by that same user, and is writable by nobody else: no
-//!   group or other write bit, unless the directory is sticky (like `/tmp`, where others
-//!   may add names but not replace someone else's).
+//!   followed — is owned by a trusted owner and is writable by nobody else: no group or
+//!   other write bit, unless the directory is sticky (like `/tmp`, where others may add
+//!   names but not replace someone else's);
+//! - every entry on the way that sits in a sticky directory — directory, symlink or the
+//!   socket itself — is owned by root, the daemon's own user or that sticky directory's
+//!   owner, much as the kernel's `fs.protected_symlinks` does for symlinks there.
+//!
+//! The last rule is what makes the node's user trustworthy: anyone may create a
+//! directory in `/tmp` and so become the owner of the socket's directory, but only by
+//! leaving an entry of their own in a sticky directory on the way, which is refused. Above
+//! the first sticky directory nobody but root and the owners of the directories on the
+//! way could have placed anything. A directory writable by its group and not sticky (like
+//! a shared `root:bitcoin 2770` socket directory) is refused: any member of the group
+//! could have put the socket there, and nothing on disk tells which member did. Made
+//! sticky (3770), it is accepted, but only for what root or the daemon's user put there.
 //!
 //! A path that does not exist (yet) is not refused: the node may not have started.
 
@@ -67,6 +79,8 @@ struct Walk {
     socket: PathBuf,
     /// Ancestors of `socket` and of every symlink followed on the way.
     directories: BTreeSet<PathBuf>,
+    /// Every name looked up on the way, in order, with the directory it was looked up in.
+    entries: Vec<(PathBuf, PathBuf)>,
 }
 
 /// One component of a path still to walk.
@@ -98,6 +112,7 @@ impl Walk {
         let mut todo: VecDeque<Step> = steps(&start).into();
         let mut at = PathBuf::from("/");
         let mut directories = BTreeSet::new();
+        let mut entries = Vec::new();
         let mut followed = 0;
         while let Some(step) = todo.pop_front() {
             match step {
@@ -107,6 +122,7 @@ impl Walk {
                 }
                 Step::Name(name) => {
                     let next = at.join(name);
+                    entries.push((at.clone(), next.clone()));
                     if !std::fs::symlink_metadata(&next)?.file_type().is_symlink() {
                         at = next;
                         continue;
@@ -131,6 +147,7 @@ impl Walk {
         Ok(Walk {
             socket: at,
             directories,
+            entries,
         })
     }
 }
@@ -146,39 +163,70 @@ fn judge(walk: &Walk) -> io::Result<Result<(), String>> {
         )));
     }
     let dir = socket.parent().unwrap_or(Path::new("/"));
-    let node_user = std::fs::metadata(dir)?.uid();
-    if !trusted_owner(meta.uid(), node_user) {
+    let owners = Owners {
+        node_user: std::fs::metadata(dir)?.uid(),
+        daemon_user: daemon_uid(),
+    };
+    if !owners.trusted(meta.uid()) {
         return Ok(Err(format!(
-            "{} is owned by uid {}, but its directory {} by uid {node_user}: only the \
-             node's user or root may own it. If the node did not make it, remove it and \
-             restart the node",
+            "{} is owned by uid {}, but its directory {} by uid {}: only root, the \
+             node's user or this daemon's user may own it. If the node did not make it, remove it and restart the \
+             node",
             socket.display(),
             meta.uid(),
-            dir.display()
+            dir.display(),
+            owners.node_user
         )));
     }
     for dir in &walk.directories {
-        if let Err(why) = directory_is_safe(dir, &std::fs::metadata(dir)?, node_user) {
+        if let Err(why) = directory_is_safe(dir, &std::fs::metadata(dir)?, owners) {
+            return Ok(Err(why));
+        }
+    }
+    for (dir, entry) in &walk.entries {
+        let dir_meta = std::fs::metadata(dir)?;
+        if dir_meta.mode() & STICKY == 0 {
+            continue;
+        }
+        let entry_meta = std::fs::symlink_metadata(entry)?;
+        if let Err(why) = shared_entry_is_safe(entry, &entry_meta, dir, &dir_meta, owners) {
             return Ok(Err(why));
         }
     }
     Ok(Ok(()))
 }
 
-fn trusted_owner(uid: u32, node_user: u32) -> bool {
-    uid == 0 || uid == node_user
+/// Who may own what is on the way to the socket, besides root.
+#[derive(Clone, Copy, Debug)]
+struct Owners {
+    /// The owner of the socket's directory.
+    node_user: u32,
+    /// The user this daemon runs as.
+    daemon_user: u32,
 }
 
-/// Nobody but root and `node_user` may change what `dir` holds.
-fn directory_is_safe(dir: &Path, meta: &Metadata, node_user: u32) -> Result<(), String> {
-    if !trusted_owner(meta.uid(), node_user) {
+impl Owners {
+    fn trusted(self, uid: u32) -> bool {
+        uid == 0 || uid == self.node_user || uid == self.daemon_user
+    }
+}
+
+fn daemon_uid() -> u32 {
+    // SAFETY: geteuid takes nothing, cannot fail and touches no memory of ours.
+    unsafe { libc::geteuid() }
+}
+
+/// Nobody but the trusted owners may change what `dir` holds.
+fn directory_is_safe(dir: &Path, meta: &Metadata, owners: Owners) -> Result<(), String> {
+    if !owners.trusted(meta.uid()) {
         return Err(format!(
             "the directory {} on the way to the socket is owned by uid {}, neither root \
-             nor the node's user (uid {node_user}), so that user could replace the \
-             socket; give the node a data directory under directories of root or its own \
-             user, or point ipc_socket at the socket itself",
+             nor the node's user (uid {}), so that user could replace the socket; give \
+             the node a data directory under directories of root or its own user, or \
+             point ipc_socket at the socket itself",
             dir.display(),
-            meta.uid()
+            meta.uid(),
+            owners.node_user
         ));
     }
     let mode = meta.mode();
@@ -199,10 +247,42 @@ fn directory_is_safe(dir: &Path, meta: &Metadata, node_user: u32) -> Result<(), 
     Ok(())
 }
 
+/// `entry`, found in the sticky directory `dir`, was put there by root, this daemon's
+/// user or `dir`'s owner: anyone else may create names there.
+fn shared_entry_is_safe(
+    entry: &Path,
+    meta: &Metadata,
+    dir: &Path,
+    dir_meta: &Metadata,
+    owners: Owners,
+) -> Result<(), String> {
+    let uid = meta.uid();
+    if uid == 0 || uid == owners.daemon_user || uid == dir_meta.uid() {
+        return Ok(());
+    }
+    let kind = match meta.file_type() {
+        t if t.is_symlink() => "the symlink",
+        t if t.is_dir() => "the directory",
+        t if t.is_socket() => "the socket",
+        _ => "the file",
+    };
+    Err(format!(
+        "{kind} {} on the way to the socket is owned by uid {uid} and sits in {} (mode \
+         {:o}), where any user may create names, so another user may have put it there; \
+         point ipc_socket (or bitcoin_datadir) at a path outside shared directories such \
+         as /tmp (the node's own data directory, or /run/bitcoind), or remove {} if \
+         neither you nor the node made it",
+        entry.display(),
+        dir.display(),
+        dir_meta.mode() & 0o7777,
+        entry.display()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{chown, symlink, PermissionsExt};
+    use std::os::unix::fs::{chown, lchown, symlink, PermissionsExt};
     use std::os::unix::net::UnixListener;
 
     /// A uid that is neither root nor the test's user (`nobody` on Debian).
@@ -237,9 +317,13 @@ mod tests {
         }
     }
 
-    /// Root may hand files to another user; elsewhere the ownership cases cannot be built.
-    fn can_chown() -> bool {
-        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    /// Only root may hand files to another user; elsewhere the ownership cases are skipped.
+    fn skipped_without_root() -> bool {
+        let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        if !root {
+            eprintln!("skipped: needs root to give files to another user");
+        }
+        !root
     }
 
     #[test]
@@ -336,8 +420,7 @@ mod tests {
 
     #[test]
     fn a_socket_owned_by_another_user_is_refused() {
-        if !can_chown() {
-            eprintln!("skipped: needs root to give the socket to another user");
+        if skipped_without_root() {
             return;
         }
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -353,8 +436,7 @@ mod tests {
 
     #[test]
     fn a_symlink_into_another_users_directory_is_refused() {
-        if !can_chown() {
-            eprintln!("skipped: needs root to give a directory to another user");
+        if skipped_without_root() {
             return;
         }
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -367,5 +449,144 @@ mod tests {
         chown(&dir, Some(OTHER_UID), None).expect("chown");
         let why = refusal(&dir.join("node.sock"));
         assert!(why.contains("neither root nor the node's user"), "{why}");
+    }
+
+    /// A directory like `/tmp`: sticky and writable by all.
+    fn sticky_dir(root: &Path) -> PathBuf {
+        let dir = root.join("tmp");
+        std::fs::create_dir(&dir).expect("mkdir");
+        chmod(&dir, 0o1777);
+        dir
+    }
+
+    /// `dir/node.sock` and `dir` itself handed to `uid`, as another user would make them.
+    fn give(dir: &Path, uid: u32) {
+        chown(dir, Some(uid), None).expect("chown");
+        chown(dir.join("node.sock"), Some(uid), None).expect("chown");
+    }
+
+    /// `root/name` (mode 0755) and its listening `node.sock`, both another user's.
+    fn another_users_dir(root: &Path, name: &str) -> (PathBuf, UnixListener) {
+        let (dir, listener) = node_dir(root, name);
+        chmod(&dir, 0o755);
+        give(&dir, OTHER_UID);
+        (dir, listener)
+    }
+
+    #[test]
+    fn a_directory_another_user_squatted_in_a_sticky_directory_is_refused() {
+        if skipped_without_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let sticky = sticky_dir(tmp.path());
+        // The attacker made `bitcoin` before the node did, and owns all of it.
+        let (squatted, _listener) = another_users_dir(&sticky, "bitcoin");
+        let why = refusal(&squatted.join("node.sock"));
+        assert!(
+            why.contains(&format!(
+                "the directory {} on the way to the socket is owned by uid {OTHER_UID}",
+                squatted.display()
+            )),
+            "{why}"
+        );
+        assert!(why.contains("outside shared directories"), "{why}");
+        // Made by root (or the daemon's user), the same layout is fine.
+        give(&squatted, 0);
+        assert!(trusted_socket(&squatted.join("node.sock")).is_ok());
+    }
+
+    #[test]
+    fn a_symlink_another_user_left_in_a_sticky_directory_is_refused() {
+        if skipped_without_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let sticky = sticky_dir(tmp.path());
+        let (evil, _listener) = another_users_dir(&sticky, "evil");
+        let link = sticky.join("node.sock");
+        symlink(evil.join("node.sock"), &link).expect("symlink");
+        lchown(&link, Some(OTHER_UID), None).expect("lchown");
+        let why = refusal(&link);
+        assert!(
+            why.contains(&format!("the symlink {}", link.display())),
+            "{why}"
+        );
+        // Even pointing at a socket that is fine on its own, as with fs.protected_symlinks.
+        let (safe, _safe_listener) = node_dir(tmp.path(), "safe");
+        std::fs::remove_file(&link).expect("rm");
+        symlink(safe.join("node.sock"), &link).expect("symlink");
+        lchown(&link, Some(OTHER_UID), None).expect("lchown");
+        assert!(refusal(&link).contains("the symlink"));
+        // Root's own link there is followed.
+        lchown(&link, Some(0), None).expect("lchown");
+        assert!(trusted_socket(&link).is_ok());
+    }
+
+    #[test]
+    fn a_socket_another_user_left_in_a_sticky_directory_is_refused() {
+        if skipped_without_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let sticky = sticky_dir(tmp.path());
+        let socket = sticky.join("node.sock");
+        let _listener = UnixListener::bind(&socket).expect("bind");
+        chown(&socket, Some(OTHER_UID), None).expect("chown");
+        let why = refusal(&socket);
+        assert!(why.contains(&format!("owned by uid {OTHER_UID}")), "{why}");
+    }
+
+    #[test]
+    fn the_debian_layout_with_a_node_user_is_trusted() {
+        if skipped_without_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // /var/lib/bitcoind and /run/bitcoind: root's parents, the node's 0710 directory.
+        for mode in [0o710, 0o750] {
+            let name = format!("bitcoind-{mode:o}");
+            let (datadir, _listener) = node_dir(tmp.path(), &name);
+            chmod(&datadir, mode);
+            give(&datadir, OTHER_UID);
+            assert!(
+                trusted_socket(&datadir.join("node.sock")).is_ok(),
+                "{mode:o}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_group_writable_shared_socket_directory_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (dir, _listener) = node_dir(tmp.path(), "bitcoin-ipc");
+        chmod(&dir, 0o2770);
+        let why = refusal(&dir.join("node.sock"));
+        assert!(why.contains("writable by its group"), "{why}");
+        assert!(why.contains("chmod go-w"), "{why}");
+    }
+
+    #[test]
+    fn a_group_member_cannot_plant_in_a_sticky_group_directory() {
+        if skipped_without_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // Like `/run/bitcoin-ipc` root:bitcoin 3770: the group may add names, sticky.
+        let shared = tmp.path().join("bitcoin-ipc");
+        std::fs::create_dir(&shared).expect("mkdir");
+        chmod(&shared, 0o3770);
+        let socket = shared.join("node.sock");
+        let _listener = UnixListener::bind(&socket).expect("bind");
+        assert!(trusted_socket(&socket).is_ok(), "root's own socket there");
+        chown(&socket, Some(OTHER_UID), None).expect("chown");
+        assert!(refusal(&socket).contains(&format!("owned by uid {OTHER_UID}")));
+        // A member's own directory there does not make that member the node's user.
+        let (theirs, _theirs_listener) = another_users_dir(&shared, "mine");
+        let why = refusal(&theirs.join("node.sock"));
+        assert!(
+            why.contains(&format!("the directory {}", theirs.display())),
+            "{why}"
+        );
     }
 }
