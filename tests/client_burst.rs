@@ -14,6 +14,7 @@ use support::tp::{next_tip, prev_hash};
 use sv2_tpd::mock::{MockNode, MockOptions};
 use sv2_tpd::sv2::admission::WAITING_PER_PLACE;
 use sv2_tpd::sv2::TdpClient;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const CLIENTS: usize = 1_000;
@@ -170,4 +171,44 @@ async fn another_address_gets_its_template_while_one_holds_a_thousand_silent_soc
     assert_eq!(m.value("sv2_tpd_handshakes_pending", &[]), 0.0, "{m:?}");
     daemon.wait_for_log("newcomers now evict connections of the address with the most");
     drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_address_gets_its_template_while_one_stalls_a_thousand_handshakes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, daemon) = start(&dir);
+    let (addr, authority) = (daemon.sv2_addr.unwrap(), daemon.authority.unwrap());
+    // Each sends the first 32 of act 1's 64 bytes, then nothing: it has spoken, but not
+    // enough to count as heard.
+    let stalled_count = CLIENTS + 100;
+    let mut stalled = Vec::with_capacity(stalled_count);
+    for _ in 0..stalled_count {
+        let mut s = TcpStream::connect(addr).await.expect("a stalling socket");
+        // The daemon may already have closed the ones beyond its waiting list.
+        let _ = s.write_all(&[0x5a; 32]).await;
+        stalled.push(s);
+    }
+    let waiting = (64 * WAITING_PER_PLACE) as f64;
+    daemon.wait_for_metrics("stalled sockets beyond the waiting list closed", |m| {
+        refused(m, "evicted") >= stalled_count as f64 - waiting
+    });
+    let asked = Instant::now();
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut c = CheckedClient::new(
+        TdpClient::connect_from(other, addr, authority, CHILD_PATIENCE)
+            .await
+            .expect("connect from 127.0.0.2"),
+    );
+    c.setup_connection().await.expect("SetupConnection");
+    c.send_constraints(100, 10).await.expect("constraints");
+    next_tip(&mut c).await;
+    let took = asked.elapsed();
+    println!(
+        "with {stalled_count} sockets from 127.0.0.1 stalled in act 1, a client from \
+         127.0.0.2 got its template {:.0} ms after connecting",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    drop(stalled);
 }
