@@ -146,7 +146,8 @@ pub struct Config {
     /// Time a client has for its whole setup: Noise, `SetupConnection` and its first
     /// `CoinbaseOutputConstraints`.
     pub handshake_timeout: Duration,
-    /// Connections in their setup at once; while full, newcomers wait in the accept backlog.
+    /// Setups in progress at once; more connections wait for a place, 16 per place (see
+    /// [`crate::sv2::admission`] for a full waiting list).
     pub max_pending_handshakes: usize,
     /// Connections from one non-loopback IP address at once; 0 for no limit.
     pub max_clients_per_ip: usize,

@@ -185,12 +185,12 @@ async fn another_address_gets_its_template_while_one_stalls_a_thousand_handshake
     let mut stalled = Vec::with_capacity(stalled_count);
     for _ in 0..stalled_count {
         let mut s = TcpStream::connect(addr).await.expect("a stalling socket");
-        // The daemon may already have closed the ones beyond its waiting list.
+        // The daemon may already have evicted this one for a newer one.
         let _ = s.write_all(&[0x5a; 32]).await;
         stalled.push(s);
     }
     let waiting = (64 * WAITING_PER_PLACE) as f64;
-    daemon.wait_for_metrics("stalled sockets beyond the waiting list closed", |m| {
+    daemon.wait_for_metrics("stalled sockets beyond the waiting list evicted", |m| {
         refused(m, "evicted") >= stalled_count as f64 - waiting
     });
     let asked = Instant::now();

@@ -16,8 +16,10 @@
 //!   newcomer whose address has fewer waiting connections than the address with the most
 //!   of them evicts one of that address's: its oldest silent one, or if none is silent its
 //!   longest-waiting one ([`Admission::admit`]). A newcomer from that address itself (or
-//!   one tied with it) is closed instead. So one address holding many sockets, silent or
-//!   stalled after a byte, cannot keep another address out.
+//!   one tied with it) evicts its own address's oldest silent connection, and is closed
+//!   if none of them is silent. So one address holding many sockets, silent or stalled
+//!   in the handshake, cannot keep another address out, and a pool that shares the
+//!   flooding address still gets in while that address holds silent sockets.
 //! - For this, IPv4 addresses count one by one (loopback ones too: 127.0.0.1 and
 //!   127.0.0.2 are two) and IPv6 addresses by their /64 prefix, which one host usually
 //!   holds whole.
@@ -157,17 +159,27 @@ impl Inner {
         top
     }
 
-    /// Whom a newcomer from `group` evicts from a full waiting list: the oldest silent
-    /// connection of the top group, else its longest-waiting one; `None` if the newcomer's
-    /// group has as many waiting as the top one (the newcomer is closed instead).
+    /// Whom a newcomer from `group` evicts from a full waiting list: if its group has fewer
+    /// waiting than the top group, the top group's oldest silent connection, else its
+    /// longest-waiting one; otherwise its own group's oldest silent connection, or `None`
+    /// (the newcomer is closed) if none of them is silent.
     fn flood_victim(&self, group: IpAddr) -> Option<u64> {
         let (top, most) = self.top_group()?;
+        let oldest_silent = |of: IpAddr| {
+            self.waiting
+                .iter()
+                .find(|(_, w)| w.group == of && !w.heard)
+                .map(|(&id, _)| id)
+        };
         if self.waiting_in(group) >= most {
-            return None;
+            return oldest_silent(group);
         }
-        let mut of_top = self.waiting.iter().filter(|(_, w)| w.group == top);
-        let oldest = of_top.clone().next().map(|(&id, _)| id);
-        of_top.find(|(_, w)| !w.heard).map(|(&id, _)| id).or(oldest)
+        oldest_silent(top).or_else(|| {
+            self.waiting
+                .iter()
+                .find(|(_, w)| w.group == top)
+                .map(|(&id, _)| id)
+        })
     }
 }
 
@@ -206,8 +218,8 @@ impl Admission {
 
     /// Takes on a new connection from `peer`; it waits for a setup place. If the waiting
     /// list is full, it evicts a connection of the address group with the most waiting
-    /// connections, or is refused ([`Refusal::Evicted`]) if its own group is that one (see
-    /// the module doc). The ticket's token, a child of `parent`, is cancelled on eviction.
+    /// connections, or a silent one of its own group if that is the one, or is refused
+    /// ([`Refusal::Evicted`]) if none of those is silent (see the module doc). The ticket's token, a child of `parent`, is cancelled on eviction.
     pub fn admit(
         self: &Arc<Self>,
         peer: IpAddr,
@@ -524,12 +536,9 @@ mod tests {
         assert!(flood[0].token().is_cancelled());
         assert!(!flood[1].token().is_cancelled());
         assert!(!pool.token().is_cancelled());
-        // A newcomer from the flooding address is closed: it would only replace its own.
-        assert_eq!(
-            admission.admit(REMOTE, &root).unwrap_err(),
-            Refusal::Evicted
-        );
-        assert!(!flood[1].token().is_cancelled());
+        // A newcomer from the flooding address takes that address's oldest place.
+        let _again = admission.admit(REMOTE, &root).unwrap();
+        assert!(flood[1].token().is_cancelled());
         assert!(!pool.token().is_cancelled() && !newcomer.token().is_cancelled());
         assert_eq!(admission.pending(), WAITING_PER_PLACE);
         assert_eq!(admission.take_summary()[&Refusal::Evicted], 2);
@@ -564,8 +573,9 @@ mod tests {
             .collect();
         let other: IpAddr = "2001:db8:0:2::1".parse().unwrap();
         let first_other = admission.admit(other, &root).unwrap();
-        // The list is full; a newcomer from the first /64, on an address of its own, is
-        // closed; one from the second /64 evicts from the first.
+        // The list is full and the first /64 has talked: a newcomer from it, on an
+        // address of its own, is closed; one from the second /64 evicts from the first.
+        one_host.iter().for_each(Ticket::heard_from);
         let same_prefix: IpAddr = "2001:db8:0:1:ffff::1".parse().unwrap();
         assert_eq!(
             admission.admit(same_prefix, &root).unwrap_err(),
@@ -591,6 +601,7 @@ mod tests {
             .collect();
         let _c = admission.admit(other_loopback, &root).unwrap();
         assert!(local[0].token().is_cancelled());
+        local.iter().for_each(Ticket::heard_from);
         assert_eq!(
             admission.admit(LOOPBACK, &root).unwrap_err(),
             Refusal::Evicted
