@@ -252,8 +252,19 @@ impl Client {
         };
         match first {
             Ok(Ok(true)) => self.ticket.heard_from(),
-            Ok(_) => return self.ticket.record(Refusal::HandshakeFailed),
-            Err(_) => return self.ticket.record(Refusal::HandshakeTimeout),
+            // A part of act 1 and no more is a failed Noise handshake; nothing at all is not.
+            Ok(_) => {
+                if sent_something(&self.stream) {
+                    metrics().handshake_failures.inc();
+                }
+                return self.ticket.record(Refusal::HandshakeFailed);
+            }
+            Err(_) => {
+                if sent_something(&self.stream) {
+                    metrics().handshake_failures.inc();
+                }
+                return self.ticket.record(Refusal::HandshakeTimeout);
+            }
         }
         // Then a setup place, in turn; the setup's time counts from here.
         tokio::select! {
@@ -331,4 +342,10 @@ async fn peek_act_one(stream: &TcpStream) -> io::Result<bool> {
             done => return done,
         }
     }
+}
+
+/// Whether bytes the server has not read yet wait on `stream` (without waiting for any).
+fn sent_something(stream: &TcpStream) -> bool {
+    let mut one = [MaybeUninit::<u8>::uninit(); 1];
+    SockRef::from(stream).peek(&mut one).is_ok_and(|n| n > 0)
 }
