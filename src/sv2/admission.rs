@@ -7,7 +7,9 @@
 //! - A connection in setup first *waits*: from accept until its whole Noise act 1 (the
 //!   initiator's 64-byte ElligatorSwift key) has arrived (it is *silent* until then; an
 //!   honest client sends it at once) and then until one of `max_pending_handshakes` setup
-//!   places is free, in arrival order ([`Ticket::take_place`]). Only a connection with a
+//!   places is free, in arrival order ([`Ticket::take_place`]); one address group holds
+//!   at most half of the places ([`places_per_group`]), so the other half stays open to
+//!   other addresses while one stalls its handshakes. Only a connection with a
 //!   place costs handshake work, and `handshake_timeout` counts from when it got one; a
 //!   connection silent for `handshake_timeout` is closed.
 //! - At most [`WAITING_PER_PLACE`] × `max_pending_handshakes` connections wait at once;
@@ -44,6 +46,12 @@ use crate::metrics::{metrics, REFUSAL_REASONS};
 /// Connections that may wait for a setup place, per place: they cost a socket each and
 /// no work, like the kernel's backlog.
 pub const WAITING_PER_PLACE: usize = 16;
+
+/// Setup places one address group ([`Admission::admit`]) may hold at once out of
+/// `max_pending`: half of them (at least one).
+pub fn places_per_group(max_pending: usize) -> usize {
+    (max_pending / 2).max(1)
+}
 
 /// The limits [`Admission`] applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +134,9 @@ struct Inner {
     waiting_per_group: HashMap<IpAddr, usize>,
     /// Connections holding a setup place.
     in_setup: usize,
+    /// Each address group's share of the setup places ([`places_per_group`]), while one
+    /// of its connections holds or waits for one.
+    group_places: HashMap<IpAddr, Arc<Semaphore>>,
     established: usize,
     /// Connections per address, for `max_per_ip` (non-loopback addresses only).
     per_ip: HashMap<IpAddr, usize>,
@@ -140,6 +151,19 @@ impl Inner {
         };
         decrement(&mut self.waiting_per_group, gone.group);
         true
+    }
+
+    /// Gives back a group share taken by [`Ticket::take_place`], forgetting the group's
+    /// share once no connection holds or waits for it.
+    fn release_group_place(&mut self, group: IpAddr, permit: Option<OwnedSemaphorePermit>) {
+        drop(permit);
+        if self
+            .group_places
+            .get(&group)
+            .is_some_and(|share| Arc::strong_count(share) == 1)
+        {
+            self.group_places.remove(&group);
+        }
     }
 
     fn waiting_in(&self, group: IpAddr) -> usize {
@@ -276,6 +300,8 @@ impl Admission {
             admission: self.clone(),
             id,
             ip: counted_ip,
+            group,
+            group_place: None,
             place: None,
             established: false,
             token,
@@ -319,6 +345,10 @@ pub struct Ticket {
     admission: Arc<Admission>,
     id: u64,
     ip: Option<IpAddr>,
+    /// Its address group ([`flood_group`]).
+    group: IpAddr,
+    /// Its share of its group's setup places, once it has one (until established).
+    group_place: Option<OwnedSemaphorePermit>,
     /// Its setup place, once it has one (until established).
     place: Option<OwnedSemaphorePermit>,
     established: bool,
@@ -344,11 +374,27 @@ impl Ticket {
         }
     }
 
-    /// Waits for a setup place (in the order asked for). Cancel-safe; a place taken
-    /// while this connection was being evicted is given back by the ticket.
+    /// Waits for a setup place (in the order asked for, within its address group's share
+    /// of them). Cancel-safe; a place taken while this connection was being evicted is
+    /// given back by the ticket.
     pub async fn take_place(&mut self) {
         if self.place.is_some() || self.established {
             return;
+        }
+        if self.group_place.is_none() {
+            let share = {
+                let per_group = places_per_group(self.admission.limits.max_pending);
+                let mut inner = self.admission.lock();
+                inner
+                    .group_places
+                    .entry(self.group)
+                    .or_insert_with(|| Arc::new(Semaphore::new(per_group)))
+                    .clone()
+            };
+            let Ok(permit) = share.acquire_owned().await else {
+                return;
+            };
+            self.group_place = Some(permit);
         }
         let Ok(place) = self.admission.places.clone().acquire_owned().await else {
             return;
@@ -385,6 +431,7 @@ impl Ticket {
         } else {
             inner.stop_waiting(self.id);
         }
+        inner.release_group_place(self.group, self.group_place.take());
         let in_setup = inner.in_setup;
         let refused = inner.established >= admission.limits.max_clients;
         if !refused {
@@ -412,6 +459,7 @@ impl Drop for Ticket {
         } else {
             inner.stop_waiting(self.id);
         }
+        inner.release_group_place(self.group, self.group_place.take());
         if let Some(ip) = self.ip {
             decrement(&mut inner.per_ip, ip);
         }
@@ -469,7 +517,8 @@ mod tests {
 
     #[tokio::test]
     async fn setup_places_go_in_turn_and_nothing_is_evicted_for_them() {
-        let admission = Admission::new(limits(10, 2, 0));
+        // Two places for one address: its share of four.
+        let admission = Admission::new(limits(10, 4, 0));
         let root = CancellationToken::new();
         let mut tickets: Vec<_> = (0..5)
             .map(|_| admission.admit(REMOTE, &root).unwrap())
@@ -492,6 +541,37 @@ mod tests {
         assert!(tickets.iter().all(|t| !t.token().is_cancelled()));
         assert!(!third.token().is_cancelled());
         assert!(admission.take_summary().is_empty(), "nothing was evicted");
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_half_of_the_setup_places() {
+        let admission = Admission::new(limits(10, 4, 0));
+        let root = CancellationToken::new();
+        let mut flood: Vec<_> = (0..3)
+            .map(|_| admission.admit(REMOTE, &root).unwrap())
+            .collect();
+        for t in &mut flood[..2] {
+            t.take_place().await;
+        }
+        let mut third = flood.pop().unwrap();
+        let blocked = tokio::spawn(async move {
+            third.take_place().await;
+            third
+        });
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished(), "its address already holds half");
+        let other: IpAddr = "192.0.2.9".parse().unwrap();
+        let mut pool = admission.admit(other, &root).unwrap();
+        pool.take_place().await;
+        assert_eq!(admission.in_setup(), 3);
+        flood[0].establish().unwrap();
+        let third = blocked.await.unwrap();
+        assert_eq!(admission.in_setup(), 3);
+        drop((flood, third, pool));
+        assert!(
+            admission.lock().group_places.is_empty(),
+            "shares are forgotten"
+        );
     }
 
     #[test]
