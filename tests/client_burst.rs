@@ -12,8 +12,9 @@ use support::daemon_proc::{DaemonProcess, CHILD_PATIENCE};
 use support::stream_check::CheckedClient;
 use support::tp::{next_tip, prev_hash};
 use sv2_tpd::mock::{MockNode, MockOptions};
-use sv2_tpd::sv2::admission::WAITING_PER_PLACE;
+use sv2_tpd::sv2::admission::{places_per_group, WAITING_PER_PLACE};
 use sv2_tpd::sv2::TdpClient;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const CLIENTS: usize = 1_000;
@@ -137,13 +138,53 @@ async fn another_address_gets_its_template_while_one_holds_a_thousand_silent_soc
     let _turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (_node, daemon) = start(&dir);
+    stall_then_serve_another_address(&daemon, 0).await;
+    // The silent sockets beyond those that may wait were evicted, the others waited
+    // without a setup place.
+    let m = daemon.scrape();
+    assert_eq!(m.value("sv2_tpd_handshakes_pending", &[]), 0.0, "{m:?}");
+    daemon.wait_for_log("newcomers now evict connections of the address with the most");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_address_gets_its_template_while_one_stalls_a_thousand_handshakes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, daemon) = start(&dir);
+    // The first 32 of act 1's 64 bytes: spoken, but not enough to count as heard.
+    stall_then_serve_another_address(&daemon, 32).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_address_gets_its_template_while_one_stalls_after_a_whole_act_one() {
+    // A whole act 1: these are heard, get setup places (their address half of them) and
+    // then stall until `handshake_timeout`.
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, daemon) = start(&dir);
+    stall_then_serve_another_address(&daemon, 64).await;
+}
+
+/// 1,100 sockets from 127.0.0.1 (a thousand, and a hundred more than may wait for the 64
+/// setup places) each send `bytes` of a Noise act 1 and then nothing; a client from
+/// 127.0.0.2 must still get its template within 1 s.
+async fn stall_then_serve_another_address(daemon: &DaemonProcess, bytes: usize) {
     let (addr, authority) = (daemon.sv2_addr.unwrap(), daemon.authority.unwrap());
-    // A thousand, and a hundred more than may wait for the 64 setup places (1,024).
-    let silent_count = CLIENTS + 100;
-    let mut silent = Vec::with_capacity(silent_count);
-    for _ in 0..silent_count {
-        silent.push(TcpStream::connect(addr).await.expect("a silent socket"));
+    let stalled_count = CLIENTS + 100;
+    let mut stalled = Vec::with_capacity(stalled_count);
+    for _ in 0..stalled_count {
+        let mut s = TcpStream::connect(addr).await.expect("a stalling socket");
+        // The daemon may already have closed this one, or evicted it for a newer one.
+        let _ = s.write_all(&vec![0x5a; bytes]).await;
+        stalled.push(s);
     }
+    // Those holding a setup place do not wait; the rest beyond the list were refused.
+    let in_setup = if bytes == 64 { places_per_group(64) } else { 0 };
+    let waiting = (64 * WAITING_PER_PLACE + in_setup) as f64;
+    daemon.wait_for_metrics("stalled sockets beyond the waiting list refused", |m| {
+        refused(m, "evicted") >= stalled_count as f64 - waiting
+            && m.value("sv2_tpd_handshakes_pending", &[]) >= in_setup as f64
+    });
     let asked = Instant::now();
     let other: IpAddr = "127.0.0.2".parse().unwrap();
     let mut c = CheckedClient::new(
@@ -156,18 +197,10 @@ async fn another_address_gets_its_template_while_one_holds_a_thousand_silent_soc
     next_tip(&mut c).await;
     let took = asked.elapsed();
     println!(
-        "with {silent_count} silent sockets from 127.0.0.1, a client from 127.0.0.2 got its \
-         template {:.0} ms after connecting",
+        "with {stalled_count} sockets from 127.0.0.1 stalled after {bytes} bytes of act 1, \
+         a client from 127.0.0.2 got its template {:.0} ms after connecting",
         took.as_secs_f64() * 1e3
     );
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    // The silent sockets beyond those that may wait were evicted, the others wait
-    // without a setup place.
-    let waiting = (64 * WAITING_PER_PLACE) as f64;
-    let m = daemon.wait_for_metrics("silent sockets evicted", |m| {
-        refused(m, "evicted") >= silent_count as f64 - waiting
-    });
-    assert_eq!(m.value("sv2_tpd_handshakes_pending", &[]), 0.0, "{m:?}");
-    daemon.wait_for_log("newcomers now evict the oldest silent connections");
-    drop(silent);
+    drop(stalled);
 }

@@ -411,11 +411,12 @@ max_pending_handshakes). A connection that sends nothing for this long is closed
         value_name: "N",
         parse: values::count::<1>,
         default: "64",
-        help: "most connections in their setup at once; while full, newcomers wait for a place (16 per place), and a flood from one address is evicted first",
-        about: "Connections in their setup (Noise, SetupConnection, first constraints) at once.
-While full, newcomers wait for a place in arrival order (up to 16 per place); a
-setup in progress is never evicted; under a flood, connections of the address with
-the most waiting go first.",
+        help: "most setups in progress at once (one address at most half of them); more connections wait for a place, 16 per place; beyond that the address with the most waiting loses one",
+        about: "Setups in progress (Noise, SetupConnection, first constraints) at once; one
+address holds at most half of them. More connections wait for a place in arrival
+order, up to 16 per place; a setup in progress is never evicted. When the waiting
+list is full, the address with the most waiting connections loses one (a silent
+one first), so one address cannot keep the others out.",
     },
     max_clients_per_ip: usize {
         section: Server,

@@ -4,25 +4,29 @@
 //! `SetupConnection` and its first `CoinbaseOutputConstraints`), then *established*.
 //! - Established connections are limited by `max_clients`; connections in setup do not
 //!   take those slots.
-//! - A connection in setup first *waits*: from accept until its first bytes arrive (it is
-//!   *silent* until then; an honest client sends its Noise act 1 at once) and then until
-//!   one of `max_pending_handshakes` setup places is free, in arrival order
-//!   ([`Ticket::take_place`]). Only a connection with a place costs handshake work, and
-//!   `handshake_timeout` counts from when it got one; a connection silent for
-//!   `handshake_timeout` is closed.
-//! - At most [`WAITING_PER_PLACE`] × `max_pending_handshakes` connections wait at once.
-//!   While that many wait and none of them is silent, the listener stops accepting
-//!   ([`Admission::can_accept`]) and newcomers stay in the kernel's accept backlog. Nothing
-//!   in setup is ever evicted for a burst of honest clients (every pool reconnecting after
-//!   a restart): each gets its turn.
-//! - A *flood*: that many wait and some are silent. Then each newcomer evicts the oldest
-//!   silent connection of the address with the most waiting connections
-//!   ([`Admission::admit`]), so an address holding many idle sockets cannot keep another
-//!   address out, and a pool that shares the attacker's address still gets its turn. A
-//!   connection that has sent something is never evicted.
+//! - A connection in setup first *waits*: from accept until its whole Noise act 1 (the
+//!   initiator's 64-byte ElligatorSwift key) has arrived (it is *silent* until then; an
+//!   honest client sends it at once) and then until one of `max_pending_handshakes` setup
+//!   places is free, in arrival order ([`Ticket::take_place`]); one address group holds
+//!   at most half of the places ([`places_per_group`]), so the other half stays open to
+//!   other addresses while one stalls its handshakes. Only a connection with a
+//!   place costs handshake work, and `handshake_timeout` counts from when it got one; a
+//!   connection silent for `handshake_timeout` is closed.
+//! - At most [`WAITING_PER_PLACE`] × `max_pending_handshakes` connections wait at once;
+//!   a burst of honest clients that fits (every pool reconnecting after a restart) loses
+//!   nothing. The listener never stops accepting. When the waiting list is full, a
+//!   newcomer whose address has fewer waiting connections than the address with the most
+//!   of them evicts one of that address's: its oldest silent one, or if none is silent its
+//!   longest-waiting one ([`Admission::admit`]). A newcomer from that address itself (or
+//!   one tied with it) evicts its own address's oldest silent connection, and is closed
+//!   if none of them is silent. So one address holding many sockets, silent or stalled
+//!   in the handshake, cannot keep another address out, and a pool that shares the
+//!   flooding address still gets in while that address holds silent sockets.
+//! - For this, IPv4 addresses count one by one (loopback ones too: 127.0.0.1 and
+//!   127.0.0.2 are two) and IPv6 addresses by their /64 prefix, which one host usually
+//!   holds whole.
 //! - Optionally, connections per IP address (in setup and established) are limited by
-//!   `max_clients_per_ip`; loopback addresses are exempt. (Flood eviction tells every
-//!   address apart, loopback ones included: 127.0.0.1 and 127.0.0.2 are two addresses.)
+//!   `max_clients_per_ip`; loopback addresses are exempt.
 //!
 //! Refused, evicted and failed connections are counted in
 //! `sv2_tpd_connections_refused_total{reason}` and summed up for one periodic log line
@@ -30,11 +34,11 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{metrics, REFUSAL_REASONS};
@@ -42,6 +46,12 @@ use crate::metrics::{metrics, REFUSAL_REASONS};
 /// Connections that may wait for a setup place, per place: they cost a socket each and
 /// no work, like the kernel's backlog.
 pub const WAITING_PER_PLACE: usize = 16;
+
+/// Setup places one address group ([`Admission::admit`]) may hold at once out of
+/// `max_pending`: half of them (at least one).
+pub fn places_per_group(max_pending: usize) -> usize {
+    (max_pending / 2).max(1)
+}
 
 /// The limits [`Admission`] applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +71,8 @@ pub enum Refusal {
     MaxClients,
     /// `max_clients_per_ip` connections from this address already.
     PerIp,
-    /// A silent connection closed to make room for a newer one during a flood.
+    /// Closed because the waiting list was full and its address had the most waiting
+    /// connections: evicted for a newcomer from another address, or closed on arrival.
     Evicted,
     /// Silent for `handshake_timeout`, or the setup not done within it.
     HandshakeTimeout,
@@ -92,18 +103,26 @@ pub struct Admission {
     inner: Mutex<Inner>,
     /// Setup places, handed out in the order they are asked for.
     places: Arc<Semaphore>,
-    /// Woken when a connection stops waiting: the listener may accept again.
-    left_waiting: Notify,
 }
 
 /// A connection waiting for a setup place.
 #[derive(Debug)]
 struct Waiting {
-    ip: IpAddr,
+    /// Its address group ([`flood_group`]).
+    group: IpAddr,
     /// Cancelled on eviction.
     token: CancellationToken,
-    /// Whether the client has sent anything yet.
+    /// Whether the client's whole Noise act 1 has arrived.
     heard: bool,
+}
+
+/// The address group a connection from `ip` counts in when the waiting list is full: the
+/// IPv4 address itself, or the /64 prefix of an IPv6 one.
+fn flood_group(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (!0u128 << 64))),
+        v4 => v4,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -111,10 +130,13 @@ struct Inner {
     next_id: u64,
     // Waiting connections by age (ids grow).
     waiting: BTreeMap<u64, Waiting>,
-    /// Waiting connections per address (every address).
-    waiting_per_ip: HashMap<IpAddr, usize>,
+    /// Waiting connections per address group (every group).
+    waiting_per_group: HashMap<IpAddr, usize>,
     /// Connections holding a setup place.
     in_setup: usize,
+    /// Each address group's share of the setup places ([`places_per_group`]), while one
+    /// of its connections holds or waits for one.
+    group_places: HashMap<IpAddr, Arc<Semaphore>>,
     established: usize,
     /// Connections per address, for `max_per_ip` (non-loopback addresses only).
     per_ip: HashMap<IpAddr, usize>,
@@ -127,25 +149,61 @@ impl Inner {
         let Some(gone) = self.waiting.remove(&id) else {
             return false;
         };
-        decrement(&mut self.waiting_per_ip, gone.ip);
+        decrement(&mut self.waiting_per_group, gone.group);
         true
     }
 
-    /// The oldest silent connection of the address with the most waiting connections,
-    /// counting a newcomer from `newcomer` (ties: the address with the oldest one).
-    fn flood_victim(&self, newcomer: Option<IpAddr>) -> Option<u64> {
-        let count = |ip: IpAddr| {
-            self.waiting_per_ip.get(&ip).copied().unwrap_or(0) + usize::from(Some(ip) == newcomer)
-        };
-        let mut best: Option<(usize, u64)> = None;
-        // Oldest first, so the first silent one seen of each address is its oldest.
-        for (&id, w) in self.waiting.iter().filter(|(_, w)| !w.heard) {
-            let n = count(w.ip);
-            if best.is_none_or(|(most, _)| n > most) {
-                best = Some((n, id));
+    /// Gives back a group share taken by [`Ticket::take_place`], forgetting the group's
+    /// share once no connection holds or waits for it.
+    fn release_group_place(&mut self, group: IpAddr, permit: Option<OwnedSemaphorePermit>) {
+        drop(permit);
+        if self
+            .group_places
+            .get(&group)
+            .is_some_and(|share| Arc::strong_count(share) == 1)
+        {
+            self.group_places.remove(&group);
+        }
+    }
+
+    fn waiting_in(&self, group: IpAddr) -> usize {
+        self.waiting_per_group.get(&group).copied().unwrap_or(0)
+    }
+
+    /// The group with the most waiting connections (ties: the group of the oldest one)
+    /// and how many it has.
+    fn top_group(&self) -> Option<(IpAddr, usize)> {
+        let mut top: Option<(IpAddr, usize)> = None;
+        for w in self.waiting.values() {
+            let n = self.waiting_in(w.group);
+            if top.is_none_or(|(_, most)| n > most) {
+                top = Some((w.group, n));
             }
         }
-        best.map(|(_, id)| id)
+        top
+    }
+
+    /// Whom a newcomer from `group` evicts from a full waiting list: if its group has fewer
+    /// waiting than the top group, the top group's oldest silent connection, else its
+    /// longest-waiting one; otherwise its own group's oldest silent connection, or `None`
+    /// (the newcomer is closed) if none of them is silent.
+    fn flood_victim(&self, group: IpAddr) -> Option<u64> {
+        let (top, most) = self.top_group()?;
+        let oldest_silent = |of: IpAddr| {
+            self.waiting
+                .iter()
+                .find(|(_, w)| w.group == of && !w.heard)
+                .map(|(&id, _)| id)
+        };
+        if self.waiting_in(group) >= most {
+            return oldest_silent(group);
+        }
+        oldest_silent(top).or_else(|| {
+            self.waiting
+                .iter()
+                .find(|(_, w)| w.group == top)
+                .map(|(&id, _)| id)
+        })
     }
 }
 
@@ -165,7 +223,6 @@ impl Admission {
             limits,
             inner: Mutex::new(Inner::default()),
             places: Arc::new(Semaphore::new(limits.max_pending.max(1))),
-            left_waiting: Notify::new(),
         })
     }
 
@@ -178,29 +235,15 @@ impl Admission {
         self.limits.max_pending.max(1) * WAITING_PER_PLACE
     }
 
-    /// Whether the listener should accept: there is room to wait, or a silent
-    /// connection a newcomer would evict (a flood).
-    pub fn can_accept(&self) -> bool {
-        let inner = self.lock();
-        inner.waiting.len() < self.max_waiting() || inner.flood_victim(None).is_some()
-    }
-
-    /// Whether admitting a newcomer now would evict a silent connection.
+    /// Whether the waiting list is full: a newcomer evicts someone or is closed.
     pub fn flooded(&self) -> bool {
         self.lock().waiting.len() >= self.max_waiting()
     }
 
-    /// Resolves when a connection stops waiting (or at once if one did since the last
-    /// call): the listener may accept again.
-    pub async fn left_waiting(&self) {
-        self.left_waiting.notified().await
-    }
-
     /// Takes on a new connection from `peer`; it waits for a setup place. If the waiting
-    /// set is full, the oldest silent connection of the address with the most waiting
-    /// connections is evicted for it (the set holds one more for a moment if none is
-    /// silent any more). The ticket's token, a child of `parent`, is cancelled on
-    /// eviction.
+    /// list is full, it evicts a connection of the address group with the most waiting
+    /// connections, or a silent one of its own group if that is the one, or is refused
+    /// ([`Refusal::Evicted`]) if none of those is silent (see the module doc). The ticket's token, a child of `parent`, is cancelled on eviction.
     pub fn admit(
         self: &Arc<Self>,
         peer: IpAddr,
@@ -221,16 +264,18 @@ impl Admission {
             self.record(Refusal::MaxClients);
             return Err(Refusal::MaxClients);
         }
-        let mut evicted = 0;
-        while inner.waiting.len() >= self.max_waiting() {
-            let Some(victim) = inner.flood_victim(Some(peer)) else {
-                break;
+        let group = flood_group(peer);
+        let full = inner.waiting.len() >= self.max_waiting();
+        if full {
+            let Some(victim) = inner.flood_victim(group) else {
+                drop(inner);
+                self.record(Refusal::Evicted);
+                return Err(Refusal::Evicted);
             };
             if let Some(gone) = inner.waiting.get(&victim) {
                 gone.token.cancel();
             }
             inner.stop_waiting(victim);
-            evicted += 1;
         }
         let id = inner.next_id;
         inner.next_id += 1;
@@ -238,23 +283,25 @@ impl Admission {
         inner.waiting.insert(
             id,
             Waiting {
-                ip: peer,
+                group,
                 token: token.clone(),
                 heard: false,
             },
         );
-        *inner.waiting_per_ip.entry(peer).or_insert(0) += 1;
+        *inner.waiting_per_group.entry(group).or_insert(0) += 1;
         if let Some(ip) = counted_ip {
             *inner.per_ip.entry(ip).or_insert(0) += 1;
         }
         drop(inner);
-        for _ in 0..evicted {
+        if full {
             self.record(Refusal::Evicted);
         }
         Ok(Ticket {
             admission: self.clone(),
             id,
             ip: counted_ip,
+            group,
+            group_place: None,
             place: None,
             established: false,
             token,
@@ -298,6 +345,10 @@ pub struct Ticket {
     admission: Arc<Admission>,
     id: u64,
     ip: Option<IpAddr>,
+    /// Its address group ([`flood_group`]).
+    group: IpAddr,
+    /// Its share of its group's setup places, once it has one (until established).
+    group_place: Option<OwnedSemaphorePermit>,
     /// Its setup place, once it has one (until established).
     place: Option<OwnedSemaphorePermit>,
     established: bool,
@@ -315,19 +366,35 @@ impl Ticket {
         self.admission.record(refusal);
     }
 
-    /// Notes that the client has sent something: it is no longer silent, and is never
-    /// evicted in a flood.
+    /// Notes that the client's whole Noise act 1 has arrived: it is no longer silent, and
+    /// in a flood is evicted only after its address's silent connections.
     pub fn heard_from(&self) {
         if let Some(waiting) = self.admission.lock().waiting.get_mut(&self.id) {
             waiting.heard = true;
         }
     }
 
-    /// Waits for a setup place (in the order asked for). Cancel-safe; a place taken
-    /// while this connection was being evicted is given back by the ticket.
+    /// Waits for a setup place (in the order asked for, within its address group's share
+    /// of them). Cancel-safe; a place taken while this connection was being evicted is
+    /// given back by the ticket.
     pub async fn take_place(&mut self) {
         if self.place.is_some() || self.established {
             return;
+        }
+        if self.group_place.is_none() {
+            let share = {
+                let per_group = places_per_group(self.admission.limits.max_pending);
+                let mut inner = self.admission.lock();
+                inner
+                    .group_places
+                    .entry(self.group)
+                    .or_insert_with(|| Arc::new(Semaphore::new(per_group)))
+                    .clone()
+            };
+            let Ok(permit) = share.acquire_owned().await else {
+                return;
+            };
+            self.group_place = Some(permit);
         }
         let Ok(place) = self.admission.places.clone().acquire_owned().await else {
             return;
@@ -339,7 +406,6 @@ impl Ticket {
         let in_setup = inner.in_setup;
         drop(inner);
         self.place = Some(place);
-        admission.left_waiting.notify_one();
         metrics().handshakes_pending.set(in_setup as i64);
     }
 
@@ -362,9 +428,10 @@ impl Ticket {
         let mut inner = admission.lock();
         if self.place.take().is_some() {
             inner.in_setup -= 1;
-        } else if inner.stop_waiting(self.id) {
-            admission.left_waiting.notify_one();
+        } else {
+            inner.stop_waiting(self.id);
         }
+        inner.release_group_place(self.group, self.group_place.take());
         let in_setup = inner.in_setup;
         let refused = inner.established >= admission.limits.max_clients;
         if !refused {
@@ -389,9 +456,10 @@ impl Drop for Ticket {
             inner.established = inner.established.saturating_sub(1);
         } else if self.place.take().is_some() {
             inner.in_setup -= 1;
-        } else if inner.stop_waiting(self.id) {
-            admission.left_waiting.notify_one();
+        } else {
+            inner.stop_waiting(self.id);
         }
+        inner.release_group_place(self.group, self.group_place.take());
         if let Some(ip) = self.ip {
             decrement(&mut inner.per_ip, ip);
         }
@@ -449,7 +517,8 @@ mod tests {
 
     #[tokio::test]
     async fn setup_places_go_in_turn_and_nothing_is_evicted_for_them() {
-        let admission = Admission::new(limits(10, 2, 0));
+        // Two places for one address: its share of four.
+        let admission = Admission::new(limits(10, 4, 0));
         let root = CancellationToken::new();
         let mut tickets: Vec<_> = (0..5)
             .map(|_| admission.admit(REMOTE, &root).unwrap())
@@ -474,17 +543,61 @@ mod tests {
         assert!(admission.take_summary().is_empty(), "nothing was evicted");
     }
 
+    #[tokio::test]
+    async fn one_address_holds_at_most_half_of_the_setup_places() {
+        let admission = Admission::new(limits(10, 4, 0));
+        let root = CancellationToken::new();
+        let mut flood: Vec<_> = (0..3)
+            .map(|_| admission.admit(REMOTE, &root).unwrap())
+            .collect();
+        for t in &mut flood[..2] {
+            t.take_place().await;
+        }
+        let mut third = flood.pop().unwrap();
+        let blocked = tokio::spawn(async move {
+            third.take_place().await;
+            third
+        });
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished(), "its address already holds half");
+        let other: IpAddr = "192.0.2.9".parse().unwrap();
+        let mut pool = admission.admit(other, &root).unwrap();
+        pool.take_place().await;
+        assert_eq!(admission.in_setup(), 3);
+        flood[0].establish().unwrap();
+        let third = blocked.await.unwrap();
+        assert_eq!(admission.in_setup(), 3);
+        drop((flood, third, pool));
+        assert!(
+            admission.lock().group_places.is_empty(),
+            "shares are forgotten"
+        );
+    }
+
     #[test]
-    fn a_full_waiting_set_stops_the_listener_unless_someone_is_silent() {
+    fn a_full_waiting_list_closes_newcomers_from_the_address_with_the_most() {
         let admission = Admission::new(limits(10, 1, 0));
         let root = CancellationToken::new();
         let waiting: Vec<_> = (0..WAITING_PER_PLACE)
             .map(|_| admission.admit(REMOTE, &root).unwrap())
             .collect();
         assert!(admission.flooded());
-        assert!(admission.can_accept(), "silent ones can be evicted");
         waiting.iter().for_each(Ticket::heard_from);
-        assert!(!admission.can_accept(), "everyone waiting has talked");
+        assert_eq!(
+            admission.admit(REMOTE, &root).unwrap_err(),
+            Refusal::Evicted
+        );
+        assert!(waiting.iter().all(|t| !t.token().is_cancelled()));
+        // Another address still gets in, even though everyone waiting has talked.
+        let other: IpAddr = "192.0.2.9".parse().unwrap();
+        let _newcomer = admission.admit(other, &root).unwrap();
+        assert!(
+            waiting[0].token().is_cancelled(),
+            "the longest-waiting one goes"
+        );
+        assert!(waiting[1..].iter().all(|t| !t.token().is_cancelled()));
+        assert_eq!(admission.pending(), WAITING_PER_PLACE);
+        assert_eq!(admission.take_summary()[&Refusal::Evicted], 2);
     }
 
     #[test]
@@ -503,7 +616,7 @@ mod tests {
         assert!(flood[0].token().is_cancelled());
         assert!(!flood[1].token().is_cancelled());
         assert!(!pool.token().is_cancelled());
-        // A newcomer from the flooding address takes that address's oldest place too.
+        // A newcomer from the flooding address takes that address's oldest place.
         let _again = admission.admit(REMOTE, &root).unwrap();
         assert!(flood[1].token().is_cancelled());
         assert!(!pool.token().is_cancelled() && !newcomer.token().is_cancelled());
@@ -514,7 +627,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_that_has_sent_something_is_not_evicted() {
+    fn silent_connections_are_evicted_before_those_that_sent_act_one() {
         let admission = Admission::new(limits(10, 1, 0));
         let root = CancellationToken::new();
         let talking = admission.admit(REMOTE, &root).unwrap();
@@ -522,9 +635,39 @@ mod tests {
         let silent: Vec<_> = (1..WAITING_PER_PLACE)
             .map(|_| admission.admit(REMOTE, &root).unwrap())
             .collect();
-        let _newcomer = admission.admit(REMOTE, &root).unwrap();
+        let other: IpAddr = "192.0.2.9".parse().unwrap();
+        let _newcomer = admission.admit(other, &root).unwrap();
         assert!(silent[0].token().is_cancelled());
         assert!(!talking.token().is_cancelled());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_prefix_in_a_flood() {
+        let admission = Admission::new(limits(10, 1, 0));
+        let root = CancellationToken::new();
+        let one_host: Vec<_> = (1..WAITING_PER_PLACE)
+            .map(|i| {
+                let ip: IpAddr = format!("2001:db8:0:1::{i:x}").parse().unwrap();
+                admission.admit(ip, &root).unwrap()
+            })
+            .collect();
+        let other: IpAddr = "2001:db8:0:2::1".parse().unwrap();
+        let first_other = admission.admit(other, &root).unwrap();
+        // The list is full and the first /64 has talked: a newcomer from it, on an
+        // address of its own, is closed; one from the second /64 evicts from the first.
+        one_host.iter().for_each(Ticket::heard_from);
+        let same_prefix: IpAddr = "2001:db8:0:1:ffff::1".parse().unwrap();
+        assert_eq!(
+            admission.admit(same_prefix, &root).unwrap_err(),
+            Refusal::Evicted
+        );
+        let _second_other = admission.admit(other, &root).unwrap();
+        assert!(one_host[0].token().is_cancelled());
+        assert!(!first_other.token().is_cancelled());
+        assert_eq!(
+            flood_group("10.0.0.1".parse().unwrap()).to_string(),
+            "10.0.0.1"
+        );
     }
 
     #[test]
@@ -538,6 +681,11 @@ mod tests {
             .collect();
         let _c = admission.admit(other_loopback, &root).unwrap();
         assert!(local[0].token().is_cancelled());
+        local.iter().for_each(Ticket::heard_from);
+        assert_eq!(
+            admission.admit(LOOPBACK, &root).unwrap_err(),
+            Refusal::Evicted
+        );
         assert!(!first.token().is_cancelled());
     }
 

@@ -1,10 +1,12 @@
 //! Accepts TCP connections, admits them (see [`crate::sv2::admission`]), runs the Noise
 //! handshake, and starts one session task per client.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, mem::MaybeUninit, net::SocketAddr, sync::Arc, time::Duration};
 
-use stratum_core::noise_sv2::Responder;
+use socket2::SockRef;
+use stratum_core::noise_sv2::{Responder, ELLSWIFT_ENCODING_SIZE};
 use tokio::{
+    io::Interest,
     net::{TcpListener, TcpStream},
     task::JoinSet,
     time::Instant,
@@ -139,15 +141,13 @@ pub async fn serve(
     let mut tasks = JoinSet::new();
     let mut flood_log = LogBudget::new(1, cfg.refusal_summary_interval);
     loop {
-        // While as many connections wait for a setup place as may, and none of them is
-        // silent, newcomers wait in the kernel's backlog (see `admission`).
-        let accepting = admission.can_accept();
+        // Always accepting: a full waiting list evicts from, or closes, the address with
+        // the most waiting connections (see `admission`), so no address can stop it.
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = summary.tick() => log_summary(&admission, cfg.refusal_summary_interval),
-            _ = admission.left_waiting(), if !accepting => {}
-            accepted = listener.accept(), if accepting => {
+            accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -186,15 +186,15 @@ pub async fn serve(
     Ok(())
 }
 
-/// Says (at most once per summary period) that the waiting set is full and newcomers
-/// now evict silent connections.
+/// Says (at most once per summary period) that the waiting list is full and newcomers
+/// now evict connections of the address with the most of them, or are closed.
 fn note_flood(budget: &mut LogBudget, admission: &Admission) {
     if budget.hit(std::time::Instant::now()).log {
         warn!(
             pending = admission.pending(),
             in_setup = admission.in_setup(),
-            "too many connections waiting for a setup place; newcomers now evict the \
-             oldest silent connections of the address with the most of them"
+            "too many connections waiting for a setup place; newcomers now evict \
+             connections of the address with the most of them, silent ones first"
         );
     }
 }
@@ -237,17 +237,27 @@ impl Client {
             debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
         let cancel = self.ticket.token().clone();
-        // Until its first bytes arrive the connection is silent, which a flood evicts
-        // (see `admission`); it has `handshake_timeout` to send them.
-        let mut first_byte = [0u8; 1];
+        // Until its whole Noise act 1 has arrived the connection is silent, which a flood
+        // evicts first (see `admission`); it has `handshake_timeout` to send it.
         let first = tokio::select! {
             _ = cancel.cancelled() => return,
-            first = tokio::time::timeout_at(self.deadline, self.stream.peek(&mut first_byte)) => first,
+            first = tokio::time::timeout_at(self.deadline, peek_act_one(&self.stream)) => first,
         };
         match first {
-            Ok(Ok(1..)) => self.ticket.heard_from(),
-            Ok(_) => return self.ticket.record(Refusal::HandshakeFailed),
-            Err(_) => return self.ticket.record(Refusal::HandshakeTimeout),
+            Ok(Ok(true)) => self.ticket.heard_from(),
+            // A part of act 1 and no more is a failed Noise handshake; nothing at all is not.
+            Ok(_) => {
+                if sent_something(&self.stream) {
+                    metrics().handshake_failures.inc();
+                }
+                return self.ticket.record(Refusal::HandshakeFailed);
+            }
+            Err(_) => {
+                if sent_something(&self.stream) {
+                    metrics().handshake_failures.inc();
+                }
+                return self.ticket.record(Refusal::HandshakeTimeout);
+            }
         }
         // Then a setup place, in turn; the setup's time counts from here.
         tokio::select! {
@@ -302,4 +312,33 @@ impl Client {
         )
         .await;
     }
+}
+
+/// Waits until the client's whole first Noise message (its act 1: a 64-byte ElligatorSwift
+/// key, no frame header) has arrived, without reading it. `Ok(false)` if the peer closed
+/// its side before sending all of it.
+async fn peek_act_one(stream: &TcpStream) -> io::Result<bool> {
+    let mut act_one = [MaybeUninit::<u8>::uninit(); ELLSWIFT_ENCODING_SIZE];
+    loop {
+        let ready = stream.ready(Interest::READABLE).await?;
+        let peeked = stream.try_io(Interest::READABLE, || {
+            match SockRef::from(stream).peek(&mut act_one)? {
+                ELLSWIFT_ENCODING_SIZE => Ok(true),
+                0 => Ok(false),
+                _ if ready.is_read_closed() => Ok(false),
+                // Part of it: wait for more bytes (this clears the readiness).
+                _ => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        });
+        match peeked {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return done,
+        }
+    }
+}
+
+/// Whether bytes the server has not read yet wait on `stream` (without waiting for any).
+fn sent_something(stream: &TcpStream) -> bool {
+    let mut one = [MaybeUninit::<u8>::uninit(); 1];
+    SockRef::from(stream).peek(&mut one).is_ok_and(|n| n > 0)
 }
