@@ -165,18 +165,32 @@ impl Drop for Overdue {
     }
 }
 
-/// Measures one IPC call into `sv2_tpd_ipc_call_duration_seconds`.
+/// Measures one IPC call into `sv2_tpd_ipc_call_duration_seconds` (unless the node does
+/// not have the method: nothing ran), keeping the raw result for callers that look at
+/// its kind (UNIMPLEMENTED).
+pub(crate) async fn timed_raw<T>(
+    method: &'static str,
+    call: impl Future<Output = Result<T, capnp::Error>>,
+) -> Result<T, capnp::Error> {
+    let started = Instant::now();
+    let result = call.await;
+    if !matches!(&result, Err(e) if is_unimplemented(e)) {
+        metrics()
+            .ipc_call_seconds
+            .with_label_values(&[method])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    result
+}
+
+/// [`timed_raw`] with the node's error mapped to a [`NodeError`].
 pub(crate) async fn timed<T>(
     method: &'static str,
     call: impl Future<Output = Result<T, capnp::Error>>,
 ) -> Result<T, NodeError> {
-    let started = Instant::now();
-    let result = call.await;
-    metrics()
-        .ipc_call_seconds
-        .with_label_values(&[method])
-        .observe(started.elapsed().as_secs_f64());
-    result.map_err(|e| NodeError::from_capnp(method, e))
+    timed_raw(method, call)
+        .await
+        .map_err(|e| NodeError::from_capnp(method, e))
 }
 
 impl Session {
@@ -252,36 +266,6 @@ impl Session {
         let done = work.await;
         tracing::info!(method, after = ?started.elapsed(), "the overdue call has ended");
         done
-    }
-
-    /// Runs `call` without a deadline, measured into `sv2_tpd_ipc_call_duration_seconds`
-    /// (unless the node does not have the method: nothing ran). For calls under
-    /// [`Session::patient`].
-    pub(crate) async fn call_patient_raw<T>(
-        &self,
-        method: &'static str,
-        call: impl Future<Output = Result<T, capnp::Error>>,
-    ) -> Result<T, capnp::Error> {
-        let started = Instant::now();
-        let result = call.await;
-        if !matches!(&result, Err(e) if is_unimplemented(e)) {
-            metrics()
-                .ipc_call_seconds
-                .with_label_values(&[method])
-                .observe(started.elapsed().as_secs_f64());
-        }
-        result
-    }
-
-    /// [`Session::call_patient_raw`] with the node's error mapped to a [`NodeError`].
-    pub(crate) async fn call_patient<T>(
-        &self,
-        method: &'static str,
-        call: impl Future<Output = Result<T, capnp::Error>>,
-    ) -> Result<T, NodeError> {
-        self.call_patient_raw(method, call)
-            .await
-            .map_err(|e| NodeError::from_capnp(method, e))
     }
 
     /// [`Session::call_raw`] with the node's error mapped to a [`NodeError`].

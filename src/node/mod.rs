@@ -25,7 +25,7 @@ pub use error::NodeError;
 pub use types::{CoinbaseTemplate, CreateOptions, NodeLine, SubmitVerdict, TemplateData, Tip};
 
 use error::is_unimplemented;
-use ipc::{timed, Jobs};
+use ipc::{timed, timed_raw, Jobs};
 
 /// Deadline of calls that are not waits when none is configured (`node_call_timeout`).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -203,10 +203,7 @@ impl NodeClient {
                 p.reborrow().init_context().set_thread(worker.thread());
                 p.set_block(&bytes);
                 let response = s
-                    .patient(
-                        "submitBlock",
-                        s.call_patient("submitBlock", request.send().promise),
-                    )
+                    .patient("submitBlock", timed("submitBlock", request.send().promise))
                     .await?;
                 let r = response
                     .get()
@@ -371,7 +368,7 @@ async fn get_block(
     let worker = s.worker();
     let mut request = client.get_block_request();
     request.get().init_context().set_thread(worker.thread());
-    let response = s.call_patient("getBlock", request.send().promise).await?;
+    let response = timed("getBlock", request.send().promise).await?;
     let bytes = response
         .get()
         .and_then(|r| r.get_result())
@@ -396,10 +393,7 @@ async fn submit(
         p.set_timestamp(solution.timestamp);
         p.set_nonce(solution.nonce);
         p.set_coinbase(&solution.coinbase);
-        match s
-            .call_patient_raw("submitSolution", request.send().promise)
-            .await
-        {
+        match timed_raw("submitSolution", request.send().promise).await {
             Err(e) if is_unimplemented(&e) => s.learn_submit_v32(false),
             Err(e) => return Err(NodeError::from_capnp("submitSolution", e)),
             Ok(response) => {
@@ -418,9 +412,7 @@ async fn submit(
     p.set_timestamp(solution.timestamp);
     p.set_nonce(solution.nonce);
     p.set_coinbase(&solution.coinbase);
-    let response = s
-        .call_patient("submitSolution", request.send().promise)
-        .await?;
+    let response = timed("submitSolution", request.send().promise).await?;
     let accepted = response
         .get()
         .map(|r| r.get_result())
