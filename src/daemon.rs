@@ -51,7 +51,7 @@ impl Daemon {
         info!(
             version = env!("CARGO_PKG_VERSION"),
             chain = %config.chain,
-            socket = %config.ipc_socket.display(),
+            nodes = %config.node_list().iter().map(|n| format!("{}={}", n.name, n.endpoint)).collect::<Vec<_>>().join(","),
             listen = %sv2_addr,
             authority_pubkey = %keys.authority_pubkey_string(),
             "sv2-tpd starting"
@@ -61,7 +61,8 @@ impl Daemon {
         let board = StatusBoard::new(config.chain.to_string(), config.ipc_socket.clone());
         let (engine, status, engine_task) = template::spawn(
             EngineConfig {
-                socket: config.ipc_socket.clone(),
+                nodes: config.node_list(),
+                chain: config.chain.expected(),
                 fee_delta: Amount::from_sat(config.fee_delta),
                 template_interval: config.template_interval,
                 stale_grace: config.stale_template_grace,

@@ -21,17 +21,38 @@ pub const REFUSAL_REASONS: [&str; 5] = [
     "handshake_failed",
 ];
 
+/// Labels of `sv2_tpd_node_block_submits_total`'s `result`: what one node made of a
+/// found block.
+pub const NODE_SUBMIT_RESULTS: [&str; 6] = [
+    "accepted",
+    "duplicate",
+    "stale",
+    "rejected",
+    "no-verdict",
+    "unsupported",
+];
+
 /// All of the daemon's metrics, registered in one registry.
 pub struct Metrics {
     registry: Registry,
-    /// 1 while the IPC connection to the node is up.
-    pub node_connected: IntGauge,
-    /// 1 while the connected node answers the periodic probe within `node_call_timeout`.
-    pub node_responsive: IntGauge,
-    /// Always 1, labelled with the node's interface line (`v31.0`, `v31.99`, `v32`).
+    /// 1 while the IPC connection to the node is up, by `node`.
+    pub node_connected: IntGaugeVec,
+    /// 1 while the connected node answers the periodic probe within `node_call_timeout`,
+    /// by `node`.
+    pub node_responsive: IntGaugeVec,
+    /// Always 1, labelled with the `node` and its interface line (`v31.0`, `v31.99`, `v32`).
     pub node_info: IntGaugeVec,
-    /// Successful connections to the node (the first and every reconnect).
-    pub node_connects: IntCounter,
+    /// Successful connections to the node (the first and every reconnect), by `node`.
+    pub node_connects: IntCounterVec,
+    /// 1 for the node whose templates clients get (it reported the served tip first).
+    pub node_serving: IntGaugeVec,
+    /// The height of each node's tip, by `node`.
+    pub node_tip_height: IntGaugeVec,
+    /// 1 while a node's tip is the tip served to clients, by `node`.
+    pub node_tip_current: IntGaugeVec,
+    /// Found blocks handed to each node, by `node` and its verdict (`accepted`,
+    /// `duplicate`, `stale`, `rejected`, `no-verdict`, `unsupported`).
+    pub node_block_submits: IntCounterVec,
     /// IPC call duration by method.
     pub ipc_call_seconds: HistogramVec,
     /// Templates received from the node by reason (`tip`, `full`, `fees`, `constraints`).
@@ -97,24 +118,62 @@ impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
         let m = Metrics {
-            node_connected: IntGauge::new(
-                "sv2_tpd_node_connected",
-                "1 while the IPC connection to the node is up",
+            node_connected: IntGaugeVec::new(
+                Opts::new(
+                    "sv2_tpd_node_connected",
+                    "1 while the IPC connection to the node is up",
+                ),
+                &["node"],
             )
             .expect("metric"),
-            node_responsive: IntGauge::new(
-                "sv2_tpd_node_responsive",
-                "1 while the connected node answers the periodic probe within node_call_timeout",
+            node_responsive: IntGaugeVec::new(
+                Opts::new(
+                    "sv2_tpd_node_responsive",
+                    "1 while the connected node answers the periodic probe within node_call_timeout",
+                ),
+                &["node"],
             )
             .expect("metric"),
             node_info: IntGaugeVec::new(
                 Opts::new("sv2_tpd_node_info", "The node's IPC interface line"),
-                &["interface"],
+                &["node", "interface"],
             )
             .expect("metric"),
-            node_connects: IntCounter::new(
-                "sv2_tpd_node_connects_total",
-                "Successful IPC connections to the node, reconnects included",
+            node_connects: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_node_connects_total",
+                    "Successful IPC connections to the node, reconnects included",
+                ),
+                &["node"],
+            )
+            .expect("metric"),
+            node_serving: IntGaugeVec::new(
+                Opts::new(
+                    "sv2_tpd_node_serving",
+                    "1 for the node whose templates clients get (the first to report the served tip)",
+                ),
+                &["node"],
+            )
+            .expect("metric"),
+            node_tip_height: IntGaugeVec::new(
+                Opts::new("sv2_tpd_node_tip_height", "Height of the node's tip"),
+                &["node"],
+            )
+            .expect("metric"),
+            node_tip_current: IntGaugeVec::new(
+                Opts::new(
+                    "sv2_tpd_node_tip_current",
+                    "1 while the node's tip is the tip served to clients",
+                ),
+                &["node"],
+            )
+            .expect("metric"),
+            node_block_submits: IntCounterVec::new(
+                Opts::new(
+                    "sv2_tpd_node_block_submits_total",
+                    "Found blocks handed to each node, by the node's verdict",
+                ),
+                &["node", "result"],
             )
             .expect("metric"),
             ipc_call_seconds: HistogramVec::new(
@@ -262,7 +321,11 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 26] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 30] = [
+            Box::new(m.node_serving.clone()),
+            Box::new(m.node_tip_height.clone()),
+            Box::new(m.node_tip_current.clone()),
+            Box::new(m.node_block_submits.clone()),
             Box::new(m.node_calls_overdue.clone()),
             Box::new(m.solutions_unawaited.clone()),
             Box::new(m.limit_waits.clone()),
@@ -376,6 +439,18 @@ impl Metrics {
             m.ipc_call_seconds.with_label_values(&[method]);
         }
         m
+    }
+
+    /// Creates the per-node series of `node`, so each exists from the first scrape.
+    pub fn add_node(&self, node: &str) {
+        self.node_connected.with_label_values(&[node]);
+        self.node_responsive.with_label_values(&[node]);
+        self.node_connects.with_label_values(&[node]);
+        self.node_serving.with_label_values(&[node]);
+        self.node_tip_current.with_label_values(&[node]);
+        for result in NODE_SUBMIT_RESULTS {
+            self.node_block_submits.with_label_values(&[node, result]);
+        }
     }
 
     /// The metrics in Prometheus' text exposition format.

@@ -32,8 +32,12 @@ pub struct Status {
     pub uptime_seconds: f64,
     /// The chain served (`main`, `testnet4`, `signet`, `regtest`).
     pub chain: String,
-    /// The node as the engine sees it.
+    /// The node whose templates are served (else the first configured) as the engine
+    /// sees it.
     pub node: NodeStatus,
+    /// Every configured node, in the configured order.
+    #[serde(default)]
+    pub nodes: Vec<NodeStatus>,
     /// The chain tip of the newest template, once there is one.
     pub tip: Option<TipStatus>,
     /// Seconds since the newest template was made, once there is one.
@@ -56,11 +60,32 @@ pub struct Status {
     pub submits_overdue: i64,
 }
 
-/// The node connection.
+/// One node's connection.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
-    /// The node's IPC socket.
+    /// The node's name (`default` for the one node at `ipc_socket`).
+    #[serde(default)]
+    pub name: String,
+    /// Where it is reached (`unix:PATH`, `tcp:HOST:PORT`).
+    #[serde(default)]
+    pub endpoint: String,
+    /// The node's IPC socket (its endpoint, for a TCP one).
     pub socket: PathBuf,
+    /// Whether the node answers the periodic probe (false while it is not connected).
+    #[serde(default)]
+    pub responsive: bool,
+    /// The node's tip, once it named one on this connection.
+    #[serde(default)]
+    pub tip: Option<TipStatus>,
+    /// Whether its tip is the one served to clients.
+    #[serde(default)]
+    pub current: bool,
+    /// Whether clients get templates built by this node.
+    #[serde(default)]
+    pub serving: bool,
+    /// The last thing that went wrong with it (a lost connection, a missed probe).
+    #[serde(default)]
+    pub last_error: Option<String>,
     /// Whether the IPC connection is up.
     pub connected: bool,
     /// The node's interface line (`v31.0`, `v31.99`, `v32`), once it was connected.
@@ -119,53 +144,115 @@ fn unix_seconds(at: Instant) -> u64 {
         .unwrap_or(0)
 }
 
-/// What the template engine last saw of the node.
+/// What the template engine last saw of each node, and of the tip it serves.
 #[derive(Debug)]
 pub struct NodeFacts {
-    state: Mutex<NodeState>,
+    state: Mutex<FactsState>,
+}
+
+#[derive(Debug, Default)]
+struct FactsState {
+    /// Every node, in the configured order.
+    nodes: Vec<NodeState>,
+    /// The tip of the newest template.
+    tip: Option<(BlockHash, u32)>,
+    newest_template: Option<Instant>,
 }
 
 #[derive(Debug)]
 struct NodeState {
+    name: String,
+    endpoint: String,
     connected: bool,
+    responsive: bool,
     ever_connected: bool,
     interface: Option<String>,
     since: Instant,
     tip: Option<(BlockHash, u32)>,
-    newest_template: Option<Instant>,
+    serving: bool,
+    last_error: Option<String>,
 }
 
 /// The process-wide node facts the engine reports to.
 pub fn node_facts() -> &'static NodeFacts {
     static FACTS: LazyLock<NodeFacts> = LazyLock::new(|| NodeFacts {
-        state: Mutex::new(NodeState {
-            connected: false,
-            ever_connected: false,
-            interface: None,
-            since: Instant::now(),
-            tip: None,
-            newest_template: None,
-        }),
+        state: Mutex::new(FactsState::default()),
     });
     &FACTS
 }
 
 impl NodeFacts {
-    /// The node is connected and speaks interface `line`.
-    pub fn connected(&self, line: &str) {
+    /// Lists node `name` at `endpoint` (once; a second engine in the process reuses it).
+    pub fn register(&self, name: &str, endpoint: &str) {
         let mut s = lock(&self.state);
-        s.connected = true;
-        s.ever_connected = true;
-        s.interface = Some(line.to_string());
-        s.since = Instant::now();
+        if s.nodes.iter().all(|n| n.name != name) {
+            s.nodes.push(NodeState {
+                name: name.to_string(),
+                endpoint: endpoint.to_string(),
+                connected: false,
+                responsive: false,
+                ever_connected: false,
+                interface: None,
+                since: Instant::now(),
+                tip: None,
+                serving: false,
+                last_error: None,
+            });
+        }
     }
 
-    /// The connection to the node was lost.
-    pub fn lost(&self) {
-        let mut s = lock(&self.state);
-        if s.connected {
-            s.connected = false;
+    fn with(&self, name: &str, f: impl FnOnce(&mut NodeState)) {
+        if let Some(node) = lock(&self.state).nodes.iter_mut().find(|n| n.name == name) {
+            f(node);
+        }
+    }
+
+    /// Node `name` is connected and speaks interface `line`.
+    pub fn connected(&self, name: &str, line: &str) {
+        self.with(name, |s| {
+            s.connected = true;
+            s.responsive = true;
+            s.ever_connected = true;
+            s.interface = Some(line.to_string());
             s.since = Instant::now();
+        });
+    }
+
+    /// The connection to node `name` was lost (`why`, when known).
+    pub fn lost(&self, name: &str, why: Option<String>) {
+        self.with(name, |s| {
+            if s.connected {
+                s.connected = false;
+                s.since = Instant::now();
+            }
+            s.responsive = false;
+            s.tip = None;
+            s.serving = false;
+            if why.is_some() {
+                s.last_error = why;
+            }
+        });
+    }
+
+    /// Node `name` answers the probe (`None`) or stopped answering (`Some(why)`).
+    pub fn responsive(&self, name: &str, failure: Option<String>) {
+        self.with(name, |s| {
+            s.responsive = failure.is_none();
+            if failure.is_some() {
+                s.last_error = failure;
+            }
+        });
+    }
+
+    /// Node `name`'s tip.
+    pub fn tip(&self, name: &str, hash: BlockHash, height: u32) {
+        self.with(name, |s| s.tip = Some((hash, height)));
+    }
+
+    /// Templates come from node `name` now (none: from no node).
+    pub fn serving(&self, name: Option<&str>) {
+        for node in lock(&self.state).nodes.iter_mut() {
+            node.serving = Some(node.name.as_str()) == name;
         }
     }
 
@@ -174,6 +261,38 @@ impl NodeFacts {
         let mut s = lock(&self.state);
         s.tip = Some((prev_hash, tip_height));
         s.newest_template = Some(Instant::now());
+    }
+}
+
+impl NodeState {
+    fn status(&self, started: Instant, served: Option<BlockHash>) -> NodeStatus {
+        // Before this daemon's engine reported anything, "since" is its start.
+        let since = match self.ever_connected {
+            true => self.since,
+            false => started,
+        };
+        NodeStatus {
+            name: self.name.clone(),
+            endpoint: self.endpoint.clone(),
+            socket: PathBuf::from(
+                self.endpoint
+                    .strip_prefix("unix:")
+                    .unwrap_or(&self.endpoint),
+            ),
+            connected: self.connected,
+            responsive: self.connected && self.responsive,
+            interface: self.interface.clone(),
+            since_unix: unix_seconds(since),
+            since_seconds: since.elapsed().as_secs_f64(),
+            ever_connected: self.ever_connected,
+            tip: self.tip.map(|(hash, height)| TipStatus {
+                height,
+                hash: hash.to_string(),
+            }),
+            current: self.tip.is_some() && self.tip.map(|t| t.0) == served,
+            serving: self.serving,
+            last_error: self.last_error.clone(),
+        }
     }
 }
 
@@ -240,13 +359,33 @@ impl StatusBoard {
                 connected_seconds: s.connected.elapsed().as_secs_f64(),
             })
             .collect();
-        let node = lock(&node_facts().state);
-        // Before this daemon's engine reported anything, "since" is its start.
-        let since = if node.ever_connected {
-            node.since
-        } else {
-            self.started
-        };
+        let facts = lock(&node_facts().state);
+        let served = facts.tip.map(|(hash, _)| hash);
+        let nodes: Vec<NodeStatus> = facts
+            .nodes
+            .iter()
+            .map(|n| n.status(self.started, served))
+            .collect();
+        let node = nodes
+            .iter()
+            .find(|n| n.serving)
+            .or(nodes.first())
+            .cloned()
+            .unwrap_or_else(|| NodeStatus {
+                name: String::new(),
+                endpoint: self.socket.display().to_string(),
+                socket: self.socket.clone(),
+                connected: false,
+                responsive: false,
+                interface: None,
+                since_unix: unix_seconds(self.started),
+                since_seconds: self.started.elapsed().as_secs_f64(),
+                ever_connected: false,
+                tip: None,
+                current: false,
+                serving: false,
+                last_error: None,
+            });
         let m = metrics();
         let solutions = |result: &str| m.solutions.with_label_values(&[result]).get();
         Status {
@@ -254,19 +393,13 @@ impl StatusBoard {
             healthy,
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             chain: self.chain.clone(),
-            node: NodeStatus {
-                socket: self.socket.clone(),
-                connected: node.connected,
-                interface: node.interface.clone(),
-                since_unix: unix_seconds(since),
-                since_seconds: since.elapsed().as_secs_f64(),
-                ever_connected: node.ever_connected,
-            },
-            tip: node.tip.map(|(hash, height)| TipStatus {
+            node,
+            nodes,
+            tip: facts.tip.map(|(hash, height)| TipStatus {
                 height,
                 hash: hash.to_string(),
             }),
-            newest_template_age_seconds: node.newest_template.map(|at| at.elapsed().as_secs_f64()),
+            newest_template_age_seconds: facts.newest_template.map(|at| at.elapsed().as_secs_f64()),
             templates_held: m.templates_held.get(),
             clients,
             blocks_found: m.blocks_found.get(),
@@ -323,18 +456,58 @@ pub fn human_duration(seconds: f64) -> String {
     }
 }
 
+impl NodeStatus {
+    /// Connected or not, and for how long.
+    fn state_text(&self) -> String {
+        let ago = human_duration(self.since_seconds);
+        match (self.connected, self.ever_connected) {
+            (true, _) if !self.responsive => format!("NOT ANSWERING (connected for {ago})"),
+            (true, _) => format!("connected for {ago}"),
+            (false, true) => format!("DISCONNECTED for {ago}"),
+            (false, false) => format!("not connected yet (waiting {ago})"),
+        }
+    }
+
+    /// The node as one indented line of the multi-node status.
+    fn line(&self) -> String {
+        let tip = match &self.tip {
+            Some(tip) => format!("tip {}", tip.height),
+            None => "no tip".into(),
+        };
+        let role = match (self.serving, self.current) {
+            (true, _) => ", serving",
+            (false, true) => ", current",
+            (false, false) if self.tip.is_some() => ", NOT CURRENT",
+            _ => "",
+        };
+        let error = match (&self.last_error, self.responsive) {
+            (Some(e), false) => format!("; last error: {e}"),
+            _ => String::new(),
+        };
+        format!(
+            "  {:<12} {} {}, {}, {tip}{role}{error}\n",
+            self.name,
+            self.endpoint,
+            self.interface.as_deref().unwrap_or("-"),
+            self.state_text(),
+        )
+    }
+}
+
 impl Status {
     /// The status as aligned `name: value` lines, for a terminal.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        let mut line = |name: &str, value: String| {
+        fn row(out: &mut String, name: &str, value: String) {
             out.push_str(&format!("{:<23}{value}\n", format!("{name}:")));
-        };
-        line(
+        }
+        row(
+            &mut out,
             "status",
             if self.healthy { "healthy" } else { "UNHEALTHY" }.to_string(),
         );
-        line(
+        row(
+            &mut out,
             "version",
             format!(
                 "{} (up {})",
@@ -342,42 +515,60 @@ impl Status {
                 human_duration(self.uptime_seconds)
             ),
         );
-        line("chain", self.chain.clone());
-        line("node socket", self.node.socket.display().to_string());
-        line(
-            "node interface",
-            self.node.interface.clone().unwrap_or_else(|| "-".into()),
-        );
-        let ago = human_duration(self.node.since_seconds);
-        let node = match (self.node.connected, self.node.ever_connected) {
-            (true, _) => format!("connected for {ago}"),
-            (false, true) => format!("DISCONNECTED for {ago}"),
-            (false, false) => format!("not connected yet (waiting {ago})"),
-        };
-        line("node", node);
-        line(
+        row(&mut out, "chain", self.chain.clone());
+        match self.nodes.len() {
+            0 | 1 => {
+                row(
+                    &mut out,
+                    "node socket",
+                    self.node.socket.display().to_string(),
+                );
+                row(
+                    &mut out,
+                    "node interface",
+                    self.node.interface.clone().unwrap_or_else(|| "-".into()),
+                );
+                row(&mut out, "node", self.node.state_text());
+            }
+            n => {
+                let up = self.nodes.iter().filter(|n| n.responsive).count();
+                row(&mut out, "nodes", format!("{up} of {n} answering"));
+                for node in &self.nodes {
+                    out.push_str(&node.line());
+                }
+            }
+        }
+        row(
+            &mut out,
             "tip",
             match &self.tip {
                 Some(tip) => format!("{} {}", tip.height, tip.hash),
                 None => "-".into(),
             },
         );
-        line(
+        row(
+            &mut out,
             "newest template",
             match self.newest_template_age_seconds {
                 Some(age) => format!("{} old", human_duration(age)),
                 None => "none yet".into(),
             },
         );
-        line("templates held", self.templates_held.to_string());
-        line("blocks found", self.blocks_found.to_string());
-        line("solutions rejected", self.solutions_rejected.to_string());
-        line(
+        row(&mut out, "templates held", self.templates_held.to_string());
+        row(&mut out, "blocks found", self.blocks_found.to_string());
+        row(
+            &mut out,
+            "solutions rejected",
+            self.solutions_rejected.to_string(),
+        );
+        row(
+            &mut out,
             "solutions undelivered",
             self.solutions_undelivered.to_string(),
         );
         if self.submits_overdue > 0 {
-            line(
+            row(
+                &mut out,
                 "submits overdue",
                 format!(
                     "{} (the node has not answered yet; still waiting, not sent again)",
@@ -385,7 +576,7 @@ impl Status {
                 ),
             );
         }
-        line("clients", self.clients.len().to_string());
+        row(&mut out, "clients", self.clients.len().to_string());
         for client in &self.clients {
             let constraints = match client.constraints {
                 Some(c) => format!(

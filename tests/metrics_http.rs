@@ -120,7 +120,9 @@ fn families_used_in(relative: &str) -> BTreeSet<String> {
 async fn metrics_are_prometheus_text_with_every_family() {
     // Families with labels only appear once a labelled series exists; give each one.
     let m = metrics();
-    m.node_info.with_label_values(&["v31.0"]).set(1);
+    m.node_info.with_label_values(&["default", "v31.0"]).set(1);
+    m.add_node("default");
+    m.node_tip_height.with_label_values(&["default"]).set(101);
     m.ipc_call_seconds
         .with_label_values(&["createNewBlock"])
         .observe(0.002);
@@ -128,7 +130,7 @@ async fn metrics_are_prometheus_text_with_every_family() {
     m.messages_received
         .with_label_values(&["CoinbaseOutputConstraints"])
         .inc();
-    m.node_connected.set(1);
+    m.node_connected.with_label_values(&["default"]).set(1);
 
     let endpoint = start().await;
     let response = get(endpoint.addr, "/metrics").await;

@@ -631,7 +631,7 @@ async fn a_hung_node_misses_the_call_deadline_and_answers_once_thawed() {
     let deadline = Duration::from_millis(300);
     let client = within(
         "connect",
-        NodeClient::connect_with_timeout(&f.socket(), deadline),
+        NodeClient::connect_with_timeout(&f.socket().into(), deadline),
     )
     .await
     .expect("connects to the mock");

@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::values::{self, ConfigValue};
+use super::values::{self, ConfigValue, NodeList};
 use super::{Chain, Provenance, Resolver, Source, SourcedValues, CONFIG_ENV_VAR};
 use crate::logging::LogFormat;
 
@@ -181,16 +181,17 @@ macro_rules! declare_keys {
         #[derive(Debug, Default, serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         pub(super) struct Layer {
-            $($key: Option<String>,)*
+            $($key: Option<values::LayerText>,)*
         }
 
         impl Layer {
-            pub(super) fn into_values(self) -> Vec<(&'static str, String)> {
+            /// Each key's text; `Err` names a key given a list that takes one value.
+            pub(super) fn into_values(self) -> Result<Vec<(&'static str, String)>, String> {
                 let mut values = Vec::new();
                 $(if let Some(value) = self.$key {
-                    values.push((stringify!($key), value));
+                    values.push((stringify!($key), value.into_text(stringify!($key))?));
                 })*
-                values
+                Ok(values)
             }
         }
 
@@ -203,6 +204,10 @@ macro_rules! declare_keys {
             /// Configuration file [default: <datadir>/sv2-tpd.toml, if present]
             #[arg(long, global = true, env = CONFIG_ENV_VAR, value_name = "PATH")]
             pub config: Option<PathBuf>,
+            /// A node to take templates from, as NAME=ENDPOINT (`unix:PATH` or
+            /// `tcp:HOST:PORT`); repeat the flag for each node (the `nodes` key)
+            #[arg(long = "node", global = true, value_name = "NAME=ENDPOINT")]
+            pub node: Vec<String>,
             $(
                 #[doc = $help]
                 #[arg(
@@ -221,6 +226,10 @@ macro_rules! declare_keys {
                 $(if let Some(value) = &self.$key {
                     values.push((stringify!($key), (value.clone(), Source::Flag(flags::$key::FLAG))));
                 })*
+                if !self.node.is_empty() {
+                    values.retain(|(key, _)| *key != "nodes");
+                    values.push(("nodes", (self.node.join(","), Source::Flag("--node"))));
+                }
                 values
             }
         }
@@ -285,6 +294,19 @@ directory is /var/lib/bitcoind, so the socket is /var/lib/bitcoind/{chain_dir}no
         derived: "`<bitcoin_datadir>/[<chain>/]node.sock`",
         help: "the node's IPC socket (no sub-directory on main)",
         about: "",
+    },
+    nodes: NodeList {
+        section: BitcoinCore,
+        value_name: "NAME=ENDPOINT,...",
+        parse: values::nodes,
+        default: "",
+        help: "several nodes, each `NAME=unix:PATH` or `NAME=tcp:HOST:PORT` (a tunnel), comma-separated or a list; `--node` once per node; empty: the one node at `ipc_socket`, named `default`",
+        about: "Several nodes behind one Template Provider: each NAME=unix:PATH (the node's
+node.sock) or NAME=tcp:HOST:PORT (a tunnel you trust: IPC has no authentication,
+never expose it). The best tip any healthy node reports is served, built by the
+first node to report it; every found block goes to every healthy node. Empty: the
+one node at ipc_socket. Example: nodes = [\"a=unix:/var/lib/bitcoind/node.sock\",
+\"b=tcp:127.0.0.1:8336\"]",
     },
     sv2_bind: IpAddr {
         section: Server,

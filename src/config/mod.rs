@@ -32,6 +32,9 @@ pub const CONFIG_ENV_VAR: &str = "SV2TPD_CONFIG";
 pub const CONFIG_FILE_NAME: &str = "sv2-tpd.toml";
 /// Default file name of the authority key, inside the data directory.
 pub const AUTHORITY_KEY_FILE: &str = "authority.key";
+/// The name of the one node at `ipc_socket` when `nodes` lists none.
+pub const DEFAULT_NODE_NAME: &str = "default";
+
 /// Name of the node's IPC socket inside its chain data directory.
 pub const NODE_SOCKET_NAME: &str = "node.sock";
 
@@ -59,6 +62,14 @@ impl Chain {
             Chain::Testnet4 => "testnet4",
             Chain::Signet => "signet",
             Chain::Regtest => "regtest",
+        }
+    }
+
+    /// What a node on this chain must look like over IPC.
+    pub fn expected(self) -> crate::node::ExpectedChain {
+        crate::node::ExpectedChain {
+            name: self.as_str(),
+            subdir: self.bitcoin_subdir(),
         }
     }
 
@@ -154,6 +165,18 @@ impl Config {
         }
         .resolve()
         .expect("every default is valid")
+    }
+
+    /// The nodes to take templates from: those `nodes` lists, or else the one node at
+    /// `ipc_socket`, named `default`.
+    pub fn node_list(&self) -> Vec<crate::node::NodeSpec> {
+        match self.nodes.0.is_empty() {
+            true => vec![crate::node::NodeSpec {
+                name: DEFAULT_NODE_NAME.to_string(),
+                endpoint: crate::node::Endpoint::Unix(self.ipc_socket.clone()),
+            }],
+            false => self.nodes.0.clone(),
+        }
     }
 
     /// The socket address the SV2 server listens on.
@@ -337,8 +360,13 @@ fn read_env(
             origin: "environment".to_string(),
             message: e.to_string(),
         })?;
-    Ok(layer
+    let values = layer
         .into_values()
+        .map_err(|message| ConfigError::Malformed {
+            origin: "environment".to_string(),
+            message,
+        })?;
+    Ok(values
         .into_iter()
         .map(|(key, value)| {
             let var = names
@@ -403,8 +431,13 @@ fn read_file(path: &Path) -> Result<SourcedValues, ConfigError> {
         });
     }
     let layer: Layer = parsed.try_deserialize().map_err(malformed)?;
-    Ok(layer
+    let values = layer
         .into_values()
+        .map_err(|message| ConfigError::Malformed {
+            origin: source.to_string(),
+            message,
+        })?;
+    Ok(values
         .into_iter()
         .map(|(key, value)| (key, (value, source.clone())))
         .collect())

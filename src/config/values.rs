@@ -174,3 +174,137 @@ pub fn seconds<const MIN: u64>(s: &str) -> Result<Duration, String> {
         )),
     }
 }
+
+/// One key's value in a file or the environment: text (numbers and booleans as written),
+/// or — for the keys that take several values — a list of texts.
+#[derive(Debug)]
+pub struct LayerText {
+    text: String,
+    list: bool,
+}
+
+/// The keys whose value may be a TOML list (read as its items, comma-separated).
+const LIST_KEYS: [&str; 1] = ["nodes"];
+
+impl LayerText {
+    /// The value as one text; `Err` when `key` takes one value and was given a list.
+    pub fn into_text(self, key: &str) -> Result<String, String> {
+        match self.list && !LIST_KEYS.contains(&key) {
+            true => Err(format!("`{key}` takes one value, not a list")),
+            false => Ok(self.text),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LayerText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = LayerText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string, a number, a boolean or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<LayerText, E> {
+                Ok(LayerText {
+                    text: v.to_string(),
+                    list: false,
+                })
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<LayerText, E> {
+                Ok(LayerText {
+                    text: v,
+                    list: false,
+                })
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<LayerText, E> {
+                self.visit_string(v.to_string())
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<LayerText, E> {
+                self.visit_string(v.to_string())
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<LayerText, E> {
+                self.visit_string(v.to_string())
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<LayerText, E> {
+                self.visit_string(v.to_string())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<LayerText, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    items.push(item);
+                }
+                Ok(LayerText {
+                    text: items.join(","),
+                    list: true,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// The `nodes` key: the nodes templates come from, in the order given (the first is
+/// preferred where the daemon has a choice); empty for the one node at `ipc_socket`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeList(pub Vec<crate::node::NodeSpec>);
+
+impl ConfigValue for NodeList {
+    fn to_text(&self) -> String {
+        let items: Vec<String> = self
+            .0
+            .iter()
+            .map(|n| format!("{}={}", n.name, n.endpoint))
+            .collect();
+        items.join(",")
+    }
+
+    fn expand_home(self, home: Option<&Path>) -> Option<Self> {
+        let mut nodes = Vec::with_capacity(self.0.len());
+        for mut node in self.0 {
+            if let crate::node::Endpoint::Unix(path) = node.endpoint {
+                node.endpoint = crate::node::Endpoint::Unix(expand_home(path, home)?);
+            }
+            nodes.push(node);
+        }
+        Some(NodeList(nodes))
+    }
+}
+
+/// Longest node name (it is a metric label and a log field).
+const MAX_NODE_NAME: usize = 32;
+
+/// `NAME=ENDPOINT` entries, comma-separated; names unique, of letters, digits, `-`, `_`.
+pub fn nodes(s: &str) -> Result<NodeList, String> {
+    let mut nodes: Vec<crate::node::NodeSpec> = Vec::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, endpoint) = entry.split_once('=').ok_or_else(|| {
+            format!("`{entry}` is not NAME=ENDPOINT (e.g. a=unix:/var/lib/bitcoind/node.sock)")
+        })?;
+        let name = name.trim();
+        let good_name = !name.is_empty()
+            && name.len() <= MAX_NODE_NAME
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !good_name {
+            return Err(format!(
+                "node name `{name}`: use 1 to {MAX_NODE_NAME} letters, digits, `-` or `_`"
+            ));
+        }
+        if nodes.iter().any(|n| n.name == name) {
+            return Err(format!("node name `{name}` is given twice"));
+        }
+        let endpoint = endpoint.trim().parse()?;
+        if nodes.iter().any(|n| n.endpoint == endpoint) {
+            return Err(format!("nodes `{name}` and another both use {endpoint}"));
+        }
+        nodes.push(crate::node::NodeSpec {
+            name: name.to_string(),
+            endpoint,
+        });
+    }
+    Ok(NodeList(nodes))
+}

@@ -40,6 +40,25 @@ pub enum NodeError {
         /// The OS error.
         reason: String,
     },
+    /// Nothing answers at a TCP endpoint (the tunnel to the node is down, or points
+    /// nowhere).
+    #[error("cannot reach the node at tcp:{endpoint}: {reason} (is the tunnel to the node up?)")]
+    Unreachable {
+        /// The HOST:PORT tried.
+        endpoint: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// The node is on another chain than the daemon is configured for.
+    #[error("the node at {endpoint} is on {found}, not on {expected}: point it at a node of the daemon's chain, or set `chain`")]
+    WrongChain {
+        /// The node's endpoint.
+        endpoint: String,
+        /// What the node said (or its socket's directory shows).
+        found: String,
+        /// The daemon's chain.
+        expected: String,
+    },
     /// The node speaks an interface line sv2-tpd cannot drive.
     #[error(
         "the node speaks Bitcoin Core's {line} IPC Mining interface, which sv2-tpd does not \

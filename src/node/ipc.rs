@@ -17,6 +17,7 @@ use futures::future::LocalBoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
+use super::endpoint::Endpoint;
 use super::error::is_unimplemented;
 use super::schema::{init_capnp, mining_capnp, proxy_capnp};
 use super::types::{CoinbaseTemplate, NodeLine, TemplateData, Tip};
@@ -36,6 +37,11 @@ pub(crate) struct Jobs {
 }
 
 impl Jobs {
+    /// Whether `other` reaches the same IPC thread (the same connection).
+    pub(crate) fn same_connection(&self, other: &Jobs) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+
     /// Runs `f` on the IPC thread and returns its result.
     pub(crate) async fn run<T, F, Fut>(&self, f: F) -> Result<T, NodeError>
     where
@@ -596,10 +602,13 @@ pub(crate) struct Connected {
     pub(crate) closed: watch::Receiver<bool>,
 }
 
-/// Opens the socket and runs the libmultiprocess bootstrap on a new IPC thread.
+/// Opens the endpoint and runs the libmultiprocess bootstrap on a new IPC thread.
 /// Every later call that is not a wait must be answered within `call_timeout`.
-pub(crate) async fn connect(path: &Path, call_timeout: Duration) -> Result<Connected, NodeError> {
-    let path = path.to_path_buf();
+pub(crate) async fn connect(
+    endpoint: &Endpoint,
+    call_timeout: Duration,
+) -> Result<Connected, NodeError> {
+    let endpoint = endpoint.clone();
     let (ready_tx, ready_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("sv2-tpd-ipc".into())
@@ -611,14 +620,14 @@ pub(crate) async fn connect(path: &Path, call_timeout: Duration) -> Result<Conne
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = ready_tx.send(Err(NodeError::Connect {
-                        path,
+                        path: PathBuf::from(endpoint.to_string()),
                         reason: format!("cannot start the IPC runtime: {e}"),
                     }));
                     return;
                 }
             };
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, run(path, call_timeout, ready_tx));
+            local.block_on(&runtime, run(endpoint, call_timeout, ready_tx));
         })
         .map_err(|e| NodeError::Connect {
             path: PathBuf::new(),
@@ -627,9 +636,38 @@ pub(crate) async fn connect(path: &Path, call_timeout: Duration) -> Result<Conne
     ready_rx.await.map_err(|_| NodeError::Disconnected)?
 }
 
+/// The two halves of a connection to the node, whatever carries it.
+type Halves = (
+    Box<dyn tokio::io::AsyncRead + Unpin>,
+    Box<dyn tokio::io::AsyncWrite + Unpin>,
+);
+
+/// Opens `endpoint`: a unix socket once it passed [`super::socket_check`], or a TCP
+/// connection (a tunnel the operator trusts; nothing can be checked about it here).
+async fn open(endpoint: &Endpoint) -> Result<Halves, NodeError> {
+    match endpoint {
+        Endpoint::Unix(path) => {
+            let (reader, writer) = open_unix(path).await?.into_split();
+            Ok((Box::new(reader), Box::new(writer)))
+        }
+        Endpoint::Tcp(addr) => {
+            let unreachable = |e: std::io::Error| NodeError::Unreachable {
+                endpoint: addr.clone(),
+                reason: e.to_string(),
+            };
+            let stream = tokio::net::TcpStream::connect(addr.as_str())
+                .await
+                .map_err(unreachable)?;
+            stream.set_nodelay(true).map_err(unreachable)?;
+            let (reader, writer) = stream.into_split();
+            Ok((Box::new(reader), Box::new(writer)))
+        }
+    }
+}
+
 /// Connects to the socket at `path` once it passed [`super::socket_check`]: to the very
 /// file checked, with every symlink resolved.
-async fn open(path: &Path) -> Result<tokio::net::UnixStream, NodeError> {
+async fn open_unix(path: &Path) -> Result<tokio::net::UnixStream, NodeError> {
     let checked =
         super::socket_check::trusted_socket(path)?.ok_or_else(|| NodeError::SocketMissing {
             path: path.to_path_buf(),
@@ -653,18 +691,17 @@ async fn open(path: &Path) -> Result<tokio::net::UnixStream, NodeError> {
 }
 
 async fn run(
-    path: PathBuf,
+    endpoint: Endpoint,
     call_timeout: Duration,
     ready: oneshot::Sender<Result<Connected, NodeError>>,
 ) {
-    let stream = match open(&path).await {
-        Ok(s) => s,
+    let (reader, writer) = match open(&endpoint).await {
+        Ok(halves) => halves,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    let (reader, writer) = stream.into_split();
     let network = twoparty::VatNetwork::new(
         reader.compat(),
         writer.compat_write(),

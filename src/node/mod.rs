@@ -6,6 +6,7 @@
 //! `submitSolution` never queues behind a blocking `waitTipChanged`. Templates live in the node;
 //! a [`Template`] holds a reference and releases it when the last clone drops.
 
+mod endpoint;
 mod error;
 mod ipc;
 pub mod schema;
@@ -21,6 +22,7 @@ use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::{Block, Transaction};
 use tokio::sync::watch;
 
+pub use endpoint::{Endpoint, ExpectedChain, NodeSpec};
 pub use error::NodeError;
 pub use types::{CoinbaseTemplate, CreateOptions, NodeLine, SubmitVerdict, TemplateData, Tip};
 
@@ -52,23 +54,23 @@ impl NodeClient {
     /// A v30 node is refused with [`NodeError::UnsupportedVersion`]. Calls that are not
     /// waits get [`DEFAULT_CALL_TIMEOUT`] (see [`NodeClient::connect_with_timeout`]).
     pub async fn connect(socket: &Path) -> Result<Self, NodeError> {
-        Self::connect_with_timeout(socket, DEFAULT_CALL_TIMEOUT).await
+        Self::connect_with_timeout(&Endpoint::from(socket), DEFAULT_CALL_TIMEOUT).await
     }
 
     /// Like [`NodeClient::connect`], with every call that is not a wait (everything but
     /// `createNewBlock`, `waitTipChanged` and `makeMining`) failing with
     /// [`NodeError::Timeout`] when the node has not answered within `call_timeout`.
     pub async fn connect_with_timeout(
-        socket: &Path,
+        endpoint: &Endpoint,
         call_timeout: Duration,
     ) -> Result<Self, NodeError> {
-        let connected = ipc::connect(socket, call_timeout).await?;
+        let connected = ipc::connect(endpoint, call_timeout).await?;
         let client = Self {
             jobs: connected.jobs,
             line: connected.line,
             closed: connected.closed,
         };
-        tracing::info!(socket = %socket.display(), line = client.line().label(), "connected to the node");
+        tracing::info!(%endpoint, line = client.line().label(), "connected to the node");
         Ok(client)
     }
 
@@ -76,6 +78,11 @@ impl NodeClient {
     /// by `submitSolution @10` (nothing is sent to find out).
     pub fn line(&self) -> NodeLine {
         *self.line.borrow()
+    }
+
+    /// Whether `template` was made over this very connection.
+    pub fn made(&self, template: &Template) -> bool {
+        self.jobs.same_connection(template.jobs())
     }
 
     /// True once the IPC connection has ended.
@@ -118,6 +125,24 @@ impl NodeClient {
                     .get()
                     .map_err(|e| NodeError::from_capnp("getTip", e))?;
                 ipc::optional_block_ref("getTip", results.get_has_result(), results.get_result())
+            })
+            .await
+    }
+
+    /// Whether the node runs a test chain (`isTestChain`): false only on mainnet.
+    pub async fn is_test_chain(&self) -> Result<bool, NodeError> {
+        self.jobs
+            .run(|s| async move {
+                let worker = s.worker();
+                let mut request = s.mining.is_test_chain_request();
+                request.get().init_context().set_thread(worker.thread());
+                let response = s
+                    .call(Some(&worker), "isTestChain", request.send().promise)
+                    .await?;
+                response
+                    .get()
+                    .map(|r| r.get_result())
+                    .map_err(|e| NodeError::from_capnp("isTestChain", e))
             })
             .await
     }

@@ -25,8 +25,11 @@ use crate::node::NodeError;
 /// The engine's settings.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// The node's IPC socket.
-    pub socket: PathBuf,
+    /// The nodes templates come from, in the configured order (the first is preferred
+    /// where the daemon has a choice).
+    pub nodes: Vec<crate::node::NodeSpec>,
+    /// The chain every node must be on.
+    pub chain: crate::node::ExpectedChain,
     /// Minimum fee rise (sats) worth a new template on the same tip.
     pub fee_delta: Amount,
     /// Minimum time between two fee-driven templates of one group (tips never wait).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
@@ -15,22 +15,33 @@ use super::api::{
     Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus,
     SolutionOutcome, TemplateEvent,
 };
+use super::best_tip::{BestTip, Choice, Served};
 use super::blocks::{BlockReads, FetchedBlock};
 use super::build::{FeePolicy, GroupReport, Reason};
 use super::cache::TemplateTxs;
 use super::fanout::{CurrentPair, Fanout, Subscriber, STANDING_GROUP};
 use super::group::{GroupStart, Groups};
-use super::health::NodeLink;
+use super::health::NodeLinks;
 use super::ids::first_template_id;
 use super::publish::{self, Published};
 use super::released::Issued;
 use super::solutions::{self, Gate, Submission};
 use super::store::{Held, TemplateBudget, TemplateStore};
-use super::supervisor::{supervise, NodeEvent};
-use super::tip::{self, TipFollower, TipReport};
+use super::supervisor::{supervise, NodeEvent, NodeReport, NodeTarget};
+use super::tip::{self, NodeTip, TipFollower, TipReport};
 use super::unknown;
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
+
+/// The node the groups build on, and the served tips they build for.
+struct Serving {
+    /// Its index in the configured list.
+    node: usize,
+    /// Its connection.
+    client: NodeClient,
+    /// The served tip, while this node serves (a new node gets a new channel).
+    tips: watch::Sender<Option<NodeTip>>,
+}
 
 /// Templates of the tip (the newest) an unknown-template solution is tried against.
 const UNKNOWN_CANDIDATES: usize = 16;
@@ -54,12 +65,20 @@ pub fn spawn(
     let (tips_tx, tips) = mpsc::channel(QUEUE);
     let status = Arc::new(EngineStatus::default());
     let client_calls = Arc::new(Semaphore::new(config.max_node_calls));
-    tokio::spawn(supervise(
-        config.socket.clone(),
-        config.node_call_timeout,
-        node_tx,
-        shutdown.clone(),
-    ));
+    for (index, spec) in config.nodes.iter().enumerate() {
+        let target = NodeTarget {
+            index,
+            endpoint: spec.endpoint.clone(),
+            chain: config.chain,
+            call_timeout: config.node_call_timeout,
+        };
+        let span = tracing::info_span!("node", node = %spec.name);
+        tokio::spawn(tracing::Instrument::instrument(
+            supervise(target, node_tx.clone(), shutdown.clone()),
+            span,
+        ));
+    }
+    drop(node_tx);
     let fees = FeePolicy {
         fee_delta: config.fee_delta,
         interval: config.template_interval,
@@ -79,9 +98,12 @@ pub fn spawn(
         issued: Issued::default(),
         groups: Groups::new(fees, client_calls, reports_tx, shutdown.clone()),
         fanout: Fanout::default(),
+        nodes: NodeLinks::new(&config.nodes, status.clone()),
+        followers: config.nodes.iter().map(|_| None).collect(),
+        best: BestTip::new(config.nodes.len()),
+        serving: None,
+        served_before: false,
         config,
-        node: NodeLink::new(status.clone()),
-        follower: None,
         tips_tx,
         shutdown,
     };
@@ -99,7 +121,7 @@ pub fn spawn(
 /// Everything the engine listens to.
 struct Inbox {
     requests: mpsc::Receiver<EngineRequest>,
-    node_events: mpsc::Receiver<NodeEvent>,
+    node_events: mpsc::Receiver<NodeReport>,
     reports: mpsc::Receiver<GroupReport>,
     fetched: mpsc::Receiver<FetchedBlock>,
     tips: mpsc::Receiver<TipReport>,
@@ -107,7 +129,16 @@ struct Inbox {
 
 struct Engine {
     config: EngineConfig,
-    node: NodeLink,
+    /// Every node's connection and what the operator sees of it.
+    nodes: NodeLinks,
+    /// Each node's tip follower, while connected.
+    followers: Vec<Option<TipFollower>>,
+    /// Which tip is served, and by which node.
+    best: BestTip,
+    /// The node whose templates the groups build, and the tips they build on.
+    serving: Option<Serving>,
+    /// Whether any node served before (templates after that count as `tip`).
+    served_before: bool,
     groups: Groups,
     fanout: Fanout,
     store: TemplateStore<Published>,
@@ -117,8 +148,6 @@ struct Engine {
     issued: Issued,
     /// Block reads on their way (prefetches, one at a time; reads clients wait for).
     reads: BlockReads,
-    /// The live connection's tip follower.
-    follower: Option<TipFollower>,
     tips_tx: mpsc::Sender<TipReport>,
     shutdown: CancellationToken,
 }
@@ -133,14 +162,19 @@ impl Engine {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break Ok(()),
-                Some(event) = inbox.node_events.recv() => match event {
-                    NodeEvent::Connected(node) => self.on_connected(node),
-                    NodeEvent::Lost => self.on_disconnected(),
-                    NodeEvent::Unresponsive(e) => self.node.unresponsive(&e),
-                    NodeEvent::Responsive => self.on_responsive(),
+                Some(NodeReport { node, event }) = inbox.node_events.recv() => match event {
+                    NodeEvent::Connected(client) => self.on_connected(node, client),
+                    NodeEvent::Lost => self.on_disconnected(node),
+                    NodeEvent::Unresponsive(e) => self.on_unresponsive(node, &e),
+                    NodeEvent::Responsive => self.on_responsive(node),
                     NodeEvent::Unusable(e) => {
-                        error!(error = %e, "cannot use this node");
-                        break Err(EngineError::Unsupported(e));
+                        // Before anything was served the operator must fix the
+                        // configuration; later, the other nodes carry on.
+                        if !self.served_before {
+                            error!(node = &*self.nodes.get(node).name, error = %e, "cannot use this node");
+                            break Err(EngineError::Unsupported(e));
+                        }
+                        self.nodes.refused(node, &e);
                     }
                 },
                 // The tip before templates: a template is current when built on it.
@@ -158,28 +192,28 @@ impl Engine {
     }
 
     async fn stop(&mut self) {
-        self.follower = None;
+        self.followers.iter_mut().for_each(|f| *f = None);
+        self.serving = None;
         self.groups.stop_all();
         self.store.clear();
         self.store_changed();
         self.fanout.clear();
-        self.node.stop().await;
+        self.nodes.stop().await;
     }
 
-    fn on_connected(&mut self, node: NodeClient) {
-        // After a reconnect the first templates stand for the node's (possibly new) tip.
-        let reason = match self.node.connected(node.clone()) {
-            true => Reason::Tip,
-            false => Reason::Constraints,
-        };
-        self.follow(node);
-        self.start_groups(reason);
+    fn on_connected(&mut self, node: usize, client: NodeClient) {
+        self.nodes.connected(node, client.clone());
+        self.follow(node, client);
+        // Its tip counts once the follower reports it.
+        let change = self.best.set_healthy(node, true);
+        self.apply(change);
     }
 
-    /// Starts the tip follower for `node` (dropping the old one stops it).
-    fn follow(&mut self, node: NodeClient) {
+    /// Starts the tip follower of `node` on `client` (dropping the old one stops it).
+    fn follow(&mut self, node: usize, client: NodeClient) {
         let (tips, cancel) = (self.tips_tx.clone(), self.shutdown.child_token());
-        self.follower = Some(TipFollower::start(node, tips, cancel));
+        let name = self.nodes.get(node).name.clone();
+        self.followers[node] = Some(TipFollower::start((node, &name), client, tips, cancel));
     }
 
     /// Starts the standing group and every group a client uses.
@@ -200,36 +234,120 @@ impl Engine {
         group_template(&self.groups, &self.store, constraints)
     }
 
-    /// The node answers again: the tip follower and every group start over, so clients
-    /// get fresh templates even if a wait was lost in the node. (While it did not answer,
-    /// clients kept their templates: they stay valid while the tip holds.)
-    fn on_responsive(&mut self) {
-        self.node.responsive();
-        self.groups.stop_all();
-        if let Some(node) = self.node.current() {
-            self.follow(node);
+    fn on_unresponsive(&mut self, node: usize, e: &crate::node::NodeError) {
+        self.nodes.unresponsive(node, e);
+        let change = self.best.set_healthy(node, false);
+        self.apply(change);
+        self.nodes.health(self.serving_node());
+    }
+
+    /// Node `node` answers again: its tip follower starts over (a wait may have been lost
+    /// in the node), and, if it serves, every group does too, so clients get fresh
+    /// templates. (While it did not answer, clients kept their templates: they stay
+    /// valid while the tip holds.)
+    fn on_responsive(&mut self, node: usize) {
+        self.nodes.responsive(node);
+        if let Some(client) = self.nodes.get(node).current() {
+            self.follow(node, client);
         }
+        let change = self.best.set_healthy(node, true);
+        if self.serving_node() == Some(node) && change == Choice::Same {
+            self.restart_groups();
+        }
+        self.apply(change);
+        self.nodes.health(self.serving_node());
+    }
+
+    fn on_disconnected(&mut self, node: usize) {
+        self.nodes.lost(node);
+        self.followers[node] = None;
+        if self.serving_node() == Some(node) {
+            // The groups die with the connection. The templates stay: their capabilities
+            // died too, but pools keep mining them while the tip has not moved, and a
+            // solution for one is still saved and handed to the nodes that are left (see
+            // `solutions`). They go when the tip moves, as always.
+            self.serving = None;
+            self.groups.stop_all();
+        }
+        let change = self.best.lost(node);
+        self.apply(change);
+        self.nodes.health(self.serving_node());
+    }
+
+    /// The node whose templates are served.
+    fn serving_node(&self) -> Option<usize> {
+        self.serving.as_ref().map(|s| s.node)
+    }
+
+    /// Serves what the tip choice changed to: the store's tip first (a template is
+    /// current when built on it), then the groups — on the same node they build for the
+    /// new tip; on another node they start over there (on the tip their clients already
+    /// have, the first template is an update, not a second pair).
+    fn apply(&mut self, change: Choice) {
+        let Choice::Changed(next) = change else {
+            return;
+        };
+        let Some(Served { node, tip }) = next else {
+            if let Some(old) = self.serving.take() {
+                warn!(
+                    node = &*self.nodes.get(old.node).name,
+                    "no node serves templates now"
+                );
+                self.groups.stop_all();
+            }
+            self.nodes.serving(None, |_| false);
+            return;
+        };
+        tip::record(&mut self.store, tip);
+        match &self.serving {
+            Some(serving) if serving.node == node => {
+                serving.tips.send_replace(Some(tip));
+            }
+            _ => {
+                let Some(client) = self.nodes.get(node).current() else {
+                    return;
+                };
+                if let Some(old) = &self.serving {
+                    warn!(
+                        from = &*self.nodes.get(old.node).name,
+                        to = &*self.nodes.get(node).name,
+                        "templates now come from another node"
+                    );
+                }
+                let first = match std::mem::replace(&mut self.served_before, true) {
+                    true => Reason::Tip,
+                    false => Reason::Constraints,
+                };
+                self.serving = Some(Serving {
+                    node,
+                    client,
+                    tips: watch::channel(Some(tip)).0,
+                });
+                self.groups.stop_all();
+                self.start_groups(first);
+            }
+        }
+        let best = &self.best;
+        self.nodes.serving(Some(node), |i| {
+            best.tip_of(i).is_some_and(|t| t.hash() == tip.hash())
+        });
+    }
+
+    /// Every group starts over on the serving node.
+    fn restart_groups(&mut self) {
+        self.groups.stop_all();
         self.start_groups(Reason::Tip);
     }
 
-    fn on_disconnected(&mut self) {
-        self.node.lost();
-        self.follower = None;
-        self.groups.stop_all();
-        // The templates stay: their capabilities died with the connection, but pools keep
-        // mining them while the tip has not moved, and a solution for one is still saved
-        // and handed to the node over the next connection (see `submit`). They go when
-        // the tip moves, as always.
-    }
-
-    /// Starts a group for `constraints` on the live connection unless one runs.
+    /// Starts a group for `constraints` on the serving node unless one runs.
     fn ensure_group(&mut self, constraints: Constraints, start: GroupStart) {
-        let (Some(node), Some(follower)) = (self.node.current(), &self.follower) else {
+        let Some(serving) = &self.serving else {
             return;
         };
         let active = constraints != STANDING_GROUP || self.standing_needed();
-        let tips = follower.tips.clone();
-        self.groups.ensure(&node, constraints, start, tips, active);
+        let tips = serving.tips.subscribe();
+        self.groups
+            .ensure(&serving.client, constraints, start, tips, active);
     }
 
     /// Whether the standing group builds templates: only while no client is served by
@@ -238,11 +356,27 @@ impl Engine {
         self.fanout.wanted(STANDING_GROUP) || self.fanout.groups().is_empty()
     }
 
-    /// The node moved its tip: templates are current when built on it from now on.
+    /// A node moved its tip: the choice of the served tip may change.
     fn on_tip(&mut self, report: TipReport) {
-        if self.follower.as_ref().map(|f| f.serial) == Some(report.serial) {
-            tip::record(&mut self.store, report.tip);
+        let live = self.followers[report.node]
+            .as_ref()
+            .is_some_and(|f| f.serial == report.serial);
+        if !live {
+            return;
         }
+        self.nodes.tip(report.node, report.tip.tip);
+        let change = self.best.report(report.node, report.tip);
+        if change == Choice::Same {
+            // Whether its tip is current changed, if nothing else did.
+            if let Some(served) = self.best.served() {
+                let best = &self.best;
+                self.nodes.serving(Some(served.node), |i| {
+                    best.tip_of(i)
+                        .is_some_and(|t| t.hash() == served.tip.hash())
+                });
+            }
+        }
+        self.apply(change);
     }
 
     fn on_group_report(&mut self, report: GroupReport) {
@@ -283,7 +417,7 @@ impl Engine {
         let future = held.payload.new_template.future_template;
         let (new_tmpl, snph) = held.payload.frames.clone();
         self.groups.set_current(constraints, id);
-        self.node.template_ready();
+        self.nodes.template_ready();
         let event = match future {
             true => TemplateEvent::EncodedTip(new_tmpl, snph),
             false => TemplateEvent::Encoded(new_tmpl),
@@ -466,7 +600,7 @@ impl Engine {
                     cached_block: held.txs.clone(),
                     solved: admitted.solved,
                     dir: self.config.solutions_dir.clone(),
-                    nodes: self.node.subscribe(),
+                    nodes: self.nodes.subscribe(),
                     admitted: admitted.admitted,
                     in_flight: admitted.in_flight,
                 };

@@ -11,7 +11,8 @@
 //!
 //! One room per job, none of which knows the actor:
 //! - `engine`: the actor that owns the state and wires the rest together;
-//! - `supervisor`: the node connection's lifecycle (connect, IBD, reconnect);
+//! - `supervisor`: each node connection's lifecycle (connect, IBD, reconnect);
+//! - `best_tip`: which node's tip is served when several nodes report theirs (no I/O);
 //! - `tip`: the tip follower, one `waitTipChanged` loop per connection;
 //! - `health`: what `/health`, the node gauges and the log say about the node;
 //! - `group`: the constraint groups' registry; `build`: one group's task, which builds
@@ -27,6 +28,7 @@
 //! - [`messages`]: from template data to SV2 messages and back.
 
 mod api;
+mod best_tip;
 mod blocks;
 mod build;
 mod cache;

@@ -10,10 +10,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use bitcoin::Block;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::cache::TemplateTxs;
+use super::health::{LiveNode, LiveNodes};
 use super::messages::SolvedBlock;
 use crate::node::{NodeClient, NodeError, SubmitVerdict, Template};
 
@@ -31,8 +33,8 @@ pub(crate) struct Pending {
     pub solved: SolvedBlock,
     /// The template's cached transactions, which complete the solved block.
     pub template_block: Option<TemplateTxs>,
-    /// The live connection.
-    pub nodes: watch::Receiver<Option<NodeClient>>,
+    /// The connected nodes.
+    pub nodes: watch::Receiver<LiveNodes>,
     /// Where the block (or, without the template's block, its header and coinbase) was
     /// saved.
     pub file: Option<PathBuf>,
@@ -125,12 +127,56 @@ fn explain_no_way_left(file: &str, have_block: bool) {
     }
 }
 
-/// The live connection, waiting for one; `None` when the engine is gone.
-async fn live(nodes: &mut watch::Receiver<Option<NodeClient>>) -> Option<NodeClient> {
+/// A live connection (an answering one first, in the configured order), waiting for
+/// one; `None` when the engine is gone.
+async fn live(nodes: &mut watch::Receiver<LiveNodes>) -> Option<NodeClient> {
     loop {
-        if let Some(node) = nodes.borrow_and_update().clone().filter(|n| !n.is_closed()) {
-            return Some(node);
+        let found = {
+            let now = nodes.borrow_and_update();
+            let open = || now.iter().filter(|n| !n.client.is_closed());
+            open()
+                .find(|n| n.responsive)
+                .or_else(|| open().next())
+                .map(|n| n.client.clone())
+        };
+        if found.is_some() {
+            return found;
         }
         nodes.changed().await.ok()?;
+    }
+}
+
+/// Hands the whole `block` (at `height`) to one more node, `node`, with `submitBlock`:
+/// once, and again only after an answer without a verdict (its parent not known yet, an
+/// error), until the node's chain has moved past the block's parent. `Err` when the node
+/// has no `submitBlock` (v31.0) or its connection ended first.
+pub(crate) async fn relay(
+    node: &LiveNode,
+    block: &Block,
+    height: u32,
+) -> Result<SubmitVerdict, NodeError> {
+    let parent = block.header.prev_blockhash;
+    loop {
+        let last = match node.client.submit_block(block).await {
+            Ok(verdict) if verdict.reason != PARENT_UNKNOWN => return Ok(verdict),
+            Ok(verdict) => {
+                info!(
+                    node = &*node.name,
+                    "the node does not know the block's parent (yet)"
+                );
+                Ok(verdict)
+            }
+            Err(e @ (NodeError::Unimplemented { .. } | NodeError::Disconnected)) => return Err(e),
+            Err(e) => Err(e),
+        };
+        if let Ok(Some(tip)) = node.client.tip().await {
+            if tip.hash != parent && tip.height >= height {
+                return last;
+            }
+        }
+        if node.client.is_closed() {
+            return last;
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
     }
 }

@@ -10,15 +10,16 @@ use std::time::{Duration, Instant};
 use bitcoin::hex::DisplayHex;
 use bitcoin::BlockHash;
 use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
-use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{error, info, info_span, warn, Instrument};
 
 use super::api::SolutionOutcome;
 use super::cache::TemplateTxs;
+use super::health::{LiveNode, LiveNodes};
 use super::messages::SolvedBlock;
 use super::resubmit::{self, Pending};
 use crate::metrics::metrics;
-use crate::node::{NodeClient, NodeError, SubmitVerdict, Template, TemplateData};
+use crate::node::{NodeError, SubmitVerdict, Template, TemplateData};
 use crate::ratelog::LogBudget;
 
 /// A solution on its way to the node, with what it needs to get there.
@@ -32,8 +33,9 @@ pub(crate) struct Submission {
     pub solved: SolvedBlock,
     /// Where solved blocks are saved.
     pub dir: PathBuf,
-    /// The live connection, for a template whose own connection died.
-    pub nodes: watch::Receiver<Option<NodeClient>>,
+    /// The connected nodes: every one but the template's gets the whole block too, and
+    /// they take it when the template's own connection died.
+    pub nodes: watch::Receiver<LiveNodes>,
     /// This solution's place among those admitted (in flight or waiting for a place);
     /// freed when it is done.
     pub admitted: OwnedSemaphorePermit,
@@ -209,8 +211,9 @@ pub(crate) fn spawn_released(
     );
 }
 
-/// Writes the block to disk and hands the solution to the node (once a place in flight
-/// is free), then tells what the node made of it.
+/// Writes the block to disk and hands the solution to the template's node (once a place
+/// in flight is free) and, as a whole block, to every other answering node at the same
+/// time; then tells what the nodes made of it: the first that has it settles it as found.
 async fn submit(job: Submission) -> SolutionOutcome {
     let Submission {
         template,
@@ -223,6 +226,27 @@ async fn submit(job: Submission) -> SolutionOutcome {
     } = job;
     let block_hash = solved.header.block_hash();
     let height = template.data().height();
+    let live = nodes.borrow().clone();
+    let own = live.iter().find(|n| n.client.made(&template)).cloned();
+    let mut relays = Relays::new(
+        live.iter()
+            .filter(|n| n.responsive && !n.client.made(&template))
+            .cloned()
+            .collect(),
+        height,
+    );
+    if let Some(block) = cached_block.as_ref().and_then(|txs| solved.block(txs).ok()) {
+        relays.start(block);
+    }
+    // The template's connection is gone, but other nodes take the block whole.
+    if own.is_none() && relays.started() {
+        let (saved, settled) = tokio::join!(
+            save_solution(&dir, height, &solved, cached_block.as_ref()),
+            relays.settle(None),
+        );
+        drop(saved);
+        return settle(block_hash, settled);
+    }
     let to_node = async {
         let _place = in_flight.acquire_owned().await;
         template
@@ -267,6 +291,12 @@ async fn submit(job: Submission) -> SolutionOutcome {
             (verdict, block, file)
         }
     };
+    if let Some(block) = template_block
+        .as_ref()
+        .and_then(|txs| solved.block(txs).ok())
+    {
+        relays.start(block);
+    }
     let verdict = match verdict {
         Err(e) => {
             let pending = Pending {
@@ -280,16 +310,178 @@ async fn submit(job: Submission) -> SolutionOutcome {
         }
         verdict => verdict,
     };
-    let settled = match verdict {
+    let settled = classify(verdict, &nodes, block_hash).await;
+    if let Some(own) = &own {
+        count_node(&own.name, &settled);
+    }
+    settle(block_hash, relays.settle(Some(settled)).await)
+}
+
+/// What a node's answer means for the block.
+async fn classify(
+    verdict: Result<SubmitVerdict, NodeError>,
+    nodes: &watch::Receiver<LiveNodes>,
+    block_hash: BlockHash,
+) -> Settled {
+    match verdict {
         Ok(v) if node_has_block(&v) => Settled::Taken(v),
         Ok(v) if is_stale(&v) => Settled::Stale(v),
         // The node may have the block as its tip though it says no (a v31 node answers a
         // bare `false`): its tip is the last word.
-        Ok(v) if tip_is(&nodes, block_hash).await => Settled::Taken(v),
+        Ok(v) if tip_is(nodes, block_hash).await => Settled::Taken(v),
         Ok(v) => Settled::Refused(v),
         Err(e) => Settled::Undelivered(e),
+    }
+}
+
+/// The whole block on its way to every node but the template's, one task per node.
+struct Relays {
+    to: Vec<LiveNode>,
+    height: u32,
+    results: mpsc::UnboundedReceiver<Settled>,
+    tx: Option<mpsc::UnboundedSender<Settled>>,
+    running: usize,
+}
+
+impl Relays {
+    fn new(to: Vec<LiveNode>, height: u32) -> Self {
+        let (tx, results) = mpsc::unbounded_channel();
+        Self {
+            to,
+            height,
+            results,
+            tx: Some(tx),
+            running: 0,
+        }
+    }
+
+    fn started(&self) -> bool {
+        self.running > 0
+    }
+
+    /// Hands `block` to each node, once (later calls do nothing). Each task logs and
+    /// counts its node's verdict, and is not abandoned when the block is settled.
+    fn start(&mut self, block: bitcoin::Block) {
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        let block = Arc::new(block);
+        for node in std::mem::take(&mut self.to) {
+            self.running += 1;
+            let (block, tx, height) = (block.clone(), tx.clone(), self.height);
+            let span = info_span!("relay", node = &*node.name);
+            tokio::spawn(
+                async move {
+                    let settled = match resubmit::relay(&node, &block, height).await {
+                        Err(NodeError::Unimplemented { .. }) => {
+                            say_no_submit_block(&node.name);
+                            metrics()
+                                .node_block_submits
+                                .with_label_values(&[&node.name, "unsupported"])
+                                .inc();
+                            None
+                        }
+                        verdict => {
+                            let hash = block.block_hash();
+                            let settled = classify_one(&node, verdict, hash).await;
+                            count_node(&node.name, &settled);
+                            log_node(&node.name, &settled);
+                            Some(settled)
+                        }
+                    };
+                    let _ = tx.send(settled.unwrap_or(Settled::Skipped));
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// The block's fate: the first node that has it settles it; otherwise, once every
+    /// node answered, the template's node's verdict (`own`), or the best of the others.
+    async fn settle(&mut self, own: Option<Settled>) -> Settled {
+        if let Some(own @ Settled::Taken(_)) = own {
+            return own;
+        }
+        self.tx = None;
+        let mut best: Option<Settled> = None;
+        while self.running > 0 {
+            let Some(settled) = self.results.recv().await else {
+                break;
+            };
+            self.running -= 1;
+            if matches!(settled, Settled::Taken(_)) {
+                return settled;
+            }
+            if best.as_ref().is_none_or(|b| settled.rank() > b.rank()) {
+                best = Some(settled);
+            }
+        }
+        own.or(best).unwrap_or(Settled::Skipped)
+    }
+}
+
+/// One relayed node's verdict on block `hash`.
+async fn classify_one(
+    node: &LiveNode,
+    verdict: Result<SubmitVerdict, NodeError>,
+    hash: BlockHash,
+) -> Settled {
+    match verdict {
+        Ok(v) if node_has_block(&v) => Settled::Taken(v),
+        Ok(v) if is_stale(&v) => Settled::Stale(v),
+        Ok(v) if matches!(node.client.tip().await, Ok(Some(t)) if t.hash == hash) => {
+            Settled::Taken(v)
+        }
+        Ok(v) => Settled::Refused(v),
+        Err(e) => Settled::Undelivered(e),
+    }
+}
+
+/// Says, once per node name, that a node cannot take whole blocks.
+fn say_no_submit_block(name: &str) {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+    if !said.iter().any(|n| n == name) {
+        said.push(name.to_string());
+        warn!(
+            node = name,
+            "this node has no submitBlock (v31.0): found blocks of other nodes' templates \
+             reach it only over the network"
+        );
+    }
+}
+
+/// Counts what node `name` made of a block.
+fn count_node(name: &str, settled: &Settled) {
+    let result = match settled {
+        Settled::Taken(v) if v.accepted => "accepted",
+        Settled::Taken(_) => "duplicate",
+        Settled::Stale(_) => "stale",
+        Settled::Refused(_) => "rejected",
+        Settled::Undelivered(_) => "no-verdict",
+        Settled::Skipped => "unsupported",
     };
-    settle(block_hash, settled)
+    metrics()
+        .node_block_submits
+        .with_label_values(&[name, result])
+        .inc();
+}
+
+/// Logs what relayed node `name` made of a block.
+fn log_node(name: &str, settled: &Settled) {
+    match settled {
+        Settled::Taken(v) => info!(node = name, reason = %v.reason, "the node has the block"),
+        Settled::Stale(v) => {
+            warn!(node = name, reason = %v.reason, "the node stored the block but another block is its tip")
+        }
+        Settled::Refused(v) => {
+            error!(node = name, reason = %v.reason, "the node rejected the block")
+        }
+        Settled::Undelivered(e) => {
+            warn!(node = name, error = %e, "the block did not reach the node")
+        }
+        Settled::Skipped => {}
+    }
 }
 
 /// What became of a block handed to the node.
@@ -303,6 +495,22 @@ enum Settled {
     Refused(SubmitVerdict),
     /// It never got a verdict (the block is saved in the solutions directory).
     Undelivered(NodeError),
+    /// The node could not be asked (it has no `submitBlock`).
+    Skipped,
+}
+
+impl Settled {
+    /// How much a verdict says: a node that has the block beats one that stored it,
+    /// which beats a refusal, which beats no verdict.
+    fn rank(&self) -> u8 {
+        match self {
+            Settled::Taken(_) => 4,
+            Settled::Stale(_) => 3,
+            Settled::Refused(_) => 2,
+            Settled::Undelivered(_) => 1,
+            Settled::Skipped => 0,
+        }
+    }
 }
 
 /// Logs and counts what became of block `block_hash`, once: `blocks_found` counts it only
@@ -333,6 +541,11 @@ fn settle(block_hash: BlockHash, settled: Settled) -> SolutionOutcome {
                 reason: v.reason,
             }
         }
+        Settled::Skipped => {
+            error!(%block_hash, "no node could take the whole block (none has submitBlock); it is saved in the solutions directory");
+            m.solutions.with_label_values(&["node-unavailable"]).inc();
+            SolutionOutcome::NodeUnavailable("no node has submitBlock".into())
+        }
         Settled::Undelivered(e) => {
             error!(%block_hash, error = %e, "could not submit the block; it is saved in the solutions directory");
             m.solutions.with_label_values(&["node-unavailable"]).inc();
@@ -357,13 +570,15 @@ fn is_stale(verdict: &SubmitVerdict) -> bool {
     STORED_NOT_CONNECTED.contains(&verdict.reason.as_str())
 }
 
-/// Whether the live node's tip is `block_hash`.
-async fn tip_is(nodes: &watch::Receiver<Option<NodeClient>>, block_hash: BlockHash) -> bool {
-    let node = nodes.borrow().clone();
-    match node {
-        Some(node) => matches!(node.tip().await, Ok(Some(tip)) if tip.hash == block_hash),
-        None => false,
+/// Whether an answering node's tip is `block_hash`.
+async fn tip_is(nodes: &watch::Receiver<LiveNodes>, block_hash: BlockHash) -> bool {
+    let live = nodes.borrow().clone();
+    for node in live.iter().filter(|n| n.responsive) {
+        if matches!(node.client.tip().await, Ok(Some(tip)) if tip.hash == block_hash) {
+            return true;
+        }
     }
+    false
 }
 
 /// Saves the solved block as hex (ready for `bitcoin-cli submitblock`), or, when the

@@ -2,16 +2,24 @@
 //! block download, report the connection, probe that the node still answers, notice when
 //! it ends, and connect again.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::node::{NodeClient, NodeError};
+use crate::node::{Endpoint, ExpectedChain, NodeClient, NodeError};
 
-/// What the supervisor tells the engine.
+/// What the supervisor of node `node` (its index in the configured list) tells the engine.
+#[derive(Debug)]
+pub(crate) struct NodeReport {
+    /// Which node.
+    pub node: usize,
+    /// What happened to it.
+    pub event: NodeEvent,
+}
+
+/// What happened to one node's connection.
 #[derive(Debug)]
 pub(crate) enum NodeEvent {
     /// A connection is up and the node is out of initial block download.
@@ -23,8 +31,8 @@ pub(crate) enum NodeEvent {
     Unresponsive(NodeError),
     /// The node answers the probe again after [`NodeEvent::Unresponsive`].
     Responsive,
-    /// The node cannot be driven by this version (e.g. a v30 node), or its socket is not to
-    /// be trusted; the supervisor stops.
+    /// The node cannot be driven by this version (e.g. a v30 node), is on another chain, or
+    /// its socket is not to be trusted; the supervisor stops.
     Unusable(NodeError),
 }
 
@@ -40,21 +48,55 @@ const WAITING_LOG_EVERY: Duration = Duration::from_secs(5);
 /// Pause between two liveness probes (`getTip`, answered within the node call timeout).
 pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(2);
 
-/// Keeps a connection to the node at `socket` until `shutdown`, reporting to `events`.
-/// Calls that are not waits must be answered within `call_timeout`.
+/// How one node is reached and checked.
+#[derive(Clone, Debug)]
+pub(crate) struct NodeTarget {
+    /// Its index in the configured list (tags its reports).
+    pub index: usize,
+    /// Where it is.
+    pub endpoint: Endpoint,
+    /// The chain it must be on.
+    pub chain: ExpectedChain,
+    /// Deadline of calls that are not waits.
+    pub call_timeout: Duration,
+}
+
+/// Keeps a connection to `target` until `shutdown`, reporting to `reports`.
 pub(crate) async fn supervise(
-    socket: PathBuf,
-    call_timeout: Duration,
+    target: NodeTarget,
+    reports: mpsc::Sender<NodeReport>,
+    shutdown: CancellationToken,
+) {
+    let (tx, mut rx) = mpsc::channel(4);
+    let index = target.index;
+    let forward = async move {
+        while let Some(event) = rx.recv().await {
+            if reports
+                .send(NodeReport { node: index, event })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    tokio::join!(supervise_one(target, tx, shutdown), forward);
+}
+
+/// [`supervise`], with untagged events.
+async fn supervise_one(
+    target: NodeTarget,
     events: mpsc::Sender<NodeEvent>,
     shutdown: CancellationToken,
 ) {
+    let call_timeout = target.call_timeout;
     let mut first_delay = Duration::ZERO;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(first_delay) => {}
         }
-        let node = match connect(&socket, call_timeout, &shutdown).await {
+        let node = match connect(&target, &shutdown).await {
             Some(Ok(node)) => node,
             Some(Err(e)) => {
                 let _ = events.send(NodeEvent::Unusable(e)).await;
@@ -79,12 +121,11 @@ pub(crate) async fn supervise(
     }
 }
 
-/// Connects, retrying with backoff and saying so every few seconds, then waits out IBD.
-/// `None` on shutdown; `Some(Err)` only for a node this version cannot use or a socket
-/// that is not to be trusted.
+/// Connects, retrying with backoff and saying so every few seconds, checks the chain,
+/// then waits out IBD. `None` on shutdown; `Some(Err)` only for a node this version
+/// cannot use, one on another chain, or a socket that is not to be trusted.
 async fn connect(
-    socket: &std::path::Path,
-    call_timeout: Duration,
+    target: &NodeTarget,
     shutdown: &CancellationToken,
 ) -> Option<Result<NodeClient, NodeError>> {
     let mut delay = Duration::from_millis(100);
@@ -93,14 +134,23 @@ async fn connect(
         if shutdown.is_cancelled() {
             return None;
         }
-        match NodeClient::connect_with_timeout(socket, call_timeout).await {
+        let connected = NodeClient::connect_with_timeout(&target.endpoint, target.call_timeout);
+        let checked = async {
+            let node = connected.await?;
+            let is_test = node.is_test_chain().await?;
+            target.chain.check(&target.endpoint, is_test)?;
+            Ok(node)
+        };
+        match checked.await {
             Ok(node) => match wait_out_ibd(&node, shutdown).await {
                 Ok(()) => return Some(Ok(node)),
                 Err(e) => debug!(error = %e, "lost the node during IBD"),
             },
-            Err(e @ (NodeError::UnsupportedVersion { .. } | NodeError::UntrustedSocket { .. })) => {
-                return Some(Err(e))
-            }
+            Err(
+                e @ (NodeError::UnsupportedVersion { .. }
+                | NodeError::UntrustedSocket { .. }
+                | NodeError::WrongChain { .. }),
+            ) => return Some(Err(e)),
             Err(e) => {
                 if last_said.is_none_or(|t| t.elapsed() >= WAITING_LOG_EVERY) {
                     warn!(error = %e, "waiting for the node");

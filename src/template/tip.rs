@@ -1,16 +1,17 @@
-//! Following the node's chain tip: one task per connection keeps a `waitTipChanged`
+//! Following a node's chain tip: one task per connection keeps a `waitTipChanged`
 //! pending (on a node thread of its own) and reports every tip the node moves to —
 //! higher, lower (`invalidateblock`, a node restarted on an older chain state) or
-//! sideways (a reorg). The node decides what the tip is; nobody compares heights.
+//! sideways (a reorg). With one node, the node decides what the tip is; with several,
+//! [`super::best_tip`] picks among their reports.
 //!
-//! Each tip goes to the engine first (so it knows the tip before any template built on
-//! it arrives) and then to the group tasks, which build their templates for it.
+//! Each tip goes to the engine, which records the served tip (so it knows it before any
+//! template built on it arrives) and then hands it to the group tasks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bitcoin::BlockHash;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -36,6 +37,8 @@ impl NodeTip {
 /// What the follower tells the engine.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct TipReport {
+    /// Which node's follower reports (its index in the configured list).
+    pub node: usize,
     /// Which follower (one per connection) reports; see [`TipFollower::serial`].
     pub serial: u64,
     /// The node's new tip.
@@ -56,8 +59,6 @@ const BACKOFF: Duration = Duration::from_millis(250);
 pub(crate) struct TipFollower {
     /// Tells this follower's reports from an earlier connection's.
     pub serial: u64,
-    /// The newest tip, for group tasks; `None` until the node named one.
-    pub tips: watch::Receiver<Option<NodeTip>>,
     cancel: CancellationToken,
 }
 
@@ -65,23 +66,19 @@ impl TipFollower {
     /// Starts following `node`'s tip; reports go to `reports` tagged with a serial of
     /// this follower's own.
     pub fn start(
+        (index, name): (usize, &str),
         node: NodeClient,
         reports: mpsc::Sender<TipReport>,
         cancel: CancellationToken,
     ) -> Self {
         static SERIALS: AtomicU64 = AtomicU64::new(1);
         let serial = SERIALS.fetch_add(1, Ordering::Relaxed);
-        let (tx, tips) = watch::channel(None);
-        let task = follow(node, serial, tx, reports, cancel.clone());
+        let task = follow(node, (index, serial), reports, cancel.clone());
         tokio::spawn(tracing::Instrument::instrument(
             task,
-            tracing::info_span!("tip"),
+            tracing::info_span!("tip", node = name),
         ));
-        Self {
-            serial,
-            tips,
-            cancel,
-        }
+        Self { serial, cancel }
     }
 }
 
@@ -112,8 +109,7 @@ pub(crate) fn record<T: Clone>(store: &mut TemplateStore<T>, tip: NodeTip) {
 /// `cancel` fires or the connection ends.
 async fn follow(
     node: NodeClient,
-    serial: u64,
-    tips: watch::Sender<Option<NodeTip>>,
+    (index, serial): (usize, u64),
     reports: mpsc::Sender<TipReport>,
     cancel: CancellationToken,
 ) {
@@ -138,10 +134,14 @@ async fn follow(
                 };
                 debug!(hash = %tip.tip.hash, height = tip.tip.height, "the node moved its tip");
                 // The engine first: it must know the tip before templates built on it.
-                if reports.send(TipReport { serial, tip }).await.is_err() {
+                let report = TipReport {
+                    node: index,
+                    serial,
+                    tip,
+                };
+                if reports.send(report).await.is_err() {
                     return;
                 }
-                tips.send_replace(Some(tip));
                 continue;
             }
             // The wait timed out with the tip unchanged.
