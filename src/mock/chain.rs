@@ -212,6 +212,19 @@ impl Chain {
         chain
     }
 
+    /// The chain's blocks above `height`, lowest first.
+    pub fn blocks_above(&self, height: u32) -> Vec<Block> {
+        self.blocks
+            .iter()
+            .skip(
+                usize::try_from(height)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(1),
+            )
+            .cloned()
+            .collect()
+    }
+
     /// Hash and height of the tip.
     pub fn tip(&self) -> (BlockHash, u32) {
         let height = u32::try_from(self.blocks.len() - 1).unwrap_or(u32::MAX);

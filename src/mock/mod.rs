@@ -346,6 +346,12 @@ impl MockNode {
         self.shared.lock().chain.tip()
     }
 
+    /// The blocks of the chain above `height`, lowest first: hand them to another mock
+    /// ([`MockNode::submit_block`]) to put both on the same chain.
+    pub fn blocks_above(&self, height: u32) -> Vec<Block> {
+        self.shared.lock().chain.blocks_above(height)
+    }
+
     /// Blocks accepted through `submitSolution` / `submitBlock`, in order (including valid
     /// ones that arrived after their parent stopped being the tip).
     pub fn accepted_blocks(&self) -> Vec<Block> {

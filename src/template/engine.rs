@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bitcoin::BlockHash;
 use stratum_core::template_distribution_sv2::SubmitSolutionOwned;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -218,12 +219,28 @@ impl Engine {
 
     /// Starts the standing group and every group a client uses.
     fn start_groups(&mut self, first: Reason) {
+        let groups = self.clients_tips();
+        self.start_groups_on(first, groups);
+    }
+
+    /// The standing group and every group a client uses, each with the tip its clients
+    /// have a template for (read before the served tip changes).
+    fn clients_tips(&mut self) -> Vec<(Constraints, Option<BlockHash>)> {
         self.fanout.forget_gone();
-        for constraints in [STANDING_GROUP].into_iter().chain(self.fanout.groups()) {
+        [STANDING_GROUP]
+            .into_iter()
+            .chain(self.fanout.groups())
+            .map(|c| (c, self.group_template(c).map(|held| held.prev_hash)))
+            .collect()
+    }
+
+    /// Starts `groups` (see [`Engine::clients_tips`]).
+    fn start_groups_on(&mut self, first: Reason, groups: Vec<(Constraints, Option<BlockHash>)>) {
+        for (constraints, clients_tip) in groups {
             let start = GroupStart {
                 first,
                 client_caused: false,
-                clients_tip: self.group_template(constraints).map(|held| held.prev_hash),
+                clients_tip,
             };
             self.ensure_group(constraints, start);
         }
@@ -298,6 +315,8 @@ impl Engine {
             self.nodes.serving(None, |_| false);
             return;
         };
+        // What the clients have, before the served tip moves under it.
+        let groups = self.clients_tips();
         tip::record(&mut self.store, tip);
         match &self.serving {
             Some(serving) if serving.node == node => {
@@ -324,7 +343,7 @@ impl Engine {
                     tips: watch::channel(Some(tip)).0,
                 });
                 self.groups.stop_all();
-                self.start_groups(first);
+                self.start_groups_on(first, groups);
             }
         }
         let best = &self.best;
@@ -364,7 +383,6 @@ impl Engine {
         if !live {
             return;
         }
-        self.nodes.tip(report.node, report.tip.tip);
         let change = self.best.report(report.node, report.tip);
         if change == Choice::Same {
             // Whether its tip is current changed, if nothing else did.
@@ -377,6 +395,8 @@ impl Engine {
             }
         }
         self.apply(change);
+        // Last, so a node's tip height shows only once the choice is made.
+        self.nodes.tip(report.node, report.tip.tip);
     }
 
     fn on_group_report(&mut self, report: GroupReport) {
