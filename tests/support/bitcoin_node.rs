@@ -224,6 +224,11 @@ impl BitcoinNode {
         self.network_dir().join("debug.log")
     }
 
+    /// The local P2P port (listened on only when started with `-listen=1`).
+    pub fn p2p_port(&self) -> u16 {
+        self.p2p_port
+    }
+
     /// The local RPC port.
     pub fn rpc_port(&self) -> u16 {
         self.rpc_port
