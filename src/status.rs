@@ -218,6 +218,11 @@ impl NodeFacts {
         });
     }
 
+    /// Node `name` speaks interface `line` (learnt after connecting).
+    pub fn interface(&self, name: &str, line: &str) {
+        self.with(name, |s| s.interface = Some(line.to_string()));
+    }
+
     /// The connection to node `name` was lost (`why`, when known).
     pub fn lost(&self, name: &str, why: Option<String>) {
         self.with(name, |s| {

@@ -382,3 +382,79 @@ fn completions_and_man_page_name_every_flag() {
         );
     }
 }
+
+#[test]
+fn nodes_come_from_repeated_flags_a_toml_list_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let shown = |args: &[&str], env: &[(&str, &str)]| {
+        let config = show_config(dir.path(), args, env);
+        let nodes = &config["nodes"];
+        (
+            nodes.value.as_str().unwrap_or("").to_string(),
+            nodes.source.clone(),
+        )
+    };
+    let (nodes, source) = shown(
+        &[
+            "--node",
+            "a=unix:/srv/a/node.sock",
+            "--node",
+            "b=tcp:10.0.0.2:8336",
+        ],
+        &[],
+    );
+    assert_eq!(nodes, "a=unix:/srv/a/node.sock,b=tcp:10.0.0.2:8336");
+    assert!(source.contains("--node"), "{source}");
+
+    let file = write(
+        &dir.path().join("nodes.toml"),
+        "nodes = [\"a=unix:~/a/node.sock\", \"b=tcp:127.0.0.1:9000\"]\n",
+    );
+    let (nodes, _) = shown(&["--config", file.to_str().unwrap()], &[]);
+    let home = dir.path().display();
+    assert_eq!(
+        nodes,
+        format!("a=unix:{home}/a/node.sock,b=tcp:127.0.0.1:9000")
+    );
+
+    let (nodes, source) = shown(&[], &[("SV2TPD_NODES", "x=unix:/x.sock, y=unix:/y.sock")]);
+    assert_eq!(nodes, "x=unix:/x.sock,y=unix:/y.sock");
+    assert!(source.contains("SV2TPD_NODES"), "{source}");
+
+    // None given: empty, and the one node at ipc_socket is used.
+    let (nodes, _) = shown(&[], &[]);
+    assert_eq!(nodes, "");
+}
+
+#[test]
+fn bad_node_lists_are_refused_with_what_was_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &[&str]); 4] = [
+        (
+            &["--node", "a=/srv/node.sock"],
+            &["`nodes`", "unix:PATH", "tcp:HOST:PORT"],
+        ),
+        (
+            &["--node", "a=unix:/x", "--node", "a=unix:/y"],
+            &["`a` is given twice"],
+        ),
+        (&["--node", "no name=unix:/x"], &["node name `no name`"]),
+        (&["--node", "a=tcp:host"], &["HOST:PORT"]),
+    ];
+    for (args, needles) in cases {
+        let mut all = vec!["config"];
+        all.extend_from_slice(args);
+        assert_config_error(&run(dir.path(), &all, &[]), needles);
+    }
+    // A list where one value is wanted.
+    let file = write(
+        &dir.path().join("list.toml"),
+        "ipc_socket = [\"/a\", \"/b\"]\n",
+    );
+    let output = run(
+        dir.path(),
+        &["--config", file.to_str().unwrap(), "config"],
+        &[],
+    );
+    assert_config_error(&output, &["`ipc_socket` takes one value, not a list"]);
+}

@@ -293,10 +293,8 @@ impl Session {
 
     fn set_line(&self, line: NodeLine) {
         self.line.set(line);
+        // The engine, which knows the node's name, shows it (`sv2_tpd_node_info`).
         self.line_tx.send_replace(line);
-        let info = &metrics().node_info;
-        info.reset();
-        info.with_label_values(&[line.label()]).set(1);
     }
 
     /// Holds `client` and returns its key.

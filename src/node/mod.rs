@@ -80,6 +80,11 @@ impl NodeClient {
         *self.line.borrow()
     }
 
+    /// Follows the interface line (it changes once, to v32, when a submit shows it).
+    pub fn lines(&self) -> watch::Receiver<NodeLine> {
+        self.line.clone()
+    }
+
     /// Whether `template` was made over this very connection.
     pub fn made(&self, template: &Template) -> bool {
         self.jobs.same_connection(template.jobs())

@@ -72,6 +72,15 @@ impl NodeLink {
     }
 }
 
+/// Sets `sv2_tpd_node_info` of node `name` to its interface `line`.
+fn show_line(name: &str, line: crate::node::NodeLine) {
+    let info = &metrics().node_info;
+    for other in ["v31.0", "v31.99", "v32"] {
+        let _ = info.remove_label_values(&[name, other]);
+    }
+    info.with_label_values(&[name, line.label()]).set(1);
+}
+
 /// Every configured node's link, the live set for solutions, and [`EngineStatus`].
 #[derive(Debug)]
 pub(crate) struct NodeLinks {
@@ -105,15 +114,21 @@ impl NodeLinks {
         let line = node.line();
         let link = &mut self.links[i];
         info!(node = &*link.name, interface = line.label(), "node ready");
-        let m = metrics();
-        m.node_connects.with_label_values(&[&link.name]).inc();
-        let _ = m.node_info.remove_label_values(&[&link.name, "v31.0"]);
-        let _ = m.node_info.remove_label_values(&[&link.name, "v31.99"]);
-        let _ = m.node_info.remove_label_values(&[&link.name, "v32"]);
-        m.node_info
-            .with_label_values(&[&link.name, line.label()])
-            .set(1);
+        metrics()
+            .node_connects
+            .with_label_values(&[&link.name])
+            .inc();
+        show_line(&link.name, line);
         node_facts().connected(&link.name, line.label());
+        // The line may change once more (v32 shows itself on the first submit).
+        let (name, mut lines) = (link.name.clone(), node.lines());
+        tokio::spawn(async move {
+            while lines.changed().await.is_ok() {
+                let line = *lines.borrow_and_update();
+                show_line(&name, line);
+                node_facts().interface(&name, line.label());
+            }
+        });
         link.current = Some(node);
         link.responsive = true;
         link.gauges();
