@@ -143,13 +143,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// A node socket that is not to be trusted is the operator's setup to fix, like a bad
-/// configuration (2); every other failure is a runtime one (1).
+/// A node socket that is not to be trusted, or a node on another chain, is the operator's
+/// setup to fix, like a bad configuration (2); every other failure is a runtime one (1).
 fn failure_code(e: &anyhow::Error) -> u8 {
     use sv2_tpd::node::NodeError;
     use sv2_tpd::template::EngineError;
     match e.downcast_ref::<EngineError>() {
-        Some(EngineError::Unsupported(NodeError::UntrustedSocket { .. })) => EXIT_CONFIG,
+        Some(EngineError::Unsupported(
+            NodeError::UntrustedSocket { .. } | NodeError::WrongChain { .. },
+        )) => EXIT_CONFIG,
         _ => EXIT_FAILURE,
     }
 }

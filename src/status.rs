@@ -629,6 +629,38 @@ mod tests {
     }
 
     #[test]
+    fn several_nodes_get_a_line_each() {
+        let node = |name: &str, serving: bool, connected: bool| NodeStatus {
+            name: name.into(),
+            endpoint: format!("unix:/{name}/node.sock"),
+            socket: format!("/{name}/node.sock").into(),
+            connected,
+            responsive: connected,
+            interface: connected.then(|| "v31.99".into()),
+            since_unix: 0,
+            since_seconds: 12.0,
+            ever_connected: true,
+            tip: connected.then(|| TipStatus {
+                height: 7,
+                hash: "00ab".into(),
+            }),
+            current: connected,
+            serving,
+            last_error: (!connected).then(|| "the connection ended".into()),
+        };
+        let board = StatusBoard::new("regtest", "/a/node.sock");
+        let mut status = board.snapshot(true);
+        status.nodes = vec![node("a", true, true), node("b", false, false)];
+        let text = status.to_text();
+        assert!(text.contains("1 of 2 answering"), "{text}");
+        assert!(text.contains("tip 7, serving"), "{text}");
+        assert!(
+            text.contains("DISCONNECTED for 12.0s, no tip; last error: the connection ended"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn durations_read_like_a_person_would_write_them() {
         assert_eq!(human_duration(7.04), "7.0s");
         assert_eq!(human_duration(242.0), "4m 2s");

@@ -241,3 +241,22 @@ fn payout() -> ScriptBuf {
         bitcoin::hashes::Hash::from_byte_array([7u8; 32]),
     ))
 }
+
+#[test]
+fn a_node_on_another_chain_is_refused_at_start_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let signet = dir.path().join("signet");
+    std::fs::create_dir_all(&signet).unwrap();
+    let node = MockNode::start(&signet.join("node.sock"), MockOptions::default()).expect("mock");
+    let mut daemon = DaemonProcess::spawn(
+        node.socket_path(),
+        &dir.path().join("tpd"),
+        &[
+            "--node",
+            &format!("s=unix:{}", node.socket_path().display()),
+        ],
+    );
+    let message = daemon.failure_message(2);
+    assert!(message.contains("is on signet"), "{message}");
+    assert!(message.contains("not on regtest"), "{message}");
+}
