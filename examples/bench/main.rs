@@ -11,13 +11,15 @@
 //! `NewTemplate`; `RequestTransactionData` on a large template (mock); the daemon's RSS
 //! idle and with the most clients. On a real node, `tip_first.rs` adds the full-mempool
 //! figures (`--mempool N`, `--mempool-rounds`, `--idle-secs`); `--parts basic,mempool`
-//! picks what runs. `--vs ADDR --vs-authority KEY [--vs-pid PID]` measures another
+//! picks what runs; `nodes.rs` (`--parts nodes`, real node) compares one node with two
+//! when blocks reach the second first. `--vs ADDR --vs-authority KEY [--vs-pid PID]` measures another
 //! Template Provider on the same node the same way. Results go to `--out`.
 //!
 //! Environment: `BENCH_DAEMON_LOG=FILE` keeps the daemons' logs (level from `RUST_LOG`),
 //! `BENCH_NODE_LOG=FILE` a copy of the node's `debug.log`, `BENCH_DAEMON_EXE=PATH` runs
 //! another build of this benchmark as the daemon (A/B comparisons).
 
+mod nodes;
 #[path = "../../tests/support/bench_harness.rs"]
 mod support;
 mod tip_first;
@@ -104,6 +106,8 @@ struct Parts {
     basic: bool,
     /// The full-mempool measurements (real node only).
     mempool: bool,
+    /// One node against two, each block reaching the second first (real node only).
+    nodes: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -116,6 +120,7 @@ fn parse_args() -> anyhow::Result<Args> {
         parts: Parts {
             basic: true,
             mempool: true,
+            nodes: true,
         },
         full_mempool: tip_first::FullMempoolArgs {
             mempool: 5_000,
@@ -144,6 +149,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.parts = Parts {
                     basic: parts.split(',').any(|p| p == "basic"),
                     mempool: parts.split(',').any(|p| p == "mempool"),
+                    nodes: parts.split(',').any(|p| p == "nodes"),
                 };
             }
             "--mempool" => args.full_mempool.mempool = value()?.parse()?,
@@ -590,6 +596,9 @@ fn main() -> anyhow::Result<()> {
                 .vs
                 .map(|(addr, key, _)| tip_first::OtherTp { addr, key });
             tip_first::run(&mut report, real, dir.path(), other, &args.full_mempool).await?;
+        }
+        if let (true, Node::Real(_)) = (args.parts.nodes, &node) {
+            nodes::run(&mut report, dir.path(), args.rounds).await?;
         }
         anyhow::Ok(())
     });

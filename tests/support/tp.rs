@@ -50,6 +50,8 @@ pub fn regtest_config(socket: &Path, datadir: &Path, extra: &[(&str, &str)]) -> 
             "max_templates_held" => args.max_templates_held = v,
             "max_template_bytes_held" => args.max_template_bytes_held = v,
             "constraints_interval" => args.constraints_interval = v,
+            // NAME=ENDPOINT entries separated by `;` (settings are comma-separated).
+            "nodes" => args.node = value.split(';').map(str::to_string).collect(),
             other => panic!("regtest_config: add {other}"),
         }
     }
