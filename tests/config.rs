@@ -421,9 +421,9 @@ fn nodes_come_from_repeated_flags_a_toml_list_or_the_environment() {
     assert_eq!(nodes, "x=unix:/x.sock,y=unix:/y.sock");
     assert!(source.contains("SV2TPD_NODES"), "{source}");
 
-    // None given: empty, and the one node at ipc_socket is used.
+    // None given: the one node at ipc_socket is used.
     let (nodes, _) = shown(&[], &[]);
-    assert_eq!(nodes, "");
+    assert_eq!(nodes, "none");
 }
 
 #[test]

@@ -299,13 +299,13 @@ directory is /var/lib/bitcoind, so the socket is /var/lib/bitcoind/{chain_dir}no
         section: BitcoinCore,
         value_name: "NAME=ENDPOINT,...",
         parse: values::nodes,
-        default: "",
-        help: "several nodes, each `NAME=unix:PATH` or `NAME=tcp:HOST:PORT` (a tunnel), comma-separated or a list; `--node` once per node; empty: the one node at `ipc_socket`, named `default`",
+        default: "none",
+        help: "several nodes, each `NAME=unix:PATH` or `NAME=tcp:HOST:PORT` (a tunnel), comma-separated or a list; `--node` once per node; `none`: the one node at `ipc_socket`, named `default`",
         about: "Several nodes behind one Template Provider: each NAME=unix:PATH (the node's
 node.sock) or NAME=tcp:HOST:PORT (a tunnel you trust: IPC has no authentication,
 never expose it). The best tip any healthy node reports is served, built by the
-first node to report it; every found block goes to every healthy node. Empty: the
-one node at ipc_socket. Example: nodes = [\"a=unix:/var/lib/bitcoind/node.sock\",
+first node to report it; every found block goes to every healthy node. \"none\":
+the one node at ipc_socket. Example: nodes = [\"a=unix:/var/lib/bitcoind/node.sock\",
 \"b=tcp:127.0.0.1:8336\"]",
     },
     sv2_bind: IpAddr {

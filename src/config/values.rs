@@ -253,6 +253,9 @@ pub struct NodeList(pub Vec<crate::node::NodeSpec>);
 
 impl ConfigValue for NodeList {
     fn to_text(&self) -> String {
+        if self.0.is_empty() {
+            return "none".into();
+        }
         let items: Vec<String> = self
             .0
             .iter()
@@ -276,9 +279,13 @@ impl ConfigValue for NodeList {
 /// Longest node name (it is a metric label and a log field).
 const MAX_NODE_NAME: usize = 32;
 
-/// `NAME=ENDPOINT` entries, comma-separated; names unique, of letters, digits, `-`, `_`.
+/// `NAME=ENDPOINT` entries, comma-separated; names unique, of letters, digits, `-`, `_`;
+/// `none` (or nothing) for the one node at `ipc_socket`.
 pub fn nodes(s: &str) -> Result<NodeList, String> {
     let mut nodes: Vec<crate::node::NodeSpec> = Vec::new();
+    if s.trim() == "none" {
+        return Ok(NodeList(nodes));
+    }
     for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let (name, endpoint) = entry.split_once('=').ok_or_else(|| {
             format!("`{entry}` is not NAME=ENDPOINT (e.g. a=unix:/var/lib/bitcoind/node.sock)")
