@@ -16,7 +16,7 @@ use super::api::{
     Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus,
     SolutionOutcome, TemplateEvent,
 };
-use super::best_tip::{BestTip, Choice, Served};
+use super::best_tip::Served;
 use super::blocks::{BlockReads, FetchedBlock};
 use super::build::{FeePolicy, GroupReport, Reason};
 use super::cache::TemplateTxs;
@@ -30,6 +30,7 @@ use super::solutions::{self, Gate, Submission};
 use super::store::{Held, TemplateBudget, TemplateStore};
 use super::supervisor::{supervise, NodeEvent, NodeReport, NodeTarget};
 use super::tip::{self, NodeTip, TipFollower, TipReport};
+use super::tip_board::{send_tip, TipBoard};
 use super::unknown;
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
@@ -101,7 +102,8 @@ pub fn spawn(
         fanout: Fanout::default(),
         nodes: NodeLinks::new(&config.nodes, status.clone()),
         followers: config.nodes.iter().map(|_| None).collect(),
-        best: BestTip::new(config.nodes.len()),
+        board: TipBoard::new(config.nodes.len()),
+        applied: None,
         serving: None,
         served_before: false,
         config,
@@ -134,8 +136,10 @@ struct Engine {
     nodes: NodeLinks,
     /// Each node's tip follower, while connected.
     followers: Vec<Option<TipFollower>>,
-    /// Which tip is served, and by which node.
-    best: BestTip,
+    /// Which tip is served, and by which node (the followers report to it too).
+    board: Arc<TipBoard>,
+    /// The choice the groups follow (what [`Engine::sync`] last applied).
+    applied: Option<Served>,
     /// The node whose templates the groups build, and the tips they build on.
     serving: Option<Serving>,
     /// Whether any node served before (templates after that count as `tip`).
@@ -206,15 +210,16 @@ impl Engine {
         self.nodes.connected(node, client.clone());
         self.follow(node, client);
         // Its tip counts once the follower reports it.
-        let change = self.best.set_healthy(node, true);
-        self.apply(change);
+        self.board.set_healthy(node, true);
+        self.sync();
     }
 
     /// Starts the tip follower of `node` on `client` (dropping the old one stops it).
     fn follow(&mut self, node: usize, client: NodeClient) {
         let (tips, cancel) = (self.tips_tx.clone(), self.shutdown.child_token());
         let name = self.nodes.get(node).name.clone();
-        self.followers[node] = Some(TipFollower::start((node, &name), client, tips, cancel));
+        let to = (self.board.clone(), tips);
+        self.followers[node] = Some(TipFollower::start((node, &name), client, to, cancel));
     }
 
     /// Starts the standing group and every group a client uses.
@@ -253,8 +258,8 @@ impl Engine {
 
     fn on_unresponsive(&mut self, node: usize, e: &crate::node::NodeError) {
         self.nodes.unresponsive(node, e);
-        let change = self.best.set_healthy(node, false);
-        self.apply(change);
+        self.board.set_healthy(node, false);
+        self.sync();
         self.nodes.health(self.serving_node());
     }
 
@@ -267,27 +272,28 @@ impl Engine {
         if let Some(client) = self.nodes.get(node).current() {
             self.follow(node, client);
         }
-        let change = self.best.set_healthy(node, true);
-        if self.serving_node() == Some(node) && change == Choice::Same {
+        self.board.set_healthy(node, true);
+        if self.serving_node() == Some(node) && self.board.served() == self.applied {
             self.restart_groups();
         }
-        self.apply(change);
+        self.sync();
         self.nodes.health(self.serving_node());
     }
 
     fn on_disconnected(&mut self, node: usize) {
         self.nodes.lost(node);
         self.followers[node] = None;
+        self.board.lost(node);
         if self.serving_node() == Some(node) {
             // The groups die with the connection. The templates stay: their capabilities
             // died too, but pools keep mining them while the tip has not moved, and a
             // solution for one is still saved and handed to the nodes that are left (see
             // `solutions`). They go when the tip moves, as always.
             self.serving = None;
+            self.board.serve_to(None);
             self.groups.stop_all();
         }
-        let change = self.best.lost(node);
-        self.apply(change);
+        self.sync();
         self.nodes.health(self.serving_node());
     }
 
@@ -296,32 +302,50 @@ impl Engine {
         self.serving.as_ref().map(|s| s.node)
     }
 
-    /// Serves what the tip choice changed to: the store's tip first (a template is
-    /// current when built on it), then the groups — on the same node they build for the
-    /// new tip; on another node they start over there (on the tip their clients already
-    /// have, the first template is an update, not a second pair).
-    fn apply(&mut self, change: Choice) {
-        let Choice::Changed(next) = change else {
-            return;
-        };
-        let Some(Served { node, tip }) = next else {
-            if let Some(old) = self.serving.take() {
+    /// Follows the tip choice: applies it when it changed, else shows which nodes are on
+    /// the served tip.
+    fn sync(&mut self) {
+        let now = self.board.served();
+        if now != self.applied {
+            let before = std::mem::replace(&mut self.applied, now);
+            self.apply(before, now);
+        } else if let Some(served) = now {
+            self.show_currents(served);
+        }
+    }
+
+    /// Shows which node serves and which are on the served tip.
+    fn show_currents(&self, served: Served) {
+        let on_tip = self.board.on_tip(served.tip.hash());
+        self.nodes.serving(Some(served.node), |i| {
+            on_tip.get(i).copied().unwrap_or(false)
+        });
+    }
+
+    /// Serves what the tip choice changed to (from `before`): the store's tip first (a
+    /// template is current when built on it), then the groups — on the same node they
+    /// build for the new tip; on another node they start over there (on the tip their
+    /// clients already have, the first template is an update, not a second pair).
+    fn apply(&mut self, before: Option<Served>, next: Option<Served>) {
+        let Some(served) = next else {
+            if let Some(old) = before {
                 warn!(
                     node = &*self.nodes.get(old.node).name,
                     "no node serves templates now"
                 );
-                self.groups.stop_all();
             }
+            self.serving = None;
+            self.board.serve_to(None);
+            self.groups.stop_all();
             self.nodes.serving(None, |_| false);
             return;
         };
+        let Served { node, tip } = served;
         // What the clients have, before the served tip moves under it.
         let groups = self.clients_tips();
         tip::record(&mut self.store, tip);
         match &self.serving {
-            Some(serving) if serving.node == node => {
-                serving.tips.send_replace(Some(tip));
-            }
+            Some(serving) if serving.node == node => send_tip(&serving.tips, tip),
             _ => {
                 let Some(client) = self.nodes.get(node).current() else {
                     return;
@@ -337,19 +361,14 @@ impl Engine {
                     true => Reason::Tip,
                     false => Reason::Constraints,
                 };
-                self.serving = Some(Serving {
-                    node,
-                    client,
-                    tips: watch::channel(Some(tip)).0,
-                });
+                let tips = watch::channel(Some(tip)).0;
+                self.board.serve_to(Some((node, tips.clone())));
+                self.serving = Some(Serving { node, client, tips });
                 self.groups.stop_all();
                 self.start_groups_on(first, groups);
             }
         }
-        let best = &self.best;
-        self.nodes.serving(Some(node), |i| {
-            best.tip_of(i).is_some_and(|t| t.hash() == tip.hash())
-        });
+        self.show_currents(served);
     }
 
     /// Every group starts over on the serving node.
@@ -375,7 +394,8 @@ impl Engine {
         self.fanout.wanted(STANDING_GROUP) || self.fanout.groups().is_empty()
     }
 
-    /// A node moved its tip: the choice of the served tip may change.
+    /// A node moved its tip (its follower reported it to the board): the choice of the
+    /// served tip may have changed.
     fn on_tip(&mut self, report: TipReport) {
         let live = self.followers[report.node]
             .as_ref()
@@ -383,18 +403,7 @@ impl Engine {
         if !live {
             return;
         }
-        let change = self.best.report(report.node, report.tip);
-        if change == Choice::Same {
-            // Whether its tip is current changed, if nothing else did.
-            if let Some(served) = self.best.served() {
-                let best = &self.best;
-                self.nodes.serving(Some(served.node), |i| {
-                    best.tip_of(i)
-                        .is_some_and(|t| t.hash() == served.tip.hash())
-                });
-            }
-        }
-        self.apply(change);
+        self.sync();
         // Last, so a node's tip height shows only once the choice is made.
         self.nodes.tip(report.node, report.tip.tip);
     }

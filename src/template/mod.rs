@@ -13,6 +13,7 @@
 //! - `engine`: the actor that owns the state and wires the rest together;
 //! - `supervisor`: each node connection's lifecycle (connect, IBD, reconnect);
 //! - `best_tip`: which node's tip is served when several nodes report theirs (no I/O);
+//!   `tip_board`: that choice shared with the followers, which wake the groups directly;
 //! - `tip`: the tip follower, one `waitTipChanged` loop per connection;
 //! - `health`: what `/health`, the node gauges and the log say about the node;
 //! - `group`: the constraint groups' registry; `build`: one group's task, which builds
@@ -45,6 +46,7 @@ mod solutions;
 mod store;
 mod supervisor;
 mod tip;
+mod tip_board;
 mod unknown;
 
 pub use api::*;

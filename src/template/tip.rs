@@ -8,6 +8,7 @@
 //! template built on it arrives) and then hands it to the group tasks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitcoin::BlockHash;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::store::TemplateStore;
+use super::tip_board::TipBoard;
 use crate::node::{NodeClient, NodeError, Tip};
 
 /// A tip the node reported, and when the report arrived.
@@ -68,12 +70,13 @@ impl TipFollower {
     pub fn start(
         (index, name): (usize, &str),
         node: NodeClient,
-        reports: mpsc::Sender<TipReport>,
+        (board, reports): (Arc<TipBoard>, mpsc::Sender<TipReport>),
         cancel: CancellationToken,
     ) -> Self {
         static SERIALS: AtomicU64 = AtomicU64::new(1);
         let serial = SERIALS.fetch_add(1, Ordering::Relaxed);
-        let task = follow(node, (index, serial), reports, cancel.clone());
+        board.set_follower(index, Some(serial));
+        let task = follow(node, (index, serial), (board, reports), cancel.clone());
         tokio::spawn(tracing::Instrument::instrument(
             task,
             tracing::info_span!("tip", node = name),
@@ -110,7 +113,7 @@ pub(crate) fn record<T: Clone>(store: &mut TemplateStore<T>, tip: NodeTip) {
 async fn follow(
     node: NodeClient,
     (index, serial): (usize, u64),
-    reports: mpsc::Sender<TipReport>,
+    (board, reports): (Arc<TipBoard>, mpsc::Sender<TipReport>),
     cancel: CancellationToken,
 ) {
     let mut current: Option<BlockHash> = None;
@@ -133,6 +136,9 @@ async fn follow(
                     seen: Instant::now(),
                 };
                 debug!(hash = %tip.tip.hash, height = tip.tip.height, "the node moved its tip");
+                if !board.report(index, serial, tip) {
+                    return; // a follower of an earlier connection
+                }
                 // The engine first: it must know the tip before templates built on it.
                 let report = TipReport {
                     node: index,
@@ -142,6 +148,7 @@ async fn follow(
                 if reports.send(report).await.is_err() {
                     return;
                 }
+                board.wake_groups();
                 continue;
             }
             // The wait timed out with the tip unchanged.
