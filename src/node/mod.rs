@@ -85,6 +85,11 @@ impl NodeClient {
         self.line.clone()
     }
 
+    /// Whether `other` is this very connection.
+    pub fn same_connection(&self, other: &NodeClient) -> bool {
+        self.jobs.same_connection(&other.jobs)
+    }
+
     /// Whether `template` was made over this very connection.
     pub fn made(&self, template: &Template) -> bool {
         self.jobs.same_connection(template.jobs())

@@ -5,7 +5,9 @@
 //! them wins; at the same height the tip served already stands, and otherwise the one
 //! reported first. The node that reported the winning tip first builds its templates;
 //! when it goes away, another node on the same tip takes over (the first configured),
-//! or else the best tip among the rest is served, lower if it must be. With one node
+//! or else the best tip among the rest is served, lower if it must be. A serving node
+//! that is still connected but misses its probes is not "away" for a lower tip: its tip
+//! is held until it answers or its connection ends. With one node
 //! this is simply "the node decides": whatever it reports is served, up, down or
 //! sideways.
 
@@ -85,7 +87,15 @@ impl BestTip {
     /// better is known) unless its node is gone.
     fn choose(&mut self) -> Choice {
         let next = match (self.best(), self.served) {
-            (None, Some(served)) if self.nodes[served.node].tip.is_some() => Some(served),
+            // The serving node is still connected (it only misses probes, e.g. busy
+            // connecting a block) on a tip no answering node matches: hold it rather than
+            // pull the pools back. A node that is gone forgets its tip, so this ends then.
+            (next, Some(served))
+                if self.nodes[served.node].tip == Some(served.tip)
+                    && next.is_none_or(|n| !outranks_or_is(&n.tip.tip, &served.tip.tip)) =>
+            {
+                Some(served)
+            }
             (next, _) => next,
         };
         if next == self.served {
@@ -125,6 +135,11 @@ impl BestTip {
         let tip = self.nodes[node].tip?;
         Some(Served { node, tip })
     }
+}
+
+/// Whether `candidate` is worth leaving a held tip for: higher, or the very same block.
+fn outranks_or_is(candidate: &crate::node::Tip, held: &crate::node::Tip) -> bool {
+    candidate.height > held.height || candidate.hash == held.hash
 }
 
 #[cfg(test)]
@@ -222,10 +237,14 @@ mod tests {
         best.report(1, tip(2, 10, t0));
         best.report(2, tip(3, 11, t0));
         assert_eq!(served(best.lost(0)), Some((2, 3)));
-        assert_eq!(served(best.set_healthy(2, false)), Some((1, 2)));
+        // Node 2 misses its probes: its higher tip is held, not traded for node 1's
+        // lower one, nor for a sibling.
+        assert_eq!(best.set_healthy(2, false), Choice::Same);
+        assert_eq!(best.report(1, tip(4, 11, t0)), Choice::Same);
+        assert_eq!(served(best.lost(2)), Some((1, 4)));
         // The last one goes: nothing is served.
         assert_eq!(served(best.lost(1)), None);
-        // It comes back on its tip.
+        // It comes back on a tip.
         best.set_healthy(1, true);
         assert_eq!(served(best.report(1, tip(2, 10, t0))), Some((1, 2)));
     }

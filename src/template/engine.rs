@@ -30,7 +30,7 @@ use super::solutions::{self, Gate, Submission};
 use super::store::{Held, TemplateBudget, TemplateStore};
 use super::supervisor::{supervise, NodeEvent, NodeReport, NodeTarget};
 use super::tip::{self, NodeTip, TipFollower, TipReport};
-use super::tip_board::{send_tip, TipBoard};
+use super::tip_board::TipBoard;
 use super::unknown;
 use crate::metrics::metrics;
 use crate::node::{NodeClient, Template};
@@ -104,6 +104,8 @@ pub fn spawn(
         followers: config.nodes.iter().map(|_| None).collect(),
         board: TipBoard::new(config.nodes.len()),
         applied: None,
+        refused: 0,
+        sent_tips: std::collections::HashMap::new(),
         serving: None,
         served_before: false,
         config,
@@ -140,6 +142,10 @@ struct Engine {
     board: Arc<TipBoard>,
     /// The choice the groups follow (what [`Engine::sync`] last applied).
     applied: Option<Served>,
+    /// Nodes refused for good (wrong chain, version or socket).
+    refused: usize,
+    /// Each group's tip as its clients have it: that of the last template sent to them.
+    sent_tips: std::collections::HashMap<Constraints, BlockHash>,
     /// The node whose templates the groups build, and the tips they build on.
     serving: Option<Serving>,
     /// Whether any node served before (templates after that count as `tip`).
@@ -174,11 +180,14 @@ impl Engine {
                     NodeEvent::Responsive => self.on_responsive(node),
                     NodeEvent::Unusable(e) => {
                         // Before anything was served the operator must fix the
-                        // configuration; later, the other nodes carry on.
-                        if !self.served_before {
+                        // configuration, and so when no node is left; otherwise the
+                        // other nodes carry on.
+                        self.refused += 1;
+                        if !self.served_before || self.refused == self.followers.len() {
                             error!(node = &*self.nodes.get(node).name, error = %e, "cannot use this node");
                             break Err(EngineError::Unsupported(e));
                         }
+                        // It never connected (the check runs before): nothing to undo.
                         self.nodes.refused(node, &e);
                     }
                 },
@@ -235,7 +244,7 @@ impl Engine {
         [STANDING_GROUP]
             .into_iter()
             .chain(self.fanout.groups())
-            .map(|c| (c, self.group_template(c).map(|held| held.prev_hash)))
+            .map(|c| (c, self.sent_tips.get(&c).copied()))
             .collect()
     }
 
@@ -251,11 +260,6 @@ impl Engine {
         }
     }
 
-    /// See [`group_template`].
-    fn group_template(&self, constraints: Constraints) -> Option<&Held<Published>> {
-        group_template(&self.groups, &self.store, constraints)
-    }
-
     fn on_unresponsive(&mut self, node: usize, e: &crate::node::NodeError) {
         self.nodes.unresponsive(node, e);
         self.board.set_healthy(node, false);
@@ -269,11 +273,12 @@ impl Engine {
     /// valid while the tip holds.)
     fn on_responsive(&mut self, node: usize) {
         self.nodes.responsive(node);
+        let restart = self.serving_node() == Some(node);
         if let Some(client) = self.nodes.get(node).current() {
             self.follow(node, client);
         }
         self.board.set_healthy(node, true);
-        if self.serving_node() == Some(node) && self.board.served() == self.applied {
+        if restart {
             self.restart_groups();
         }
         self.sync();
@@ -345,7 +350,8 @@ impl Engine {
         let groups = self.clients_tips();
         tip::record(&mut self.store, tip);
         match &self.serving {
-            Some(serving) if serving.node == node => send_tip(&serving.tips, tip),
+            // Whatever the board holds now (a follower may have moved it on meanwhile).
+            Some(serving) if serving.node == node => self.board.wake_groups(),
             _ => {
                 let Some(client) = self.nodes.get(node).current() else {
                     return;
@@ -446,6 +452,7 @@ impl Engine {
         let future = held.payload.new_template.future_template;
         let (new_tmpl, snph) = held.payload.frames.clone();
         self.groups.set_current(constraints, id);
+        self.sent_tips.insert(constraints, held.prev_hash);
         self.nodes.template_ready();
         let event = match future {
             true => TemplateEvent::EncodedTip(new_tmpl, snph),

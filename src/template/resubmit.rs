@@ -22,6 +22,10 @@ use crate::node::{NodeClient, NodeError, SubmitVerdict, Template};
 /// Pause between two attempts that both got an answer (or a connection that failed).
 pub(crate) const RETRY_EVERY: Duration = Duration::from_secs(2);
 
+/// Answers without a verdict a relay takes before it gives a node up (about a minute):
+/// a node that does not learn the block's parent by then is not where the block lands.
+const RELAY_ATTEMPTS: u32 = 30;
+
 /// The reject reason of a block whose parent the node does not know (yet).
 const PARENT_UNKNOWN: &str = "prev-blk-not-found";
 
@@ -38,21 +42,25 @@ pub(crate) struct Pending {
     /// Where the block (or, without the template's block, its header and coinbase) was
     /// saved.
     pub file: Option<PathBuf>,
+    /// Connections that have a submit of their own for the block (relays): never sent it
+    /// again from here, so no node gets a second submit while one may run.
+    pub exclude: Vec<NodeClient>,
 }
+
+/// A node's answer, and the node it came from when not the template's own.
+pub(crate) type Answer = (Result<SubmitVerdict, NodeError>, Option<LiveNode>);
 
 /// Hands the block to the node until it gives a verdict, after its first submit ended in
 /// `first`; `Err` with the reason when the block had to be given up (the log says why and
 /// what the operator can do).
-pub(crate) async fn until_settled(
-    pending: Pending,
-    first: NodeError,
-) -> Result<SubmitVerdict, NodeError> {
+pub(crate) async fn until_settled(pending: Pending, first: NodeError) -> Answer {
     let Pending {
         template,
         solved,
         template_block,
         mut nodes,
         file,
+        exclude,
     } = pending;
     let file = file
         .map(|f| f.display().to_string())
@@ -66,16 +74,17 @@ pub(crate) async fn until_settled(
     warn!(error = %first, %file, "the node gave no verdict on the block; handing it over again until the chain moves past its parent");
     let mut last = first;
     loop {
-        let Some(node) = live(&mut nodes).await else {
-            return Err(last);
+        let Some(node) = live(&mut nodes, &exclude).await else {
+            return (Err(last), None);
         };
         let whole = match &block {
-            Some(block) => match node.submit_block(block).await {
+            Some(block) => match node.client.submit_block(block).await {
                 Err(NodeError::Unimplemented { .. }) => None,
                 answer => Some(answer),
             },
             None => None,
         };
+        let from = whole.is_some().then(|| node.clone());
         let answer = match whole {
             Some(answer) => answer,
             // No whole block to hand over (a v31.0 node, or the template's transactions
@@ -91,15 +100,15 @@ pub(crate) async fn until_settled(
             }
             None => {
                 explain_no_way_left(&file, block.is_some());
-                return Err(last);
+                return (Err(last), None);
             }
         };
         match answer {
-            Ok(verdict) if verdict.reason != PARENT_UNKNOWN => return Ok(verdict),
+            Ok(verdict) if verdict.reason != PARENT_UNKNOWN => return (Ok(verdict), from),
             Ok(_) => info!("the node does not know the block's parent (yet)"),
             Err(e) => last = e,
         }
-        if let Ok(Some(tip)) = node.tip().await {
+        if let Ok(Some(tip)) = node.client.tip().await {
             if tip.hash != parent && tip.height >= height {
                 error!(
                     %file,
@@ -107,7 +116,7 @@ pub(crate) async fn until_settled(
                     tip_height = tip.height,
                     "giving the block up: the node's chain has moved past its parent"
                 );
-                return Err(last);
+                return (Err(last), None);
             }
         }
         tokio::time::sleep(RETRY_EVERY).await;
@@ -127,17 +136,21 @@ fn explain_no_way_left(file: &str, have_block: bool) {
     }
 }
 
-/// A live connection (an answering one first, in the configured order), waiting for
-/// one; `None` when the engine is gone.
-async fn live(nodes: &mut watch::Receiver<LiveNodes>) -> Option<NodeClient> {
+/// A live connection not in `exclude` (an answering one first, in the configured
+/// order), waiting for one; `None` when the engine is gone.
+async fn live(nodes: &mut watch::Receiver<LiveNodes>, exclude: &[NodeClient]) -> Option<LiveNode> {
     loop {
         let found = {
             let now = nodes.borrow_and_update();
-            let open = || now.iter().filter(|n| !n.client.is_closed());
+            let open = || {
+                now.iter().filter(|n| {
+                    !n.client.is_closed() && !exclude.iter().any(|x| x.same_connection(&n.client))
+                })
+            };
             open()
                 .find(|n| n.responsive)
                 .or_else(|| open().next())
-                .map(|n| n.client.clone())
+                .cloned()
         };
         if found.is_some() {
             return found;
@@ -156,8 +169,9 @@ pub(crate) async fn relay(
     height: u32,
 ) -> Result<SubmitVerdict, NodeError> {
     let parent = block.header.prev_blockhash;
-    loop {
-        let last = match node.client.submit_block(block).await {
+    let mut last = Err(NodeError::Disconnected);
+    for _ in 0..RELAY_ATTEMPTS {
+        last = match node.client.submit_block(block).await {
             Ok(verdict) if verdict.reason != PARENT_UNKNOWN => return Ok(verdict),
             Ok(verdict) => {
                 info!(
@@ -169,14 +183,14 @@ pub(crate) async fn relay(
             Err(e @ (NodeError::Unimplemented { .. } | NodeError::Disconnected)) => return Err(e),
             Err(e) => Err(e),
         };
-        if let Ok(Some(tip)) = node.client.tip().await {
-            if tip.hash != parent && tip.height >= height {
-                return last;
-            }
-        }
-        if node.client.is_closed() {
+        let moved_on = matches!(
+            node.client.tip().await,
+            Ok(Some(tip)) if tip.hash != parent && tip.height >= height
+        );
+        if moved_on || node.client.is_closed() {
             return last;
         }
         tokio::time::sleep(RETRY_EVERY).await;
     }
+    last
 }

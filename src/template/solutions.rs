@@ -238,13 +238,30 @@ async fn submit(job: Submission) -> SolutionOutcome {
     if let Some(block) = cached_block.as_ref().and_then(|txs| solved.block(txs).ok()) {
         relays.start(block);
     }
-    // The template's connection is gone, but other nodes take the block whole.
+    // The template's connection is gone, but other nodes take the block whole: they
+    // settle it, unless none gives a verdict — then it waits for a node like any block
+    // whose connection died (one that comes back, say).
     if own.is_none() && relays.started() {
-        let (saved, settled) = tokio::join!(
+        let (file, settled) = tokio::join!(
             save_solution(&dir, height, &solved, cached_block.as_ref()),
             relays.settle(None),
         );
-        drop(saved);
+        if settled.has_verdict() {
+            return settle(block_hash, settled);
+        }
+        let pending = Pending {
+            template,
+            solved,
+            template_block: cached_block,
+            nodes: nodes.clone(),
+            file,
+            exclude: relays.sent_to(),
+        };
+        let (answer, from) = resubmit::until_settled(pending, NodeError::Disconnected).await;
+        let settled = classify(answer, from.as_ref(), block_hash).await;
+        if let Some(from) = &from {
+            count_node(&from.name, &settled);
+        }
         return settle(block_hash, settled);
     }
     let to_node = async {
@@ -297,7 +314,9 @@ async fn submit(job: Submission) -> SolutionOutcome {
     {
         relays.start(block);
     }
-    let verdict = match verdict {
+    // The template's own node's answer, or (when it gave none) the answer of the node the
+    // block was handed to next, never one with a relay of its own.
+    let (answer, from) = match verdict {
         Err(e) => {
             let pending = Pending {
                 template,
@@ -305,30 +324,33 @@ async fn submit(job: Submission) -> SolutionOutcome {
                 template_block,
                 nodes: nodes.clone(),
                 file,
+                exclude: relays.sent_to(),
             };
-            resubmit::until_settled(pending, e).await
+            match resubmit::until_settled(pending, e).await {
+                (answer, None) => (answer, own),
+                (answer, from) => (answer, from),
+            }
         }
-        verdict => verdict,
+        verdict => (verdict, own),
     };
-    let settled = classify(verdict, &nodes, block_hash).await;
-    if let Some(own) = &own {
-        count_node(&own.name, &settled);
+    let settled = classify(answer, from.as_ref(), block_hash).await;
+    if let Some(from) = &from {
+        count_node(&from.name, &settled);
     }
     settle(block_hash, relays.settle(Some(settled)).await)
 }
 
-/// What a node's answer means for the block.
+/// What `node`'s answer means for the block: its own tip has the last word on a refusal
+/// (a v31 node answers a bare `false` for a block it took).
 async fn classify(
     verdict: Result<SubmitVerdict, NodeError>,
-    nodes: &watch::Receiver<LiveNodes>,
+    node: Option<&LiveNode>,
     block_hash: BlockHash,
 ) -> Settled {
     match verdict {
         Ok(v) if node_has_block(&v) => Settled::Taken(v),
         Ok(v) if is_stale(&v) => Settled::Stale(v),
-        // The node may have the block as its tip though it says no (a v31 node answers a
-        // bare `false`): its tip is the last word.
-        Ok(v) if tip_is(nodes, block_hash).await => Settled::Taken(v),
+        Ok(v) if tip_is(node, block_hash).await => Settled::Taken(v),
         Ok(v) => Settled::Refused(v),
         Err(e) => Settled::Undelivered(e),
     }
@@ -337,6 +359,8 @@ async fn classify(
 /// The whole block on its way to every node but the template's, one task per node.
 struct Relays {
     to: Vec<LiveNode>,
+    /// The connections a relay was started on.
+    sent: Vec<crate::node::NodeClient>,
     height: u32,
     results: mpsc::UnboundedReceiver<Settled>,
     tx: Option<mpsc::UnboundedSender<Settled>>,
@@ -348,6 +372,7 @@ impl Relays {
         let (tx, results) = mpsc::unbounded_channel();
         Self {
             to,
+            sent: Vec::new(),
             height,
             results,
             tx: Some(tx),
@@ -359,6 +384,11 @@ impl Relays {
         self.running > 0
     }
 
+    /// The connections that have (or had) a relay of this block.
+    fn sent_to(&self) -> Vec<crate::node::NodeClient> {
+        self.sent.clone()
+    }
+
     /// Hands `block` to each node, once (later calls do nothing). Each task logs and
     /// counts its node's verdict, and is not abandoned when the block is settled.
     fn start(&mut self, block: bitcoin::Block) {
@@ -368,6 +398,7 @@ impl Relays {
         let block = Arc::new(block);
         for node in std::mem::take(&mut self.to) {
             self.running += 1;
+            self.sent.push(node.client.clone());
             let (block, tx, height) = (block.clone(), tx.clone(), self.height);
             let span = info_span!("relay", node = &*node.name);
             tokio::spawn(
@@ -383,7 +414,7 @@ impl Relays {
                         }
                         verdict => {
                             let hash = block.block_hash();
-                            let settled = classify_one(&node, verdict, hash).await;
+                            let settled = classify(verdict, Some(&node), hash).await;
                             count_node(&node.name, &settled);
                             log_node(&node.name, &settled);
                             Some(settled)
@@ -396,16 +427,25 @@ impl Relays {
         }
     }
 
-    /// The block's fate: the first node that has it settles it; otherwise, once every
-    /// node answered, the template's node's verdict (`own`), or the best of the others.
+    /// The block's fate: the first node that has it settles it; otherwise the template's
+    /// node's verdict (`own`) once the relays answered or [`RELAY_PATIENCE`] passed (they
+    /// go on, and log and count their nodes' verdicts themselves); without one, the best
+    /// verdict of the relays once all have ended.
     async fn settle(&mut self, own: Option<Settled>) -> Settled {
         if let Some(own @ Settled::Taken(_)) = own {
             return own;
         }
         self.tx = None;
+        let deadline = own
+            .as_ref()
+            .map(|_| tokio::time::Instant::now() + RELAY_PATIENCE);
         let mut best: Option<Settled> = None;
         while self.running > 0 {
-            let Some(settled) = self.results.recv().await else {
+            let next = match deadline {
+                Some(at) => tokio::time::timeout_at(at, self.results.recv()).await,
+                None => Ok(self.results.recv().await),
+            };
+            let Ok(Some(settled)) = next else {
                 break;
             };
             self.running -= 1;
@@ -420,22 +460,9 @@ impl Relays {
     }
 }
 
-/// One relayed node's verdict on block `hash`.
-async fn classify_one(
-    node: &LiveNode,
-    verdict: Result<SubmitVerdict, NodeError>,
-    hash: BlockHash,
-) -> Settled {
-    match verdict {
-        Ok(v) if node_has_block(&v) => Settled::Taken(v),
-        Ok(v) if is_stale(&v) => Settled::Stale(v),
-        Ok(v) if matches!(node.client.tip().await, Ok(Some(t)) if t.hash == hash) => {
-            Settled::Taken(v)
-        }
-        Ok(v) => Settled::Refused(v),
-        Err(e) => Settled::Undelivered(e),
-    }
-}
+/// How long a block the template's node did not take waits for another node to have it,
+/// before its verdict is told.
+const RELAY_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Says, once per node name, that a node cannot take whole blocks.
 fn say_no_submit_block(name: &str) {
@@ -500,6 +527,14 @@ enum Settled {
 }
 
 impl Settled {
+    /// Whether a node answered with a verdict (took, stored or refused the block).
+    fn has_verdict(&self) -> bool {
+        matches!(
+            self,
+            Settled::Taken(_) | Settled::Stale(_) | Settled::Refused(_)
+        )
+    }
+
     /// How much a verdict says: a node that has the block beats one that stored it,
     /// which beats a refusal, which beats no verdict.
     fn rank(&self) -> u8 {
@@ -570,15 +605,12 @@ fn is_stale(verdict: &SubmitVerdict) -> bool {
     STORED_NOT_CONNECTED.contains(&verdict.reason.as_str())
 }
 
-/// Whether an answering node's tip is `block_hash`.
-async fn tip_is(nodes: &watch::Receiver<LiveNodes>, block_hash: BlockHash) -> bool {
-    let live = nodes.borrow().clone();
-    for node in live.iter().filter(|n| n.responsive) {
-        if matches!(node.client.tip().await, Ok(Some(tip)) if tip.hash == block_hash) {
-            return true;
-        }
+/// Whether `node`'s tip is `block_hash`.
+async fn tip_is(node: Option<&LiveNode>, block_hash: BlockHash) -> bool {
+    match node {
+        Some(node) => matches!(node.client.tip().await, Ok(Some(tip)) if tip.hash == block_hash),
+        None => false,
     }
-    false
 }
 
 /// Saves the solved block as hex (ready for `bitcoin-cli submitblock`), or, when the
