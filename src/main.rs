@@ -108,13 +108,14 @@ fn main() -> ExitCode {
         Some(Command::Man) => return man_page(),
         _ => {}
     }
-    let config = match Config::load(&cli.config) {
+    let (config, unused) = match Config::load(&cli.config) {
         Ok((config, provenance)) => {
             if matches!(cli.command, Some(Command::Config)) {
                 print!("{}", config.to_annotated_toml(&provenance));
                 return ExitCode::SUCCESS;
             }
-            config
+            let unused = config.unused_settings(&provenance);
+            (config, unused)
         }
         Err(e) => {
             eprintln!("sv2-tpd: configuration error: {e}");
@@ -124,6 +125,9 @@ fn main() -> ExitCode {
     if let Err(e) = sv2_tpd::logging::init(&config.log_level, config.log_format) {
         eprintln!("sv2-tpd: {e}");
         return ExitCode::from(EXIT_CONFIG);
+    }
+    if let Some(warning) = unused {
+        tracing::warn!("{warning}");
     }
     let outcome = match cli.command.unwrap_or(Command::Run) {
         Command::Run => block_on(sv2_tpd::daemon::run(config)),

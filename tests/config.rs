@@ -446,6 +446,20 @@ fn bad_node_lists_are_refused_with_what_was_meant() {
         all.extend_from_slice(args);
         assert_config_error(&run(dir.path(), &all, &[]), needles);
     }
+    // The same node twice, once through `~`.
+    let home = dir.path().display().to_string();
+    let twice = [
+        "--node".to_string(),
+        "a=unix:~/n.sock".to_string(),
+        "--node".to_string(),
+        format!("b=unix:{home}/n.sock"),
+    ];
+    let mut all = vec!["config"];
+    all.extend(twice.iter().map(String::as_str));
+    assert_config_error(
+        &run(dir.path(), &all, &[]),
+        &["`a` and `b` are the same node"],
+    );
     // A list where one value is wanted.
     let file = write(
         &dir.path().join("list.toml"),

@@ -246,6 +246,7 @@ macro_rules! declare_keys {
                 )*
                 let mut config = Config { $($key,)* };
                 config.authority_key_path = config.datadir.join(&config.authority_key_path);
+                super::check_nodes(&config, &self.provenance)?;
                 Ok((config, self.provenance))
             }
         }

@@ -179,6 +179,26 @@ impl Config {
         }
     }
 
+    /// What the operator should hear about keys that take no effect: an `ipc_socket` set
+    /// beside a `nodes` list that does not name it.
+    pub fn unused_settings(&self, provenance: &Provenance) -> Option<String> {
+        let set = !matches!(
+            provenance.source("ipc_socket"),
+            None | Some(Source::Default)
+        );
+        let listed = self
+            .nodes
+            .0
+            .iter()
+            .any(|n| n.endpoint.socket_path() == Some(self.ipc_socket.as_path()));
+        (set && !self.nodes.0.is_empty() && !listed).then(|| {
+            format!(
+                "ipc_socket {} is not used: `nodes` lists the nodes (add it there)",
+                self.ipc_socket.display()
+            )
+        })
+    }
+
     /// The socket address the SV2 server listens on.
     pub fn sv2_listen(&self) -> SocketAddr {
         SocketAddr::new(self.sv2_bind, self.sv2_port)
@@ -454,6 +474,52 @@ fn expand_path(
         key,
         from: source.clone(),
     })
+}
+
+/// Refuses a node list that names one node twice (after `~` and symlinks are resolved,
+/// `localhost` read as 127.0.0.1).
+fn check_nodes(config: &Config, provenance: &Provenance) -> Result<(), ConfigError> {
+    let from = provenance
+        .source("nodes")
+        .cloned()
+        .unwrap_or(Source::Default);
+    let invalid = |allowed: String| ConfigError::InvalidValue {
+        key: "nodes",
+        value: config.nodes.to_text(),
+        from: from.clone(),
+        allowed,
+    };
+    if config.nodes.0.is_empty() {
+        return Ok(());
+    }
+    let same_place = |e: &crate::node::Endpoint| match e {
+        crate::node::Endpoint::Unix(path) => {
+            format!(
+                "unix:{}",
+                std::fs::canonicalize(path)
+                    .unwrap_or(path.clone())
+                    .display()
+            )
+        }
+        crate::node::Endpoint::Tcp(addr) => {
+            let addr = addr.to_ascii_lowercase();
+            let addr = addr
+                .strip_prefix("localhost:")
+                .map_or(addr.clone(), |port| format!("127.0.0.1:{port}"));
+            format!("tcp:{addr}")
+        }
+    };
+    for (i, a) in config.nodes.0.iter().enumerate() {
+        for b in &config.nodes.0[..i] {
+            if same_place(&a.endpoint) == same_place(&b.endpoint) {
+                return Err(invalid(format!(
+                    "each node once: `{}` and `{}` are the same node",
+                    b.name, a.name
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Turns the merged text values into a [`Config`], filling in defaults (the resolution

@@ -634,6 +634,12 @@ pub(crate) async fn connect(
     ready_rx.await.map_err(|_| NodeError::Disconnected)?
 }
 
+/// How long a TCP connection to a node may take to open.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Idle time before TCP keepalive probes, and between them.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// The two halves of a connection to the node, whatever carries it.
 type Halves = (
     Box<dyn tokio::io::AsyncRead + Unpin>,
@@ -653,10 +659,24 @@ async fn open(endpoint: &Endpoint) -> Result<Halves, NodeError> {
                 endpoint: addr.clone(),
                 reason: e.to_string(),
             };
-            let stream = tokio::net::TcpStream::connect(addr.as_str())
+            let connect = tokio::net::TcpStream::connect(addr.as_str());
+            let stream = tokio::time::timeout(TCP_CONNECT_TIMEOUT, connect)
                 .await
+                .map_err(|_| NodeError::Unreachable {
+                    endpoint: addr.clone(),
+                    reason: format!("no answer within {TCP_CONNECT_TIMEOUT:?}"),
+                })?
                 .map_err(unreachable)?;
             stream.set_nodelay(true).map_err(unreachable)?;
+            // A tunnel whose far end vanished (a partition) ends the connection within
+            // about half a minute instead of the kernel's two hours.
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(TCP_KEEPALIVE)
+                .with_interval(TCP_KEEPALIVE)
+                .with_retries(3);
+            socket2::SockRef::from(&stream)
+                .set_tcp_keepalive(&keepalive)
+                .map_err(unreachable)?;
             let (reader, writer) = stream.into_split();
             Ok((Box::new(reader), Box::new(writer)))
         }
