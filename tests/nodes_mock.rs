@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bitcoin::{BlockHash, ScriptBuf};
 use support::daemon_proc::{DaemonProcess, Metrics};
@@ -259,4 +259,58 @@ fn a_node_on_another_chain_is_refused_at_start_with_exit_code_2() {
     let message = daemon.failure_message(2);
     assert!(message.contains("is on signet"), "{message}");
     assert!(message.contains("not on regtest"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_whose_template_connection_dies_mid_submit_is_not_sent_again_where_a_relay_runs() {
+    let nodes = two_nodes();
+    let mut c = nodes.daemon.client().await;
+    let (t, p) = next_tip(&mut c).await;
+    let m = nodes.daemon.scrape();
+    let (own, other, other_name) = match serving(&m, "a") {
+        true => (&nodes.a, &nodes.b, "b"),
+        false => (&nodes.b, &nodes.a, "a"),
+    };
+    // The relay to the other node stays in flight; the template's node is slow to
+    // answer, and its connection goes while it has the submit.
+    other.set_delay(
+        sv2_tpd::mock::MockMethod::SubmitBlock,
+        Duration::from_secs(3),
+    );
+    own.set_delay(
+        sv2_tpd::mock::MockMethod::SubmitSolution,
+        Duration::from_secs(2),
+    );
+    let (solution, hash) = solve(&t, &p, &build_coinbase(&t, &payout(), true));
+    c.submit_solution(solution).await.unwrap();
+    eventually("the template's node has the submit", || {
+        own.calls("submitSolution") == 1 && other.calls("submitBlock") == 1
+    })
+    .await;
+    own.drop_connections();
+    let m = nodes.daemon.wait_for_metrics("the block found", |m| {
+        m.value("sv2_tpd_blocks_found_total", &[]) == 1.0
+    });
+    // However it ended, the other node got the block once: the relay's submit.
+    nodes.daemon.wait_for_metrics("the relay's verdict", |m| {
+        m.value(
+            "sv2_tpd_node_block_submits_total",
+            &[("node", other_name), ("result", "accepted")],
+        ) + m.value(
+            "sv2_tpd_node_block_submits_total",
+            &[("node", other_name), ("result", "duplicate")],
+        ) == 1.0
+    });
+    assert_eq!(
+        other.calls("submitBlock"),
+        1,
+        "no second submit beside the relay"
+    );
+    assert_eq!(other.tip().0, hash);
+    assert_eq!(
+        m.value("sv2_tpd_solutions_total", &[("result", "accepted")]),
+        1.0
+    );
+    // The template's node gets it over its next connection (or had it already).
+    eventually("the block in the template's node", || own.tip().0 == hash).await;
 }
