@@ -6,9 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use bitcoin::{BlockHash, ScriptBuf};
-use support::daemon_proc::{DaemonProcess, Metrics};
-use support::stream_check::CheckedClient;
+use bitcoin::ScriptBuf;
+use support::daemon_proc::DaemonProcess;
 use support::tp::*;
 use sv2_tpd::mock::{MockNode, MockOptions};
 
@@ -62,24 +61,6 @@ fn relay_tip(from: &MockNode, to: &MockNode) {
     }
 }
 
-/// Waits until the daemon has heard node `name` at `height` (its tip gauge).
-fn heard(daemon: &DaemonProcess, name: &str, height: u32) -> Metrics {
-    daemon.wait_for_metrics(&format!("node {name} at {height}"), |m| {
-        m.value("sv2_tpd_node_tip_height", &[("node", name)]) == f64::from(height)
-    })
-}
-
-fn serving(m: &Metrics, name: &str) -> bool {
-    m.value("sv2_tpd_node_serving", &[("node", name)]) == 1.0
-}
-
-/// The next `NewTemplate(future)` + `SetNewPrevHash` pair's tip; nothing but the
-/// current tip's full template may come before it.
-async fn next_pair_tip(c: &mut CheckedClient) -> BlockHash {
-    let (_, p) = next_tip(c).await;
-    prev_hash(&p)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_reaching_one_node_first_is_served_by_it_and_the_second_report_sends_nothing() {
     let nodes = two_nodes();
@@ -89,21 +70,21 @@ async fn a_block_reaching_one_node_first_is_served_by_it_and_the_second_report_s
     // b hears of the block first.
     let block = nodes.b.mine_empty_block();
     assert_eq!(next_pair_tip(&mut c).await, block);
-    let m = heard(&nodes.daemon, "b", nodes.b.tip().1);
-    assert!(serving(&m, "b"), "the first to report the tip builds it");
+    let m = nodes.daemon.wait_for_node_at("b", nodes.b.tip().1);
+    assert!(m.serving("b"), "the first to report the tip builds it");
 
     // Then a: the same tip, nothing new for the client.
     relay_tip(&nodes.b, &nodes.a);
-    let m = heard(&nodes.daemon, "a", nodes.a.tip().1);
-    assert!(serving(&m, "b"));
+    let m = nodes.daemon.wait_for_node_at("a", nodes.a.tip().1);
+    assert!(m.serving("b"));
     assert_eq!(m.value("sv2_tpd_node_tip_current", &[("node", "a")]), 1.0);
 
     // The next message is the next block's pair, not a second pair for this one (the
     // stream checker fails a repeated pair on its own).
     let next = nodes.a.mine_empty_block();
     assert_eq!(next_pair_tip(&mut c).await, next);
-    let m = heard(&nodes.daemon, "a", nodes.a.tip().1);
-    assert!(serving(&m, "a"));
+    let m = nodes.daemon.wait_for_node_at("a", nodes.a.tip().1);
+    assert!(m.serving("a"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,7 +96,7 @@ async fn a_lower_tip_from_one_node_is_ignored_while_another_healthy_node_is_high
 
     // a goes down a block (invalidateblock, or a restart on an older state).
     nodes.a.invalidate_tip().expect("a block to invalidate");
-    let m = heard(&nodes.daemon, "a", top - 1);
+    let m = nodes.daemon.wait_for_node_at("a", top - 1);
     assert_eq!(m.value("sv2_tpd_node_tip_current", &[("node", "a")]), 0.0);
     assert_eq!(m.value("sv2_tpd_node_tip_current", &[("node", "b")]), 1.0);
 
@@ -137,7 +118,7 @@ async fn at_the_same_height_the_tip_seen_first_stands() {
     nodes.b.add_mempool_tx(bitcoin::Amount::from_sat(2_000));
     let sibling = nodes.b.mine_block();
     assert_ne!(sibling, first);
-    heard(&nodes.daemon, "b", nodes.b.tip().1);
+    nodes.daemon.wait_for_node_at("b", nodes.b.tip().1);
 
     // The next pair builds on a's chain: b's sibling was never served.
     let child = nodes.a.mine_empty_block();
@@ -161,8 +142,8 @@ async fn losing_the_node_with_the_best_tip_serves_the_best_of_the_rest_at_once()
         "best-tip node lost -> next best tip's pair: {:.1} ms",
         lost.elapsed().as_secs_f64() * 1000.0
     );
-    let m = heard(&nodes.daemon, "a", nodes.a.tip().1);
-    assert!(serving(&m, "a"));
+    let m = nodes.daemon.wait_for_node_at("a", nodes.a.tip().1);
+    assert!(m.serving("a"));
     assert_eq!(nodes.daemon.health(), 200);
 }
 
@@ -267,7 +248,7 @@ async fn a_block_whose_template_connection_dies_mid_submit_is_not_sent_again_whe
     let mut c = nodes.daemon.client().await;
     let (t, p) = next_tip(&mut c).await;
     let m = nodes.daemon.scrape();
-    let (own, other, other_name) = match serving(&m, "a") {
+    let (own, other, other_name) = match m.serving("a") {
         true => (&nodes.a, &nodes.b, "b"),
         false => (&nodes.b, &nodes.a, "a"),
     };

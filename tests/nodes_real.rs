@@ -10,7 +10,6 @@ use std::time::Instant;
 use bitcoin::BlockHash;
 use serde_json::json;
 use support::daemon_proc::{DaemonProcess, Metrics};
-use support::stream_check::CheckedClient;
 use support::tp::*;
 use support::BitcoinNode;
 
@@ -65,22 +64,6 @@ fn daemon_on(dir: &std::path::Path, nodes: &[String]) -> DaemonProcess {
     daemon
 }
 
-/// Waits until the daemon has heard node `name` at `height`.
-fn heard(daemon: &DaemonProcess, name: &str, height: u64) -> Metrics {
-    daemon.wait_for_metrics(&format!("node {name} at {height}"), |m| {
-        m.value("sv2_tpd_node_tip_height", &[("node", name)]) == height as f64
-    })
-}
-
-fn serving(m: &Metrics, name: &str) -> bool {
-    m.value("sv2_tpd_node_serving", &[("node", name)]) == 1.0
-}
-
-async fn next_pair_tip(c: &mut CheckedClient) -> BlockHash {
-    let (_, p) = next_tip(c).await;
-    prev_hash(&p)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peered_nodes_blocks_from_either_reach_every_client_once() {
     let Some((a, b)) = two_nodes("peered_nodes", &["-listen=1", "-bind=127.0.0.1"]) else {
@@ -106,8 +89,8 @@ async fn peered_nodes_blocks_from_either_reach_every_client_once() {
         // Both nodes report it before the next block: the second report sends nothing
         // (a second pair for the same tip fails the stream checker).
         let height = miner.block_count().unwrap();
-        heard(&daemon, "a", height);
-        heard(&daemon, "b", height);
+        daemon.wait_for_node_at("a", height);
+        daemon.wait_for_node_at("b", height);
         assert_eq!(other.best_block_hash().unwrap(), hash, "peered");
     }
 }
@@ -137,14 +120,14 @@ async fn unpeered_nodes_the_first_to_have_a_block_serves_it_the_second_sends_not
         .expect("submitblock");
     assert!(answer.is_null(), "b takes it: {answer}");
     assert_eq!(next_pair_tip(&mut c).await, hash);
-    let m = heard(&daemon, "b", height);
-    assert!(serving(&m, "b"), "b built the pair");
+    let m = daemon.wait_for_node_at("b", height);
+    assert!(m.serving("b"), "b built the pair");
 
     // Then a has it too: nothing new is sent; the next message is the next block's pair.
     let answer = a.rpc("submitblock", json!([hex])).expect("submitblock");
     assert!(answer.is_null(), "a takes it: {answer}");
-    let m = heard(&daemon, "a", height);
-    assert!(serving(&m, "b"));
+    let m = daemon.wait_for_node_at("a", height);
+    assert!(m.serving("b"));
     let next = b.generate_empty().expect("block");
     assert_eq!(next_pair_tip(&mut c).await, next);
 }
@@ -162,13 +145,13 @@ async fn the_node_with_the_tip_killed_the_other_serves_the_next_block_at_once() 
     }
     // Kill the node that serves (whichever reported the shared start tip first).
     let m = daemon.scrape();
-    let (dead, dead_name, alive, alive_name) = match serving(&m, "a") {
+    let (dead, dead_name, alive, alive_name) = match m.serving("a") {
         true => (&a, "a", &b, "b"),
         false => (&b, "b", &a, "a"),
     };
     dead.kill9().expect("kill -9");
     daemon.wait_for_metrics("the dead node down, the other serving", |m| {
-        m.value("sv2_tpd_node_connected", &[("node", dead_name)]) == 0.0 && serving(m, alive_name)
+        m.value("sv2_tpd_node_connected", &[("node", dead_name)]) == 0.0 && m.serving(alive_name)
     });
     let mined = Instant::now();
     let hash = alive.generate_empty().expect("block");
@@ -203,8 +186,8 @@ async fn the_node_with_the_tip_killed_the_other_serves_the_next_block_at_once() 
     for c in &mut clients {
         assert_eq!(next_pair_tip(c).await, next);
     }
-    let m = heard(&daemon, dead_name, dead.block_count().unwrap());
-    assert!(serving(&m, dead_name), "it serves again");
+    let m = daemon.wait_for_node_at(dead_name, dead.block_count().unwrap());
+    assert!(m.serving(dead_name), "it serves again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -222,6 +222,15 @@ impl DaemonProcess {
         Metrics { scrape }
     }
 
+    /// Waits until the daemon has heard node `name` at `height` (its tip gauge, set once
+    /// the daemon chose which tip it serves).
+    pub fn wait_for_node_at(&self, name: &str, height: impl Into<u64>) -> Metrics {
+        let height: u64 = height.into();
+        self.wait_for_metrics(&format!("node {name} at {height}"), |m| {
+            m.value("sv2_tpd_node_tip_height", &[("node", name)]) == height as f64
+        })
+    }
+
     /// Polls `/metrics` until `check` holds, returning that scrape.
     pub fn wait_for_metrics(&self, what: &str, check: impl Fn(&Metrics) -> bool) -> Metrics {
         let deadline = Instant::now() + CHILD_PATIENCE;
@@ -280,6 +289,11 @@ impl Metrics {
                 Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
                 _ => None,
             })
+    }
+
+    /// Whether node `node` serves the templates (`sv2_tpd_node_serving`).
+    pub fn serving(&self, node: &str) -> bool {
+        self.value("sv2_tpd_node_serving", &[("node", node)]) == 1.0
     }
 
     /// Like [`Metrics::get`], with an absent series read as 0.

@@ -171,6 +171,12 @@ pub async fn next_tip(c: &mut CheckedClient) -> (NewTemplateOwned, SetNewPrevHas
     }
 }
 
+/// The tip of the next `NewTemplate(future)` + `SetNewPrevHash` pair (see [`next_tip`]).
+pub async fn next_pair_tip(c: &mut CheckedClient) -> BlockHash {
+    let (_, p) = next_tip(c).await;
+    prev_hash(&p)
+}
+
 /// `prev_hash` of a `SetNewPrevHash` as a block hash.
 pub fn prev_hash(p: &SetNewPrevHashOwned) -> BlockHash {
     let bytes: [u8; 32] = p.prev_hash.as_bytes().try_into().expect("32 bytes");
