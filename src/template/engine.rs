@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::api::{
-    Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus,
+    Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus, PairFanout,
     SolutionOutcome, TemplateEvent,
 };
 use super::blocks::{BlockReads, FetchedBlock};
@@ -290,7 +290,7 @@ impl Engine {
         self.groups.set_current(constraints, id);
         self.node.template_ready();
         let event = match future {
-            true => TemplateEvent::EncodedTip(new_tmpl, snph),
+            true => TemplateEvent::EncodedTip(new_tmpl, snph, PairFanout::start()),
             false => TemplateEvent::Encoded(new_tmpl),
         };
         self.fanout.publish(constraints, event);
