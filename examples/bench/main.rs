@@ -188,6 +188,16 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// A table row: `label`, `clients`, and the p50 and p99 of the sorted `samples`.
+fn row(report: &mut String, label: &str, clients: usize, samples: &[Duration]) -> std::fmt::Result {
+    writeln!(
+        report,
+        "| {label} | {clients} | {} | {} |",
+        ms(pct(samples, 0.5)),
+        ms(pct(samples, 0.99))
+    )
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -575,33 +585,20 @@ async fn bench_target(
     let mut loaded_rss = None;
     for &n in &args.clients {
         let f = measure_tips(node, (addr, key), ours, n, args.rounds).await?;
-        writeln!(
+        let first = "new block → SetNewPrevHash, first client";
+        row(report, first, n, &f.first)?;
+        row(
             report,
-            "| new block → SetNewPrevHash, first client | {n} | {} | {} |",
-            ms(pct(&f.first, 0.5)),
-            ms(pct(&f.first, 0.99))
-        )?;
-        writeln!(
-            report,
-            "| new block → SetNewPrevHash, last client | {n} | {} | {} |",
-            ms(pct(&f.last, 0.5)),
-            ms(pct(&f.last, 0.99))
+            "new block → SetNewPrevHash, last client",
+            n,
+            &f.last,
         )?;
         if n > 1 {
-            writeln!(
-                report,
-                "| first → last client's SetNewPrevHash | {n} | {} | {} |",
-                ms(pct(&f.spread, 0.5)),
-                ms(pct(&f.spread, 0.99))
-            )?;
+            row(report, "first → last client's SetNewPrevHash", n, &f.spread)?;
         }
         if !f.fanout.is_empty() {
-            writeln!(
-                report,
-                "| daemon: pair queued → written to the last client | {n} | {} | {} |",
-                ms(pct(&f.fanout, 0.5)),
-                ms(pct(&f.fanout, 0.99))
-            )?;
+            let daemon = "daemon: pair queued → written to the last client";
+            row(report, daemon, n, &f.fanout)?;
         }
         if n == *args.clients.iter().max().unwrap_or(&n) {
             loaded_rss = pid.and_then(rss_kib);
@@ -609,12 +606,7 @@ async fn bench_target(
         eprintln!("{name}: {n} clients done");
     }
     let fees = measure_fee_bumps(node, addr, key, 5).await?;
-    writeln!(
-        report,
-        "| fee bump → NewTemplate(future=false) | 1 | {} | {} |",
-        ms(pct(&fees, 0.5)),
-        ms(pct(&fees, 0.99))
-    )?;
+    row(report, "fee bump → NewTemplate(future=false)", 1, &fees)?;
     if let Node::Mock(m) = node {
         // More than fits in one block: the template is full-size.
         for _ in 0..8000 {
