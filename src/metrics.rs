@@ -104,6 +104,9 @@ pub struct Metrics {
     pub blocks_found: IntCounter,
     /// From the node reporting a new tip to `SetNewPrevHash` being queued to clients.
     pub new_tip_to_prevhash_seconds: Histogram,
+    /// From a group's `NewTemplate(future)` + `SetNewPrevHash` being queued to its
+    /// sessions until the last of them has written it.
+    pub pair_fanout_seconds: Histogram,
     /// Always 1, labelled with this build's `version`.
     pub build_info: IntGaugeVec,
 }
@@ -311,6 +314,16 @@ impl Metrics {
                 ]),
             )
             .expect("metric"),
+            pair_fanout_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "sv2_tpd_pair_fanout_seconds",
+                    "From a group's NewTemplate(future) and SetNewPrevHash queued to its sessions until the last has written them",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+                ]),
+            )
+            .expect("metric"),
             build_info: IntGaugeVec::new(
                 Opts::new(
                     "sv2_tpd_build_info",
@@ -321,7 +334,7 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 30] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 31] = [
             Box::new(m.node_serving.clone()),
             Box::new(m.node_tip_height.clone()),
             Box::new(m.node_tip_current.clone()),
@@ -351,6 +364,7 @@ impl Metrics {
             Box::new(m.solutions.clone()),
             Box::new(m.blocks_found.clone()),
             Box::new(m.new_tip_to_prevhash_seconds.clone()),
+            Box::new(m.pair_fanout_seconds.clone()),
             Box::new(m.build_info.clone()),
         ];
         for c in collectors {

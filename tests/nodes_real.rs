@@ -251,7 +251,9 @@ async fn a_node_reached_over_tcp_through_socat_works_like_a_unix_socket_node() {
     a.generate(101).expect("blocks");
     let port = support::bitcoin_node::free_local_port().expect("port");
     let child = Command::new("socat")
-        .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,nodelay"))
+        .arg(format!(
+            "TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,nodelay"
+        ))
         .arg(format!("UNIX-CONNECT:{}", a.socket_path().display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())

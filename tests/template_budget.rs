@@ -63,8 +63,8 @@ async fn thirty_two_groups_and_many_tips_stay_within_one_budget() {
     let held = || metrics().templates_held.get() as u64;
     let alive = || node.stats().templates_alive;
     for round in 1..=TIPS {
-        // A new tip with one more transaction in the mempool: every group's empty template
-        // and its full one.
+        // A new tip with one more transaction in the mempool: the tip's empty template
+        // (one for all groups) and every group's full one.
         node.add_mempool_tx(Amount::from_sat(2_000));
         let mined = node.mine_empty_block();
         let mut full = Vec::new();
@@ -97,7 +97,8 @@ async fn thirty_two_groups_and_many_tips_stay_within_one_budget() {
             list_bytes = txs.iter().map(Vec::len).sum::<usize>();
         }
         // The clients' requests came after every template of the round, so the daemon has
-        // made its choice: 96 templates this round beside the 33 current ones, and what
+        // made its choice: 96 templates this round beside the 33 current ones (the 32 of
+        // the shared empty template one block in the node), and what
         // it keeps is the budget. The node holds more only until it has destroyed the
         // rest (and for the moment a group's fee check takes): both counts come down to
         // the budget, not below and not above.
@@ -123,15 +124,15 @@ async fn thirty_two_groups_and_many_tips_stay_within_one_budget() {
         metrics().template_bytes_held.get()
     );
     // Between a template's creation and the destroy of what it pushes out of the budget,
-    // the node holds more for a moment: at worst, before any destroy is answered, each
-    // group's empty and full template of a tip and a fee check's candidate — never more
-    // than that, whatever the number of tips.
+    // the node holds more for a moment: at worst, before any destroy is answered, the
+    // tip's empty template, each group's full one and a fee check's candidate — never
+    // more than that, whatever the number of tips.
     assert!(
         peak <= BUDGET + 3 * u64::from(GROUPS),
         "{peak} templates alive at once (budget {BUDGET})"
     );
     assert!(
-        made >= 3 * u64::from(GROUPS) * TIPS,
+        made >= (1 + 2 * u64::from(GROUPS)) * TIPS,
         "the rounds made {made}"
     );
     daemon.stop().await;

@@ -10,14 +10,19 @@
 //! new block → `SetNewPrevHash` at the first and the last of N clients; fee bump →
 //! `NewTemplate`; `RequestTransactionData` on a large template (mock); the daemon's RSS
 //! idle and with the most clients. On a real node, `tip_first.rs` adds the full-mempool
-//! figures (`--mempool N`, `--mempool-rounds`, `--idle-secs`); `--parts basic,mempool`
-//! picks what runs; `nodes.rs` (`--parts nodes`, real node) compares one node with two
-//! when blocks reach the second first. `--vs ADDR --vs-authority KEY [--vs-pid PID]` measures another
-//! Template Provider on the same node the same way. Results go to `--out`.
+//! figures (`--mempool N`, `--mempool-rounds`, `--idle-secs`) and the constraint groups
+//! at a full mempool (`groups`: 1, 4 and 8 groups); `nodes.rs` (`nodes`, real node)
+//! compares one node with two when blocks reach the second first;
+//! `--parts basic,mempool,groups,nodes` picks what runs. Beside each client spread goes
+//! the daemon's own time to tell all of them (`sv2_tpd_pair_fanout_seconds`).
+//! `--vs ADDR --vs-authority KEY [--vs-pid PID]` measures another Template Provider on the
+//! same node the same way. Results go to `--out`.
 //!
 //! Environment: `BENCH_DAEMON_LOG=FILE` keeps the daemons' logs (level from `RUST_LOG`),
 //! `BENCH_NODE_LOG=FILE` a copy of the node's `debug.log`, `BENCH_DAEMON_EXE=PATH` runs
-//! another build of this benchmark as the daemon (A/B comparisons).
+//! another build of this benchmark as the daemon (A/B comparisons), `BENCH_PIN=1` runs the
+//! clients on the last core and the daemons on the others (the node on all), so the
+//! daemon's own figure is not what the clients take from it.
 
 mod nodes;
 #[path = "../../tests/support/bench_harness.rs"]
@@ -106,6 +111,8 @@ struct Parts {
     basic: bool,
     /// The full-mempool measurements (real node only).
     mempool: bool,
+    /// Several constraint groups at a full mempool (real node only).
+    groups: bool,
     /// One node against two, each block reaching the second first (real node only).
     nodes: bool,
 }
@@ -120,6 +127,7 @@ fn parse_args() -> anyhow::Result<Args> {
         parts: Parts {
             basic: true,
             mempool: true,
+            groups: true,
             nodes: true,
         },
         full_mempool: tip_first::FullMempoolArgs {
@@ -146,10 +154,12 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rounds" => args.rounds = value()?.parse()?,
             "--parts" => {
                 let parts = value()?;
+                let has = |name: &str| parts.split(',').any(|p| p == name);
                 args.parts = Parts {
-                    basic: parts.split(',').any(|p| p == "basic"),
-                    mempool: parts.split(',').any(|p| p == "mempool"),
-                    nodes: parts.split(',').any(|p| p == "nodes"),
+                    basic: has("basic"),
+                    mempool: has("mempool"),
+                    groups: has("groups"),
+                    nodes: has("nodes"),
                 };
             }
             "--mempool" => args.full_mempool.mempool = value()?.parse()?,
@@ -185,6 +195,16 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// A table row: `label`, `clients`, and the p50 and p99 of the sorted `samples`.
+fn row(report: &mut String, label: &str, clients: usize, samples: &[Duration]) -> std::fmt::Result {
+    writeln!(
+        report,
+        "| {label} | {clients} | {} | {} |",
+        ms(pct(samples, 0.5)),
+        ms(pct(samples, 0.99))
+    )
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -210,14 +230,17 @@ struct TipFigures {
     last: Vec<Duration>,
     /// From the first client's `SetNewPrevHash` to the last one's, per block.
     spread: Vec<Duration>,
+    /// The daemon's own: from queueing the pair to the last session's write, per block
+    /// (`sv2_tpd_pair_fanout_seconds`; ours only).
+    fanout: Vec<Duration>,
 }
 
 /// Mines `rounds` blocks; for each, the time until the first and the last of `n` clients
 /// got `SetNewPrevHash`.
 async fn measure_tips(
     node: &Node,
-    addr: SocketAddr,
-    key: Secp256k1PublicKey,
+    (addr, key): (SocketAddr, Secp256k1PublicKey),
+    daemon: Option<&DaemonProcess>,
     n: usize,
     rounds: usize,
 ) -> anyhow::Result<TipFigures> {
@@ -233,10 +256,12 @@ async fn measure_tips(
         first: Vec::new(),
         last: Vec::new(),
         spread: Vec::new(),
+        fanout: Vec::new(),
     };
     for _ in 0..rounds {
         tokio::time::sleep(Duration::from_millis(50)).await;
         while rx.try_recv().is_ok() {}
+        let fanouts_before = daemon.map(DaemonProcess::pair_fanouts).transpose()?;
         let started = Instant::now();
         node.mine()?;
         let mut seen = vec![false; n];
@@ -262,6 +287,17 @@ async fn measure_tips(
         figures
             .first
             .push(first.unwrap_or(started).duration_since(started));
+        if let Some((sum, count)) = fanouts_before {
+            // The last session's write ends the fan-out: it is in before the client has it.
+            let (after_sum, after_count) = daemon
+                .map(DaemonProcess::pair_fanouts)
+                .transpose()?
+                .unwrap_or_default();
+            if after_count > count {
+                let per_fanout = (after_sum - sum) / (after_count - count);
+                figures.fanout.push(Duration::from_secs_f64(per_fanout));
+            }
+        }
     }
     drop(rx);
     for h in handles {
@@ -270,6 +306,7 @@ async fn measure_tips(
     figures.first.sort();
     figures.last.sort();
     figures.spread.sort();
+    figures.fanout.sort();
     Ok(figures)
 }
 
@@ -352,6 +389,18 @@ impl DaemonProcess {
     /// Starts sv2-tpd on the node at `socket` with its data in `datadir`; `settings` are
     /// extra config keys as `key=value,key=value`.
     pub fn start(socket: &Path, datadir: &Path, settings: &str) -> anyhow::Result<Self> {
+        Self::start_logging(socket, datadir, settings, None)
+    }
+
+    /// Like [`DaemonProcess::start`]; with `json_log`, its log goes there as JSON lines at
+    /// `info` (what the groups part reads the pairs' times from), whatever
+    /// `BENCH_DAEMON_LOG` says.
+    pub fn start_logging(
+        socket: &Path,
+        datadir: &Path,
+        settings: &str,
+        json_log: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(datadir)?;
         let (port, metrics_port) = (free_local_port()?, free_local_port()?);
         // `BENCH_DAEMON_EXE` runs another build of this benchmark as the daemon (A/B).
@@ -359,7 +408,20 @@ impl DaemonProcess {
             Some(exe) => PathBuf::from(exe),
             None => std::env::current_exe()?,
         };
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        let stderr = match json_log {
+            Some(path) => {
+                command
+                    .env("BENCH_DAEMON_LOG", path)
+                    .env("BENCH_DAEMON_JSON", "1")
+                    .env("RUST_LOG", "info");
+                std::fs::File::create(path)
+                    .with_context(|| format!("daemon log {}", path.display()))?
+                    .into()
+            }
+            None => daemon_log()?,
+        };
+        let mut child = command
             .arg("--serve-daemon")
             .env("BENCH_SOCKET", socket)
             .env("BENCH_DATADIR", datadir)
@@ -367,7 +429,7 @@ impl DaemonProcess {
             .env("BENCH_METRICS_PORT", metrics_port.to_string())
             .env("BENCH_SETTINGS", settings)
             .stdout(Stdio::null())
-            .stderr(daemon_log()?)
+            .stderr(stderr)
             .spawn()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let key = wait_listening(addr).and_then(|()| {
@@ -395,6 +457,19 @@ impl DaemonProcess {
 
     /// `sv2_tpd_node_template_builds_total`, all kinds, from its `/metrics`.
     pub fn template_builds(&self) -> anyhow::Result<f64> {
+        self.metric_sum("sv2_tpd_node_template_builds_total")
+    }
+
+    /// `sv2_tpd_pair_fanout_seconds`: the sum of its observations and their count.
+    pub fn pair_fanouts(&self) -> anyhow::Result<(f64, f64)> {
+        Ok((
+            self.metric_sum("sv2_tpd_pair_fanout_seconds_sum")?,
+            self.metric_sum("sv2_tpd_pair_fanout_seconds_count")?,
+        ))
+    }
+
+    /// The sum of the samples named `name` on its `/metrics`.
+    fn metric_sum(&self, name: &str) -> anyhow::Result<f64> {
         let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
         let response = minreq::get(&url).with_timeout(10).send()?;
         let lines = response.as_str()?.lines().map(|l| Ok(l.to_owned()));
@@ -402,9 +477,11 @@ impl DaemonProcess {
         Ok(scrape
             .samples
             .iter()
-            .filter(|s| s.metric == "sv2_tpd_node_template_builds_total")
+            .filter(|s| s.metric == name)
             .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
                 _ => 0.0,
             })
             .sum())
@@ -443,7 +520,34 @@ impl Drop for DaemonProcess {
     }
 }
 
+/// Keeps the calling thread, and the threads it starts from now on, on `cpus`.
+fn pin_to(cpus: impl Iterator<Item = usize>) -> anyhow::Result<()> {
+    // SAFETY: `set` is a plain bit set the calls below only fill in and read.
+    let done = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if done != 0 {
+        bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// With `BENCH_PIN`: the cores for the clients (the last one) and for the daemons (the
+/// others), when there are at least two.
+fn pinned_cores() -> Option<(usize, std::ops::Range<usize>)> {
+    std::env::var_os("BENCH_PIN")?;
+    let cores = std::thread::available_parallelism().ok()?.get();
+    (cores >= 2).then(|| (cores - 1, 0..cores - 1))
+}
+
 fn serve_daemon() -> anyhow::Result<()> {
+    if let Some((_, daemon_cores)) = pinned_cores() {
+        pin_to(daemon_cores)?;
+    }
     let socket = PathBuf::from(std::env::var("BENCH_SOCKET")?);
     let datadir = PathBuf::from(std::env::var("BENCH_DATADIR")?);
     let port = std::env::var("BENCH_PORT")?;
@@ -459,6 +563,9 @@ fn serve_daemon() -> anyhow::Result<()> {
     let mut config = regtest_config(&socket, &datadir, &extra);
     config.sv2_port = port.parse()?;
     config.metrics_bind = Some(SocketAddr::from(([127, 0, 0, 1], metrics_port)));
+    if std::env::var_os("BENCH_DAEMON_JSON").is_some() {
+        config.log_format = sv2_tpd::logging::LogFormat::Json;
+    }
     if std::env::var_os("BENCH_DAEMON_LOG").is_some() {
         sv2_tpd::logging::init(&config.log_level, config.log_format)?;
     }
@@ -473,6 +580,7 @@ async fn bench_target(
     name: &str,
     node: &Node,
     (addr, key, pid): (SocketAddr, Secp256k1PublicKey, Option<u32>),
+    ours: Option<&DaemonProcess>,
     args: &Args,
 ) -> anyhow::Result<()> {
     writeln!(report, "\n### {name} on {}\n", node.label())?;
@@ -483,26 +591,21 @@ async fn bench_target(
     let idle_rss = pid.and_then(rss_kib);
     let mut loaded_rss = None;
     for &n in &args.clients {
-        let f = measure_tips(node, addr, key, n, args.rounds).await?;
-        writeln!(
+        let f = measure_tips(node, (addr, key), ours, n, args.rounds).await?;
+        let first = "new block → SetNewPrevHash, first client";
+        row(report, first, n, &f.first)?;
+        row(
             report,
-            "| new block → SetNewPrevHash, first client | {n} | {} | {} |",
-            ms(pct(&f.first, 0.5)),
-            ms(pct(&f.first, 0.99))
-        )?;
-        writeln!(
-            report,
-            "| new block → SetNewPrevHash, last client | {n} | {} | {} |",
-            ms(pct(&f.last, 0.5)),
-            ms(pct(&f.last, 0.99))
+            "new block → SetNewPrevHash, last client",
+            n,
+            &f.last,
         )?;
         if n > 1 {
-            writeln!(
-                report,
-                "| first → last client's SetNewPrevHash | {n} | {} | {} |",
-                ms(pct(&f.spread, 0.5)),
-                ms(pct(&f.spread, 0.99))
-            )?;
+            row(report, "first → last client's SetNewPrevHash", n, &f.spread)?;
+        }
+        if !f.fanout.is_empty() {
+            let daemon = "daemon: pair queued → written to the last client";
+            row(report, daemon, n, &f.fanout)?;
         }
         if n == *args.clients.iter().max().unwrap_or(&n) {
             loaded_rss = pid.and_then(rss_kib);
@@ -510,12 +613,7 @@ async fn bench_target(
         eprintln!("{name}: {n} clients done");
     }
     let fees = measure_fee_bumps(node, addr, key, 5).await?;
-    writeln!(
-        report,
-        "| fee bump → NewTemplate(future=false) | 1 | {} | {} |",
-        ms(pct(&fees, 0.5)),
-        ms(pct(&fees, 0.99))
-    )?;
+    row(report, "fee bump → NewTemplate(future=false)", 1, &fees)?;
     if let Node::Mock(m) = node {
         // More than fits in one block: the template is full-size.
         for _ in 0..8000 {
@@ -568,6 +666,11 @@ fn main() -> anyhow::Result<()> {
         }
         other => bail!("--node is mock or real, not {other}"),
     };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = pinned_cores();
+    if let Some((client_core, _)) = &pinned {
+        pin_to(std::iter::once(*client_core))?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -575,20 +678,24 @@ fn main() -> anyhow::Result<()> {
     writeln!(
         report,
         "Machine: {} cores; `target/release/examples/bench {}`",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        cores,
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     )?;
+    if let Some((client_core, daemon_cores)) = &pinned {
+        writeln!(
+            report,
+            "Pinned (`BENCH_PIN`): clients on core {client_core}, the daemons on {daemon_cores:?}, the node on all."
+        )?;
+    }
     let result = runtime.block_on(async {
         if args.parts.basic {
             let daemon = DaemonProcess::start(&node.socket(), &dir.path().join("basic"), "")?;
             let ours = (daemon.addr, daemon.key, Some(daemon.pid()));
-            bench_target(&mut report, "sv2-tpd", &node, ours, &args).await?;
+            bench_target(&mut report, "sv2-tpd", &node, ours, Some(&daemon), &args).await?;
             drop(daemon);
             if let Some(other) = args.vs {
                 let name = format!("other TP at {}", other.0);
-                bench_target(&mut report, &name, &node, other, &args).await?;
+                bench_target(&mut report, &name, &node, other, None, &args).await?;
             }
         }
         if let (true, Node::Real(real)) = (args.parts.mempool, &node) {
@@ -596,6 +703,9 @@ fn main() -> anyhow::Result<()> {
                 .vs
                 .map(|(addr, key, _)| tip_first::OtherTp { addr, key });
             tip_first::run(&mut report, real, dir.path(), other, &args.full_mempool).await?;
+        }
+        if let (true, Node::Real(real)) = (args.parts.groups, &node) {
+            tip_first::run_groups(&mut report, real, dir.path(), &args.full_mempool).await?;
         }
         if let (true, Node::Real(_)) = (args.parts.nodes, &node) {
             nodes::run(&mut report, dir.path(), args.rounds).await?;

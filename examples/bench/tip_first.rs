@@ -5,7 +5,10 @@
 //! Blocks are mined with `generateblock` and an empty transaction list, so the mempool
 //! keeps its transactions and every new tip needs a full selection. The node runs with
 //! `-debug=bench`: its own log tells how long each `CreateNewBlock` took and how many it
-//! made, for any Template Provider.
+//! made, for any Template Provider. [`run_groups`] does the same with several constraint
+//! groups (coinbase sizes 100, 1,100, 2,100, …), one client each: the first and the last
+//! group's `SetNewPrevHash`, and, from the node's log and the daemon's, whether a full
+//! build started before the last group's pair was out.
 
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom};
@@ -361,9 +364,8 @@ impl NodeLog {
         Ok(())
     }
 
-    /// The duration of every `CreateNewBlock` logged since the last read (the node's
-    /// `-debug=bench` line `CreateNewBlock() chunks: …, validity: … (total X ms)`).
-    fn builds(&mut self) -> anyhow::Result<Vec<Duration>> {
+    /// The complete lines written since the last read.
+    fn read_new(&mut self) -> anyhow::Result<String> {
         let mut file = std::fs::File::open(&self.path)
             .with_context(|| format!("reading {}", self.path.display()))?;
         file.seek(SeekFrom::Start(self.offset))?;
@@ -372,8 +374,30 @@ impl NodeLog {
         // A line still being written is read next time.
         let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         self.offset += complete as u64;
+        Ok(String::from_utf8_lossy(&text[..complete]).into_owned())
+    }
+
+    /// The duration of every `CreateNewBlock` logged since the last read (the node's
+    /// `-debug=bench` line `CreateNewBlock() chunks: …, validity: … (total X ms)`).
+    fn builds(&mut self) -> anyhow::Result<Vec<Duration>> {
+        Ok(self.build_lines()?.into_iter().map(|b| b.took).collect())
+    }
+
+    /// Every `CreateNewBlock` logged since the last read: when it ended, how long it took
+    /// and how many transactions it selected (the `CreateNewBlock(): … txs: N` line
+    /// before it).
+    fn build_lines(&mut self) -> anyhow::Result<Vec<NodeBuild>> {
         let mut builds = Vec::new();
-        for line in String::from_utf8_lossy(&text[..complete]).lines() {
+        let mut txs = 0;
+        for line in self.read_new()?.lines() {
+            if let Some(rest) = line.split("CreateNewBlock(): block weight:").nth(1) {
+                txs = rest
+                    .split("txs: ")
+                    .nth(1)
+                    .and_then(|t| t.split_whitespace().next())
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+            }
             if !line.contains("CreateNewBlock() chunks:") {
                 continue;
             }
@@ -385,8 +409,263 @@ impl NodeLog {
             else {
                 bail!("unexpected CreateNewBlock line in the node's log: {line}");
             };
-            builds.push(Duration::from_secs_f64(total / 1000.0));
+            let ended = line
+                .split_whitespace()
+                .next()
+                .and_then(seconds_of_day)
+                .with_context(|| format!("no -logtimemicros time in: {line}"))?;
+            builds.push(NodeBuild {
+                ended,
+                took: Duration::from_secs_f64(total / 1000.0),
+                txs,
+            });
         }
         Ok(builds)
     }
+}
+
+/// One `CreateNewBlock` in the node's log.
+struct NodeBuild {
+    /// Wall-clock seconds since midnight (UTC) when it was logged, at its end.
+    ended: f64,
+    took: Duration,
+    /// Transactions selected: 0 for a template without mempool.
+    txs: usize,
+}
+
+impl NodeBuild {
+    fn started(&self) -> f64 {
+        self.ended - self.took.as_secs_f64()
+    }
+}
+
+/// `2026-12-07T17:20:01.123456Z` → seconds since that day's midnight (UTC); both the
+/// node's `-logtimemicros` and the daemon's JSON log write this form.
+fn seconds_of_day(stamp: &str) -> Option<f64> {
+    let time = stamp.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+/// Coinbase size (`max_additional_size`) of group `k`: 100, 1,100, 2,100, …
+fn group_size(k: usize) -> u32 {
+    100 + 1000 * k as u32
+}
+
+/// Figures of one count of groups over the rounds.
+#[derive(Default)]
+struct GroupFigures {
+    /// New block → `SetNewPrevHash` at the first group's client to have it.
+    first: Vec<Duration>,
+    /// … at the last group's.
+    last: Vec<Duration>,
+    /// New block → the last group's full template.
+    last_full: Vec<Duration>,
+    /// The first full build's start in the node's log less the last pair's in the
+    /// daemon's log (both wall clock), per block: positive when no full build started
+    /// before every pair was out.
+    full_after_pairs: Vec<f64>,
+    /// Templates without mempool the node built per block (less `generateblock`'s own).
+    empty_builds: Vec<usize>,
+    /// Full templates the node built per block.
+    full_builds: Vec<usize>,
+}
+
+/// Runs the constraint-group measurements (1, 4 and 8 groups, one client each) at a full
+/// mempool and appends their table to `report`.
+pub async fn run_groups(
+    report: &mut String,
+    node: &Arc<BitcoinNode>,
+    workdir: &Path,
+    args: &FullMempoolArgs,
+) -> anyhow::Result<()> {
+    let pooled = node.mempool_txids()?.len();
+    if pooled < args.mempool {
+        eprintln!(
+            "filling the mempool with {} transactions",
+            args.mempool - pooled
+        );
+        let node = node.clone();
+        let count = args.mempool - pooled;
+        tokio::task::spawn_blocking(move || node.fill_mempool(count)).await??;
+    }
+    let pooled = node.mempool_txids()?.len();
+    let log = workdir.join("groups-daemon.log");
+    let daemon = DaemonProcess::start_logging(
+        &node.socket_path(),
+        &workdir.join("groups"),
+        "template_interval=30,tip_first=true",
+        Some(&log),
+    )?;
+    // A few blocks first, not counted: the node is still busy with the mempool it was
+    // just given.
+    measure_groups(node, &daemon, &log, 1, 5).await?;
+    let mut rows = Vec::new();
+    for groups in [1, 4, 8] {
+        let figures = measure_groups(node, &daemon, &log, groups, args.rounds).await?;
+        rows.push((groups, figures));
+    }
+    drop(daemon);
+    writeln!(
+        report,
+        "\n### Constraint groups on a new block at a full mempool (bitcoin-node 31.99, \
+         {pooled} mempool transactions, `generateblock` with no transactions, {} rounds, \
+         one client per group, coinbase sizes 100, 1,100, 2,100, …)\n",
+        args.rounds
+    )?;
+    writeln!(
+        report,
+        "| groups | SetNewPrevHash, first group p50 / p99 | last group p50 / p99 | \
+         last − first p50 | last group's full template p50 | node builds per block, \
+         empty / full | first full build after the last pair, min / p50 |\n\
+         |---:|---:|---:|---:|---:|---:|---:|"
+    )?;
+    for (groups, f) in &rows {
+        let mut spread: Vec<Duration> = f
+            .first
+            .iter()
+            .zip(&f.last)
+            .map(|(a, b)| b.saturating_sub(*a))
+            .collect();
+        spread.sort();
+        let mean = |v: &[usize]| v.iter().sum::<usize>() as f64 / v.len().max(1) as f64;
+        let mut gaps = f.full_after_pairs.clone();
+        gaps.sort_by(f64::total_cmp);
+        let gap = |p: f64| {
+            let i = ((gaps.len().max(1) - 1) as f64 * p).round() as usize;
+            gaps.get(i)
+                .map_or("—".to_owned(), |g| format!("{:+.2} ms", g * 1000.0))
+        };
+        writeln!(
+            report,
+            "| {groups} | {} / {} | {} / {} | {} | {} | {:.1} / {:.1} | {} / {} |",
+            ms(pct(&f.first, 0.5)),
+            ms(pct(&f.first, 0.99)),
+            ms(pct(&f.last, 0.5)),
+            ms(pct(&f.last, 0.99)),
+            ms(pct(&spread, 0.5)),
+            ms(pct(&f.last_full, 0.5)),
+            mean(&f.empty_builds),
+            mean(&f.full_builds),
+            gap(0.0),
+            gap(0.5),
+        )?;
+    }
+    Ok(())
+}
+
+/// Connects one client for each of `groups` groups to `daemon` and mines `rounds`
+/// empty blocks, timing what the clients get and reading both logs after each.
+async fn measure_groups(
+    node: &Arc<BitcoinNode>,
+    daemon: &DaemonProcess,
+    daemon_log: &Path,
+    groups: usize,
+    rounds: usize,
+) -> anyhow::Result<GroupFigures> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut listeners = Vec::new();
+    for k in 0..groups {
+        let mut client = client_at(daemon.addr, daemon.key, group_size(k), 10).await;
+        next_tip(&mut client).await;
+        listeners.push(spawn_listener(client, k, tx.clone()).await);
+    }
+    // The groups of the previous measurement are stopped (once a second) and every
+    // group's first template is out.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut node_log = NodeLog::new(&node.debug_log_path());
+    let mut pairs_log = NodeLog::new(daemon_log);
+    let mut figures = GroupFigures::default();
+    for _ in 0..rounds {
+        settle(&mut rx).await;
+        node_log.skip_to_end()?;
+        pairs_log.skip_to_end()?;
+        let started = Instant::now();
+        let mined = {
+            let node = node.clone();
+            tokio::task::spawn_blocking(move || node.generate_empty()).await??
+        };
+        let got = wait_for_groups(&mut rx, mined, groups).await?;
+        let first = got.iter().map(|g| g.0).min().context("no group")?;
+        let last = got.iter().map(|g| g.0).max().context("no group")?;
+        figures.first.push(first.duration_since(started));
+        figures.last.push(last.duration_since(started));
+        let last_full = got.iter().map(|g| g.1).max().context("no group")?;
+        figures.last_full.push(last_full.duration_since(started));
+        settle(&mut rx).await;
+        let builds = node_log.build_lines()?;
+        let (empty, full): (Vec<&NodeBuild>, Vec<&NodeBuild>) =
+            builds.iter().partition(|b| b.txs == 0);
+        // `generateblock` builds its own block without mempool, before the tip moves.
+        figures.empty_builds.push(empty.len().saturating_sub(1));
+        figures.full_builds.push(full.len());
+        let first_full = full.iter().map(|b| b.started()).min_by(f64::total_cmp);
+        if let (Some(full), Some(pair)) = (first_full, last_pair(&mut pairs_log)?) {
+            figures.full_after_pairs.push(full - pair);
+        }
+    }
+    for l in listeners {
+        l.abort();
+    }
+    figures.first.sort();
+    figures.last.sort();
+    figures.last_full.sort();
+    eprintln!("{groups} groups: {rounds} blocks measured");
+    Ok(figures)
+}
+
+/// Waits until each of the `groups` clients has `SetNewPrevHash` for `mined` and then a
+/// full template on it; returns when each arrived, by client.
+async fn wait_for_groups(
+    rx: &mut mpsc::UnboundedReceiver<(usize, Instant, TdpMessage)>,
+    mined: BlockHash,
+    groups: usize,
+) -> anyhow::Result<Vec<(Instant, Instant)>> {
+    let mut prev_hash_at: Vec<Option<Instant>> = vec![None; groups];
+    let mut full_at: Vec<Option<Instant>> = vec![None; groups];
+    while full_at.iter().any(Option::is_none) {
+        let (k, at, msg) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .context("not every group got its pair and full template within 30 s")?
+            .context("a client's connection ended")?;
+        match msg {
+            TdpMessage::SetNewPrevHash(p) if prev_hash(&p) == mined => {
+                prev_hash_at[k].get_or_insert(at);
+            }
+            TdpMessage::NewTemplate(t)
+                if !t.future_template
+                    && t.merkle_path.iter().next().is_some()
+                    && prev_hash_at[k].is_some() =>
+            {
+                full_at[k].get_or_insert(at);
+            }
+            _ => {}
+        }
+    }
+    Ok(prev_hash_at
+        .into_iter()
+        .zip(full_at)
+        .filter_map(|(p, f)| p.zip(f))
+        .collect())
+}
+
+/// When the last tip pair in the daemon's JSON log since its last read was published
+/// (wall-clock seconds of day): its `new template` line is logged just before it is
+/// queued to the clients.
+fn last_pair(log: &mut NodeLog) -> anyhow::Result<Option<f64>> {
+    let mut last = None;
+    for line in log.read_new()?.lines() {
+        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        // The daemon's JSON lines carry the event's fields beside the timestamp.
+        if entry["message"] == "new template" && entry["reason"] == "tip" {
+            last = entry["timestamp"]
+                .as_str()
+                .and_then(seconds_of_day)
+                .or(last);
+        }
+    }
+    Ok(last)
 }

@@ -173,12 +173,23 @@ pub struct MockStats {
     pub template_calls_after_delivery: u64,
     /// Distinct `blockReservedWeight` values `createNewBlock` was asked for.
     pub reserved_weights: std::collections::BTreeSet<u64>,
+    /// Every `createNewBlock`, in arrival order.
+    pub builds: Vec<MockBuild>,
     /// Ordinals of the `submitSolution` calls received (7 or 10), in arrival order,
     /// including those UNIMPLEMENTED on the imitated line.
     pub submit_ordinals: Vec<u16>,
     /// `destroy` calls that arrived while a `submitSolution` or `getBlock` on the same
     /// template was still running: in Bitcoin Core, a use-after-free.
     pub destroyed_while_in_use: u64,
+}
+
+/// One `createNewBlock` as asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MockBuild {
+    /// Whether mempool transactions were asked for (a full template).
+    pub use_mempool: bool,
+    /// The weight kept for the coinbase.
+    pub block_reserved_weight: u64,
 }
 
 /// Errors starting or restarting the mock node.
@@ -214,6 +225,10 @@ pub(crate) struct State {
     shutting_down: bool,
     delays: HashMap<MockMethod, Duration>,
     stats: MockStats,
+    /// Full builds wait ([`MockNode::hold_full_builds`]).
+    full_builds_held: bool,
+    /// Builds waiting while full builds are held.
+    builds_waiting: u32,
 }
 
 impl Shared {
@@ -269,6 +284,8 @@ impl MockNode {
                 shutting_down: false,
                 delays: HashMap::new(),
                 stats: MockStats::default(),
+                full_builds_held: false,
+                builds_waiting: 0,
             }),
             changes,
             line: opts.line,
@@ -424,6 +441,19 @@ impl MockNode {
     pub fn set_difficulty_bits(&self, bits: u32) {
         self.shared.lock().chain.bits = bits;
         self.shared.notify();
+    }
+
+    /// Holds `createNewBlock` calls with the mempool (`true`) as if `cs_main` were busy:
+    /// each waits, answerless, and so does every build that arrives while one waits (the
+    /// node builds one template at a time), until `hold_full_builds(false)`.
+    pub fn hold_full_builds(&self, held: bool) {
+        self.shared.lock().full_builds_held = held;
+        self.shared.notify();
+    }
+
+    /// Builds waiting while full builds are held ([`MockNode::hold_full_builds`]).
+    pub fn builds_waiting(&self) -> u32 {
+        self.shared.lock().builds_waiting
     }
 
     /// A snapshot of the counters.

@@ -310,6 +310,35 @@ struct MiningImpl {
 }
 
 impl MiningImpl {
+    /// While a test holds full builds ([`super::MockNode::hold_full_builds`]), a build
+    /// with the mempool waits, as if `cs_main` were held, and so does every build that
+    /// arrives while one waits: the node builds one template at a time.
+    async fn wait_while_builds_held(&self, use_mempool: bool) {
+        let shared = &self.ctx.shared;
+        let mut changes = shared.changes.subscribe();
+        let mut waiting = false;
+        loop {
+            {
+                let mut state = shared.lock();
+                if !state.full_builds_held {
+                    if waiting {
+                        state.builds_waiting -= 1;
+                    }
+                    return;
+                }
+                if !waiting {
+                    if !use_mempool && state.builds_waiting == 0 {
+                        return;
+                    }
+                    state.builds_waiting += 1;
+                    waiting = true;
+                }
+            }
+            let recheck = Instant::now() + WAIT_NEXT_TICK;
+            wait_for_change(&mut changes, &self.interrupt, recheck).await;
+        }
+    }
+
     fn unless_line(&self, missing_on: &[MockLine], method: &str) -> Result<(), Error> {
         if missing_on.contains(&self.ctx.line()) {
             return Err(Error::unimplemented(format!(
@@ -427,12 +456,17 @@ impl mining::Server for MiningImpl {
                     .get_coinbase_output_max_additional_sigops(),
             };
             let cooldown = p.get_cooldown();
-            self.ctx
-                .shared
-                .lock()
-                .stats
-                .reserved_weights
-                .insert(options.block_reserved_weight);
+            {
+                let mut state = self.ctx.shared.lock();
+                state
+                    .stats
+                    .reserved_weights
+                    .insert(options.block_reserved_weight);
+                state.stats.builds.push(super::MockBuild {
+                    use_mempool: options.use_mempool,
+                    block_reserved_weight: options.block_reserved_weight,
+                });
+            }
             let _permit = entry.await?;
             if options.block_reserved_weight < MIN_BLOCK_RESERVED_WEIGHT {
                 return Err(Error::failed(format!(
@@ -452,6 +486,7 @@ impl mining::Server for MiningImpl {
                     options.coinbase_output_max_additional_sigops
                 )));
             }
+            self.wait_while_builds_held(options.use_mempool).await;
             let shared = &self.ctx.shared;
             let mut changes = shared.changes.subscribe();
             loop {

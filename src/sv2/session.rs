@@ -60,7 +60,8 @@ use crate::{
         transport::{Frame, FrameReader, FrameWriter, TransportError},
     },
     template::{
-        Constraints, EngineHandle, SolutionOutcome, Subscription, TemplateEvent, TransactionData,
+        Constraints, EngineHandle, PairFanout, SolutionOutcome, Subscription, TemplateEvent,
+        TransactionData,
     },
 };
 
@@ -603,7 +604,7 @@ impl Session {
     /// [`EVENTS_PER_WRITE`]) in one write: a `NewTemplate` and its `SetNewPrevHash` reach
     /// the client together, at the cost of one system call.
     async fn forward(&mut self, event: TemplateEvent) -> Result<(), SessionError> {
-        let mut sent = Vec::with_capacity(EVENTS_PER_WRITE * 2);
+        let mut sent = Sent::default();
         self.queue(event, &mut sent)?;
         for _ in 1..EVENTS_PER_WRITE {
             let Some(Ok(event)) = self.events.as_mut().map(|sub| sub.events.try_recv()) else {
@@ -612,35 +613,33 @@ impl Session {
             self.queue(event, &mut sent)?;
         }
         self.writer.flush().await?;
-        sent.into_iter().for_each(count_sent);
+        sent.names.into_iter().for_each(count_sent);
+        sent.pairs.iter().for_each(|pair| pair.written());
         Ok(())
     }
 
     /// Encrypts `event` into the writer's queue, noting what it holds in `sent` (for the
     /// sent-messages metric once written).
-    fn queue(
-        &mut self,
-        event: TemplateEvent,
-        sent: &mut Vec<&'static str>,
-    ) -> Result<(), SessionError> {
+    fn queue(&mut self, event: TemplateEvent, sent: &mut Sent) -> Result<(), SessionError> {
         match event {
             TemplateEvent::NewTemplate(t) => {
                 let msg = TemplateDistributionOwned::NewTemplate((*t).clone());
-                sent.push(self.queue_message(msg, "NewTemplate")?);
+                sent.names.push(self.queue_message(msg, "NewTemplate")?);
             }
             TemplateEvent::SetNewPrevHash(p) => {
                 let msg = TemplateDistributionOwned::SetNewPrevHash((*p).clone());
-                sent.push(self.queue_message(msg, "SetNewPrevHash")?);
+                sent.names.push(self.queue_message(msg, "SetNewPrevHash")?);
             }
             // Encoded once by the engine for every session: only encrypt.
             TemplateEvent::Encoded(frame) => {
-                sent.push(frame.name());
+                sent.names.push(frame.name());
                 self.writer.queue_frame(frame)?;
             }
-            TemplateEvent::EncodedTip(template, prev_hash) => {
-                sent.extend([template.name(), prev_hash.name()]);
+            TemplateEvent::EncodedTip(template, prev_hash, fanout) => {
+                sent.names.extend([template.name(), prev_hash.name()]);
                 self.writer.queue_frame(template)?;
                 self.writer.queue_frame(prev_hash)?;
+                sent.pairs.push(fanout);
             }
         }
         Ok(())
@@ -671,6 +670,14 @@ impl Session {
         count_sent(name);
         Ok(())
     }
+}
+
+/// What one write holds: message names for the sent-messages metric, and the pairs whose
+/// fan-out it ends for this session.
+#[derive(Default)]
+struct Sent {
+    names: Vec<&'static str>,
+    pairs: Vec<Arc<PairFanout>>,
 }
 
 async fn next_event(events: &mut Option<Subscription>) -> Option<TemplateEvent> {

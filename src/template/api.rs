@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bitcoin::Amount;
 
@@ -112,8 +112,45 @@ pub enum TemplateEvent {
     /// session only encrypts and writes it.
     Encoded(SharedFrame),
     /// A future template and the `SetNewPrevHash` that activates it, encoded once: one
-    /// event, so a session wakes once and writes both together.
-    EncodedTip(SharedFrame, SharedFrame),
+    /// event, so a session wakes once and writes both together. The [`PairFanout`] is
+    /// held until the pair is written.
+    EncodedTip(SharedFrame, SharedFrame, Arc<PairFanout>),
+}
+
+/// One pair's way to a group's sessions: when the last session holding it has written
+/// it (or let it go), the time since it was queued goes to
+/// `sv2_tpd_pair_fanout_seconds` — what the daemon takes to tell all of a group's
+/// clients.
+#[derive(Debug)]
+pub struct PairFanout {
+    queued: Instant,
+    written: AtomicBool,
+}
+
+impl PairFanout {
+    /// A pair queued to sessions now.
+    pub fn start() -> Arc<Self> {
+        Arc::new(Self {
+            queued: Instant::now(),
+            written: AtomicBool::new(false),
+        })
+    }
+
+    /// A session has written the pair.
+    pub fn written(&self) {
+        self.written.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for PairFanout {
+    fn drop(&mut self) {
+        // A pair no session wrote (none subscribed) told nobody: not a fan-out.
+        if *self.written.get_mut() {
+            crate::metrics::metrics()
+                .pair_fanout_seconds
+                .observe(self.queued.elapsed().as_secs_f64());
+        }
+    }
 }
 
 /// A Template Distribution message encoded once as an SV2 frame (header and payload, not

@@ -3,10 +3,12 @@
 //! No `waitNext` is ever left pending: a pending one starts building a full template
 //! under `cs_main` the moment the tip changes, and every other `createNewBlock` queues
 //! behind it. Instead the task waits for the tip follower ([`super::tip`]). On a new
-//! tip it asks for a template without mempool selection first (tip-first), which goes
-//! out as `NewTemplate(future)` + `SetNewPrevHash`, and then for the full one, which
-//! goes out as a non-future `NewTemplate`. While the tip stays, it builds at most one
-//! template per interval to look at fees.
+//! tip it takes the tip's template without mempool selection (tip-first; one for all
+//! groups, see [`super::tip_round`]), which goes out as `NewTemplate(future)` +
+//! `SetNewPrevHash`, and then asks for the full one, which goes out as a non-future
+//! `NewTemplate`: once every group's pair is out, one group at a time, the group with the
+//! most clients first. While the tip stays, it builds at most one template per interval
+//! to look at fees, the groups' checks spread over the interval.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +20,7 @@ use tracing::debug;
 
 use super::api::Constraints;
 use super::tip::NodeTip;
+use super::tip_round::Membership;
 use crate::metrics::metrics;
 use crate::node::{CreateOptions, NodeClient, NodeError, Template};
 
@@ -139,7 +142,7 @@ const GROUP_RETRY: Duration = Duration::from_secs(5);
 pub(crate) async fn run_group(
     node: NodeClient,
     mut spec: GroupSpec,
-    mut inputs: Inputs,
+    (mut inputs, round): (Inputs, Membership),
     reports: mpsc::Sender<GroupReport>,
     cancel: CancellationToken,
 ) {
@@ -147,6 +150,7 @@ pub(crate) async fn run_group(
         let mut task = Task {
             node: &node,
             spec: &spec,
+            round: &round,
             reports: &reports,
             cancel: &cancel,
             last: None,
@@ -167,6 +171,8 @@ pub(crate) async fn run_group(
         if reports.send(failed).await.is_err() {
             return;
         }
+        // Nobody's full template waits for this group while it pauses.
+        let _away = round.away();
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(GROUP_RETRY) => {}
@@ -185,8 +191,8 @@ struct Sent {
     prev_hash: BlockHash,
     bits: CompactTarget,
     fees: Amount,
-    /// When the group last asked the node for a full template.
-    built: Instant,
+    /// When the group looks at fees next.
+    next_check: Instant,
 }
 
 /// Which template to ask the node for.
@@ -203,6 +209,8 @@ enum Kind {
 struct Task<'a> {
     node: &'a NodeClient,
     spec: &'a GroupSpec,
+    /// What the group tasks share on a tip (the empty template, the full-build order).
+    round: &'a Membership,
     reports: &'a mpsc::Sender<GroupReport>,
     cancel: &'a CancellationToken,
     last: Option<Sent>,
@@ -233,6 +241,8 @@ impl Task<'_> {
             };
             let Some(last) = self.last.filter(|l| l.prev_hash == tip.hash()) else {
                 if !self.on_new_tip(tip, tips).await? {
+                    // No pair is coming from this group for that tip.
+                    self.round.settle(tip.hash());
                     // The node built on another tip than the follower named: wait for
                     // the follower to catch up rather than build again at once.
                     tokio::select! {
@@ -244,12 +254,12 @@ impl Task<'_> {
                 continue;
             };
             // The same tip: wait for the next one, or look at fees when it is time.
-            let due = tokio::time::Instant::from_std(last.built + self.spec.fees.interval);
+            let due = tokio::time::Instant::from_std(last.next_check);
             tokio::select! {
                 _ = self.cancel.cancelled() => return Ok(()),
                 r = tips.changed() => if r.is_err() { return Ok(()) },
                 r = active.changed() => if r.is_err() { return Ok(()) },
-                _ = tokio::time::sleep_until(due) => self.check_fees(last).await?,
+                _ = tokio::time::sleep_until(due) => self.check_fees(last, tips).await?,
             }
         }
     }
@@ -259,7 +269,7 @@ impl Task<'_> {
     async fn on_new_tip(
         &mut self,
         tip: NodeTip,
-        tips: &watch::Receiver<Option<NodeTip>>,
+        tips: &mut watch::Receiver<Option<NodeTip>>,
     ) -> Result<bool, NodeError> {
         let reason = match self.last {
             None if self.spec.clients_tip == Some(tip.hash()) => Reason::Refresh,
@@ -267,16 +277,23 @@ impl Task<'_> {
             Some(_) => Reason::Tip,
         };
         if reason == Reason::Tip && self.spec.fees.tip_first {
-            let Some(empty) = self.build(Kind::Empty).await? else {
+            let Some(empty) = self.tip_empty(tip).await? else {
                 return Ok(true);
             };
+            // In the queue for the full build before the pair is reported: the place
+            // goes to the right group the moment the last pair is out.
+            let queued = self.round.queue_full(tip.hash());
             if !self.publish_on(tip, empty, Reason::Tip).await {
                 return Ok(false);
             }
-            if tips.has_changed().unwrap_or(true) {
-                return Ok(true); // the next tip first
-            }
-            let Some(full) = self.build(Kind::Full).await? else {
+            let place = tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(true),
+                _ = tips.changed() => return Ok(true), // the next tip first
+                place = queued.place() => place,
+            };
+            let full = self.build(Kind::Full).await?;
+            drop(place);
+            let Some(full) = full else {
                 return Ok(true);
             };
             // With nothing in the mempool the full template is the empty one again.
@@ -285,6 +302,11 @@ impl Task<'_> {
             }
             return Ok(true);
         }
+        // No pair of this tip's round from this group: its first template, a refresh, or
+        // a full pair without tip-first. Its first may wait long (a client-call place,
+        // the node's cooldown): nobody's full waits for it meanwhile.
+        self.round.settle(tip.hash());
+        let _away = (reason != Reason::Tip).then(|| self.round.away());
         let kind = match reason {
             Reason::Constraints => Kind::FullCooldown,
             _ => Kind::Full,
@@ -295,19 +317,60 @@ impl Task<'_> {
         }
     }
 
+    /// The tip's template without mempool transactions: the one all groups share, or,
+    /// should the node have put transactions in it, one of the group's own. `None` when
+    /// cancelled meanwhile.
+    async fn tip_empty(&mut self, tip: NodeTip) -> Result<Option<Template>, NodeError> {
+        let cell = self.round.empty_for(tip);
+        let shared = cell
+            .get_or_try_init(|| async {
+                match self.build(Kind::Empty).await {
+                    Ok(Some(template)) => Ok(template),
+                    Ok(None) => Err(None),
+                    Err(e) => Err(Some(e)),
+                }
+            })
+            .await;
+        match shared {
+            Ok(template) if template.data().tx_fees.is_empty() => Ok(Some(template.clone())),
+            Ok(_) => {
+                debug!("the tip's template without mempool has transactions; building our own");
+                self.build(Kind::Empty).await
+            }
+            Err(None) => Ok(None),
+            Err(Some(e)) => Err(e),
+        }
+    }
+
     /// Builds a full template on the same tip and sends it when fees rose enough (or
     /// the difficulty changed, as testnet's 20-minute rule does).
-    async fn check_fees(&mut self, last: Sent) -> Result<(), NodeError> {
-        let Some(next) = self.build(Kind::Full).await? else {
+    async fn check_fees(
+        &mut self,
+        last: Sent,
+        tips: &mut watch::Receiver<Option<NodeTip>>,
+    ) -> Result<(), NodeError> {
+        let queued = self.round.queue_full(last.prev_hash);
+        let place = tokio::select! {
+            _ = self.cancel.cancelled() => return Ok(()),
+            _ = tips.changed() => return Ok(()), // the new tip first
+            place = queued.place() => place,
+        };
+        let started = Instant::now();
+        let next = self.build(Kind::Full).await?;
+        drop(place);
+        let Some(next) = next else {
             return Ok(());
         };
         let data = next.data().clone();
+        // The group's cadence, one interval on; later if this check had to wait its turn.
+        let interval = self.spec.fees.interval;
+        let checked = Sent {
+            next_check: (last.next_check + interval).max(started + interval),
+            ..last
+        };
         if data.header.prev_blockhash != last.prev_hash {
             // The node moved on; the follower will say so.
-            self.last = Some(Sent {
-                built: Instant::now(),
-                ..last
-            });
+            self.last = Some(checked);
             return Ok(());
         }
         let reason = if data.header.bits != last.bits {
@@ -318,13 +381,15 @@ impl Task<'_> {
             None
         };
         match reason {
-            Some(reason) => self.publish(next, reason, Instant::now()).await,
+            Some(reason) => {
+                self.publish(next, reason, Instant::now()).await;
+                if let (Reason::Fees, Some(sent)) = (reason, self.last.as_mut()) {
+                    sent.next_check = checked.next_check;
+                }
+            }
             None => {
                 debug!("no fee rise worth a template");
-                self.last = Some(Sent {
-                    built: Instant::now(),
-                    ..last
-                });
+                self.last = Some(checked);
             }
         }
         Ok(())
@@ -392,12 +457,17 @@ impl Task<'_> {
 
     async fn publish(&mut self, template: Template, reason: Reason, received_at: Instant) {
         let data = template.data();
+        // The fee checks start over, set off by the group's share of the interval so
+        // the groups' checks do not coincide (a fee template keeps its cadence, see
+        // `check_fees`).
+        let interval = self.spec.fees.interval;
+        let next_check = Instant::now() + interval + self.round.fee_offset(interval);
         // The empty template's fees are no baseline: its full one follows at once.
         self.last = Some(Sent {
             prev_hash: data.header.prev_blockhash,
             bits: data.header.bits,
             fees: data.total_fees(),
-            built: Instant::now(),
+            next_check,
         });
         let report = GroupReport::Publish {
             serial: self.spec.serial,

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::api::{
-    Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus,
+    Constraints, EngineConfig, EngineError, EngineHandle, EngineRequest, EngineStatus, PairFanout,
     SolutionOutcome, TemplateEvent,
 };
 use super::best_tip::Served;
@@ -423,8 +423,13 @@ impl Engine {
                 reason,
                 received_at,
             } => {
+                let tip = template.data().header.prev_blockhash;
                 if self.groups.is_live(constraints, serial) {
                     self.publish(constraints, template, reason, received_at);
+                }
+                if reason == Reason::Tip {
+                    // Out (or dropped): the full builds need not wait for it.
+                    self.groups.pair_out(serial, tip);
                 }
             }
             GroupReport::Failed {
@@ -455,7 +460,7 @@ impl Engine {
         self.sent_tips.insert(constraints, held.prev_hash);
         self.nodes.template_ready();
         let event = match future {
-            true => TemplateEvent::EncodedTip(new_tmpl, snph),
+            true => TemplateEvent::EncodedTip(new_tmpl, snph, PairFanout::start()),
             false => TemplateEvent::Encoded(new_tmpl),
         };
         self.fanout.publish(constraints, event);
@@ -498,6 +503,14 @@ impl Engine {
         self.store.prune(&self.groups.current_ids(), Instant::now());
         self.store_changed();
         self.stop_unwanted_groups();
+        self.count_clients();
+    }
+
+    /// Tells the groups how many clients each has (the fuller first for full builds).
+    fn count_clients(&self) {
+        let counts = self.fanout.client_counts();
+        self.groups
+            .set_clients(|c| counts.get(&c).copied().unwrap_or(0));
     }
 
     /// Shows what the store holds now.
@@ -545,6 +558,7 @@ impl Engine {
                     clients_tip: sent_tip,
                 };
                 self.ensure_group(constraints, start);
+                self.count_clients();
             }
             EngineRequest::Resend {
                 subscription,

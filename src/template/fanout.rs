@@ -110,6 +110,15 @@ impl Fanout {
             .any(|s| s.constraints == constraints)
     }
 
+    /// How many sessions each group has.
+    pub fn client_counts(&self) -> std::collections::HashMap<Constraints, usize> {
+        let mut counts = std::collections::HashMap::new();
+        for sub in &self.subscribers {
+            *counts.entry(sub.constraints).or_default() += 1;
+        }
+        counts
+    }
+
     /// The distinct groups sessions use, sorted.
     pub fn groups(&self) -> Vec<Constraints> {
         let mut groups: Vec<Constraints> = self.subscribers.iter().map(|s| s.constraints).collect();

@@ -1,7 +1,8 @@
 //! Constraint groups: clients whose coinbase constraints are equal share one node
 //! template per update. Each group's task (in `build`) builds its templates
 //! when the tip follower reports a new tip, and looks at fees once per interval;
-//! [`Groups`] keeps track of the running tasks.
+//! [`Groups`] keeps track of the running tasks and of what they share on a tip
+//! ([`TipRounds`]: one empty template, the order of the full builds).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tracing::{info_span, warn, Instrument};
 use super::api::Constraints;
 use super::build::{run_group, FeePolicy, GroupReport, GroupSpec, Reason};
 use super::tip::NodeTip;
+use super::tip_round::TipRounds;
 use crate::node::{NodeClient, NodeError};
 
 /// A running group task.
@@ -49,6 +51,8 @@ pub(crate) struct Groups {
     fees: FeePolicy,
     /// Places for node calls clients cause; a group's first template takes one.
     client_calls: Arc<Semaphore>,
+    /// What the tasks share on a tip.
+    rounds: Arc<TipRounds>,
     reports: mpsc::Sender<GroupReport>,
     shutdown: CancellationToken,
 }
@@ -67,6 +71,7 @@ impl Groups {
             next_serial: 1,
             fees,
             client_calls,
+            rounds: TipRounds::new(),
             reports,
             shutdown,
         }
@@ -102,10 +107,12 @@ impl Groups {
             client_calls: start.client_caused.then(|| self.client_calls.clone()),
             clients_tip: start.clients_tip,
         };
+        // A member from now on: a tip's full builds wait for its pair.
+        let membership = self.rounds.join(serial, active);
         let task = run_group(
             node.clone(),
             spec,
-            (tips, active_rx),
+            ((tips, active_rx), membership),
             self.reports.clone(),
             cancel.clone(),
         );
@@ -134,6 +141,21 @@ impl Groups {
             group
                 .active
                 .send_if_modified(|a| std::mem::replace(a, active) != active);
+            self.rounds.set_active(group.serial, active);
+        }
+    }
+
+    /// The engine has published (or dropped) the tip pair of task `serial`, built on
+    /// `tip`: the full builds no longer wait for it.
+    pub fn pair_out(&self, serial: u64, tip: BlockHash) {
+        self.rounds.settle(serial, tip);
+    }
+
+    /// Each group's number of clients, `clients(constraints)`: full builds go to the
+    /// groups with the most first.
+    pub fn set_clients(&self, clients: impl Fn(Constraints) -> usize) {
+        for (constraints, group) in &self.running {
+            self.rounds.set_clients(group.serial, clients(*constraints));
         }
     }
 
@@ -181,6 +203,7 @@ impl Groups {
     pub fn stop(&mut self, constraints: Constraints) {
         if let Some(group) = self.running.remove(&constraints) {
             group.cancel.cancel();
+            self.rounds.leave(group.serial);
         }
     }
 

@@ -17,7 +17,8 @@
 //! - `tip`: the tip follower, one `waitTipChanged` loop per connection;
 //! - `health`: what `/health`, the node gauges and the log say about the node;
 //! - `group`: the constraint groups' registry; `build`: one group's task, which builds
-//!   its templates in the daemon's order (empty, full, fee checks);
+//!   its templates in the daemon's order (empty, full, fee checks); `tip_round`: what
+//!   the tasks share on a tip (one empty template, all pairs before any full build);
 //! - `ids`: template ids that never repeat across restarts;
 //! - `store`: held templates, ids, pruning within one budget for all groups (no I/O);
 //! - `fanout`: subscribed sessions, group choice, queueing to sessions;
@@ -47,6 +48,7 @@ mod store;
 mod supervisor;
 mod tip;
 mod tip_board;
+mod tip_round;
 mod unknown;
 
 pub use api::*;
