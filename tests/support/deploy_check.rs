@@ -170,6 +170,33 @@ pub fn alerts_without_both_cases(rules: &str, tests: &str) -> Vec<String> {
     gaps
 }
 
+/// Each alert of a rules file (`- alert: Name`) with its `severity:` label.
+pub fn alert_severities(rules: &str) -> BTreeMap<String, String> {
+    let mut alerts = BTreeMap::new();
+    let mut current = None;
+    for line in rules.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alert:") {
+            current = Some(name.trim().to_string());
+        } else if let (Some(severity), Some(name)) = (line.strip_prefix("severity:"), &current) {
+            alerts.insert(name.clone(), severity.trim().to_string());
+        }
+    }
+    alerts
+}
+
+/// The README's alert table: each `` | `Name` | severity | ... | `` row's alert and
+/// severity.
+pub fn readme_alert_rows(readme: &str) -> BTreeMap<String, String> {
+    readme
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix("`Sv2Tpd")?.strip_suffix('`')?;
+            Some((format!("Sv2Tpd{name}"), cells.get(2)?.to_string()))
+        })
+        .collect()
+}
+
 /// The README's metric table: each metric name of the first column with the text of the
 /// row's labels column (rows may name several metrics, e.g. the `process_*` gauges).
 pub fn readme_metric_rows(readme: &str) -> BTreeMap<String, String> {
