@@ -4,7 +4,7 @@
 //!   (checked against the real binary), and `/metrics` passes `promtool check metrics`;
 //! - the dashboard is JSON with a data source variable;
 //! - the README's metric table names every family on `/metrics`, every label, and every
-//!   label value where it lists them;
+//!   label value where it lists them, and its alert table every alert with its severity;
 //! - `promtool` accepts the rules and the scrape config, and the rule unit tests pass;
 //! - `systemd-analyze verify` accepts the unit and the bitcoind drop-in without a warning.
 //!
@@ -13,7 +13,7 @@
 
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -21,8 +21,9 @@ use std::process::{Command, Stdio};
 use serde_json::Value as Json;
 use support::daemon_proc::DaemonProcess;
 use support::deploy_check::{
-    alerts_without_both_cases, dashboard_metrics, deploy_dir, has_datasource_variable, missing,
-    readme_metric_rows, rule_file_metrics, undocumented_series, MetricUse,
+    alert_severities, alerts_without_both_cases, dashboard_metrics, deploy_dir,
+    has_datasource_variable, missing, readme_alert_rows, readme_metric_rows, rule_file_metrics,
+    undocumented_series, MetricUse,
 };
 use sv2_tpd::mock::{MockNode, MockOptions};
 
@@ -238,6 +239,21 @@ fn every_alert_has_a_rule_test_that_fires_it_and_one_that_does_not() {
             "Untested: no firing case",
             "Untested: no silent case"
         ]
+    );
+}
+
+#[test]
+fn the_readme_lists_every_alert_with_its_severity() {
+    let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let readme = std::fs::read_to_string(readme).expect("README.md");
+    let rules = alert_severities(&read(ALERTS));
+    assert!(rules.len() > 10, "too few alerts read: {rules:?}");
+    assert_eq!(readme_alert_rows(&readme), rules, "README.md's alert table");
+
+    let text = "      - alert: A\n        for: 1m\n        labels:\n          severity: warning\n";
+    assert_eq!(
+        alert_severities(text),
+        BTreeMap::from([("A".to_string(), "warning".to_string())])
     );
 }
 

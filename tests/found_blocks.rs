@@ -344,7 +344,9 @@ fn alert_selectors_are_read_with_their_matchers() {
       - alert: A
         expr: increase(sv2_tpd_solutions_total{job="sv2-tpd",result=~"node-unavailable|throttled"}[30m]) > 0
       - alert: B
-        expr: sv2_tpd_node_connected{job="sv2-tpd"} == 1 and sv2_tpd_templates_held{job="sv2-tpd"} == 0
+        expr: max by (job, instance) (sv2_tpd_node_connected{job="sv2-tpd"}) == 1 and on (job, instance) sv2_tpd_templates_held{job="sv2-tpd"} == 0
+      - alert: C
+        expr: sum by (job, instance) (sv2_tpd_node_serving{job="sv2-tpd"} * on (job, instance, node) sv2_tpd_node_responsive) == 0 or on (job, instance) (up{job="sv2-tpd"} == 1 unless on (job, instance) sv2_tpd_node_serving{job="sv2-tpd"})
     "#;
     let selectors = alert_selectors(rules);
     let names: Vec<&str> = selectors.iter().map(|s| s.name.as_str()).collect();
@@ -352,12 +354,20 @@ fn alert_selectors_are_read_with_their_matchers() {
         names,
         [
             "sv2_tpd_node_connected",
+            "sv2_tpd_node_responsive",
+            "sv2_tpd_node_serving",
             "sv2_tpd_solutions_total",
             "sv2_tpd_templates_held"
         ]
     );
+    // Grouping labels (`by`, `on`) are not matchers, and Prometheus' own `up` is no
+    // selector of ours.
+    assert!(selectors
+        .iter()
+        .filter(|s| s.name != "sv2_tpd_solutions_total")
+        .all(|s| s.matchers.is_empty()));
     assert_eq!(
-        selectors[1].matchers,
+        selectors[3].matchers,
         [(
             "result".to_string(),
             vec!["node-unavailable".to_string(), "throttled".to_string()]

@@ -70,7 +70,7 @@ say "HEALTHCHECK: $health"
 messages=$(watch_template "127.0.0.1:$sv2_port" "$key") || fail "no template: $messages"
 echo "$messages" | grep -q '"type":"NewTemplate"' || fail "no NewTemplate in: $messages"
 echo "$messages" | grep -q '"type":"SetNewPrevHash"' || fail "no SetNewPrevHash in: $messages"
-curl -sf "http://127.0.0.1:$metrics_port/metrics" | grep -q '^sv2_tpd_node_connected 1' ||
+curl -sf "http://127.0.0.1:$metrics_port/metrics" | grep -q '^sv2_tpd_node_connected{node="default"} 1' ||
     fail "metrics not published on 127.0.0.1:$metrics_port"
 say "a client got a template through 127.0.0.1:$sv2_port"
 

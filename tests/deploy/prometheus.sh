@@ -4,8 +4,9 @@
 # at the daemon's metrics address), its alert rules unchanged. Checks, through
 # Prometheus' HTTP API:
 #   up == 1 for the job; every query of deploy/grafana/sv2-tpd.json (and its variables)
-#   returns data; stopping the node makes the node-down alert (Sv2TpdNodeDisconnected)
-#   fire, after the rule's own `for:`.
+#   returns data; the no-node-serves expression is empty while the node serves; stopping
+#   the node makes the node-down warning (Sv2TpdNodeDisconnected, for node `default`) and
+#   the no-node-serves page (Sv2TpdNoNodeServes) fire, each after the rule's own `for:`.
 #
 #   bash tests/deploy/prometheus.sh
 # Needs BITCOIN_NODE and the daemon's binary (SV2_TPD_TEST_BIN, default target/debug/sv2-tpd).
@@ -58,7 +59,8 @@ query() { curl -sf "$api/api/v1/query" --data-urlencode "query=$1" | jq -c '.dat
 has_data() { [ "$(query "$1" | jq length)" -gt 0 ]; }
 up_is_1() { [ "$(query 'up{job="sv2-tpd"}' | jq -r '.[0].value[1]')" = 1 ]; }
 wait_for 60 'up{job="sv2-tpd"} == 1' up_is_1
-connected() { [ "$(query 'sv2_tpd_node_connected{job="sv2-tpd"}' | jq -r '.[0].value[1]')" = 1 ]; }
+# The one node of a single-node setup is named `default` in the node series.
+connected() { [ "$(query 'sv2_tpd_node_connected{job="sv2-tpd",node="default"}' | jq -r '.[0].value[1]')" = 1 ]; }
 wait_for 60 "the daemon's node connection in Prometheus" connected
 say "Prometheus scrapes the daemon: up == 1"
 
@@ -81,15 +83,33 @@ for variable in job instance; do
 done
 say "all $count dashboard queries and its variables return data"
 
+# rule_line ALERT KEY: the ALERT rule's `KEY: ...` line (its expr, its for), without the key.
+rule_line() {
+    awk -v alert="- alert: $1" -v key="$2:" '
+        index($0, alert) { inside = 1; next }
+        inside && /- alert:/ { exit }
+        inside && $1 == key { sub(/^ *[a-z]+: */, ""); print; exit }' "$work/sv2-tpd-alerts.yml"
+}
+no_node_serves=$(rule_line Sv2TpdNoNodeServes expr)
+[ -n "$no_node_serves" ] || fail "no expr for Sv2TpdNoNodeServes in the rules"
+no_data() { [ "$(query "$1" | jq length)" -eq 0 ]; }
+wait_for 30 "Sv2TpdNoNodeServes's expression to be empty while the node serves" no_data "$no_node_serves"
+say "Sv2TpdNoNodeServes's expression is empty while the node serves"
+
 say "stopping the node"
 node_stop
+started=$SECONDS
+# firing ALERT [LABEL VALUE]: ALERT fires (with LABEL=VALUE, when given).
 firing() {
     curl -sf "$api/api/v1/alerts" |
-        jq -e '.data.alerts[] | select(.labels.alertname == "Sv2TpdNodeDisconnected" and .state == "firing")'
+        jq -e --arg alert "$1" --arg name "${2:-alertname}" --arg want "${3:-$1}" \
+            '.data.alerts[] | select(.labels.alertname == $alert and .labels[$name] == $want and .state == "firing")'
 }
-rule_for=$(grep -A2 'alert: Sv2TpdNodeDisconnected' "$work/sv2-tpd-alerts.yml" | grep -o 'for: .*')
-started=$SECONDS
-wait_for 180 "Sv2TpdNodeDisconnected to fire ($rule_for)" firing
-say "Sv2TpdNodeDisconnected fired $((SECONDS - started))s after the node stopped ($rule_for)"
+for alert in "Sv2TpdNodeDisconnected node default" Sv2TpdNoNodeServes; do
+    read -r name label value <<<"$alert"
+    rule_for=$(rule_line "$name" for)
+    wait_for 180 "$name to fire (for: $rule_for)" firing "$name" $label $value
+    say "$name fired $((SECONDS - started))s after the node stopped (for: $rule_for)"
+done
 curl -sf "$api/api/v1/alerts" | jq -c '.data.alerts[] | {alert: .labels.alertname, state}' >&2
 say "passed"

@@ -143,16 +143,11 @@ pub fn has_datasource_variable(dashboard: &Json) -> bool {
 pub fn alerts_without_both_cases(rules: &str, tests: &str) -> Vec<String> {
     let mut firing = BTreeSet::new();
     let mut silent = BTreeSet::new();
-    let mut current = None;
-    for line in tests.lines().map(str::trim) {
-        if let Some(name) = line.strip_prefix("alertname:") {
-            current = Some(name.trim().to_string());
-        } else if let (Some(cases), Some(name)) = (line.strip_prefix("exp_alerts:"), &current) {
-            match cases.trim() {
-                "[]" => silent.insert(name.clone()),
-                _ => firing.insert(name.clone()),
-            };
-        }
+    for (name, cases) in under_names(tests, "alertname:", "exp_alerts:") {
+        match cases.as_str() {
+            "[]" => silent.insert(name),
+            _ => firing.insert(name),
+        };
     }
     let mut gaps = Vec::new();
     for alert in rules
@@ -168,6 +163,41 @@ pub fn alerts_without_both_cases(rules: &str, tests: &str) -> Vec<String> {
         }
     }
     gaps
+}
+
+/// Each alert of a rules file (`- alert: Name`) with its `severity:` label.
+pub fn alert_severities(rules: &str) -> BTreeMap<String, String> {
+    under_names(rules, "- alert:", "severity:")
+        .into_iter()
+        .collect()
+}
+
+/// Every `key` line of a YAML `text`, as (the value of the last `name` line above it, its
+/// own value), both trimmed; `key` lines before any `name` line are left out.
+fn under_names(text: &str, name: &str, key: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut current = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(value) = line.strip_prefix(name) {
+            current = Some(value.trim().to_string());
+        } else if let (Some(value), Some(under)) = (line.strip_prefix(key), &current) {
+            found.push((under.clone(), value.trim().to_string()));
+        }
+    }
+    found
+}
+
+/// The README's alert table: each `` | `Name` | severity | ... | `` row's alert and
+/// severity.
+pub fn readme_alert_rows(readme: &str) -> BTreeMap<String, String> {
+    readme
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix("`Sv2Tpd")?.strip_suffix('`')?;
+            Some((format!("Sv2Tpd{name}"), cells.get(2)?.to_string()))
+        })
+        .collect()
 }
 
 /// The README's metric table: each metric name of the first column with the text of the
