@@ -244,13 +244,21 @@ fn blocks_pay(
     payout: &bitcoin::Script,
     whose: &str,
 ) -> anyhow::Result<()> {
-    let tpd_log = tpd.process.log_text();
     for h in from..=to {
         let hash = node.block_hash(h)?;
-        assert!(
-            tpd_log
+        // The node can have the block a moment before sv2-tpd logs its verdict.
+        let logged = || {
+            tpd.process
+                .log_text()
                 .lines()
-                .any(|l| l.contains("block accepted by the node") && l.contains(&hash.to_string())),
+                .any(|l| l.contains("block accepted by the node") && l.contains(&hash.to_string()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !logged() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            logged(),
             "sv2-tpd did not log block {h} ({hash}) as accepted\n{}",
             tpd.process.log_tail()
         );

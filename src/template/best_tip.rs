@@ -11,9 +11,27 @@
 //! this is simply "the node decides": whatever it reports is served, up, down or
 //! sideways.
 
+use std::time::Instant;
+
 use bitcoin::BlockHash;
 
-use super::tip::NodeTip;
+use crate::node::Tip;
+
+/// A tip the node reported, and when the report arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NodeTip {
+    /// The node's tip.
+    pub tip: Tip,
+    /// When the follower learnt it.
+    pub seen: Instant,
+}
+
+impl NodeTip {
+    /// The tip's block hash.
+    pub fn hash(&self) -> BlockHash {
+        self.tip.hash
+    }
+}
 
 /// The tip served and the node that builds its templates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,7 +167,6 @@ mod tests {
     use bitcoin::hashes::Hash;
 
     use super::*;
-    use crate::node::Tip;
 
     fn tip(n: u8, height: u32, seen: Instant) -> NodeTip {
         NodeTip {

@@ -20,21 +20,7 @@ use super::store::TemplateStore;
 use super::tip_board::TipBoard;
 use crate::node::{NodeClient, NodeError, Tip};
 
-/// A tip the node reported, and when the report arrived.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct NodeTip {
-    /// The node's tip.
-    pub tip: Tip,
-    /// When the follower learnt it.
-    pub seen: Instant,
-}
-
-impl NodeTip {
-    /// The tip's block hash.
-    pub fn hash(&self) -> BlockHash {
-        self.tip.hash
-    }
-}
+pub(crate) use super::best_tip::NodeTip;
 
 /// What the follower tells the engine.
 #[derive(Clone, Copy, Debug)]

@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use super::best_tip::{BestTip, Served};
-use super::tip::NodeTip;
+use super::best_tip::{BestTip, NodeTip, Served};
 
 /// The tip choice ([`BestTip`]), which followers may report to, and where the group
 /// tasks of the serving node take their tips from.
