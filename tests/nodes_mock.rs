@@ -245,6 +245,24 @@ fn a_node_on_another_chain_is_refused_at_start_with_exit_code_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_whose_template_connection_dies_mid_submit_is_not_sent_again_where_a_relay_runs() {
     let nodes = two_nodes();
+    let (own, hash) = found_while_the_template_node_goes(&nodes, MockNode::drop_connections).await;
+    // The template's node gets it over its next connection (or had it already).
+    eventually("the block in the template's node", || own.tip().0 == hash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_whose_template_node_is_gone_for_good_is_settled_by_the_relay() {
+    let nodes = two_nodes();
+    found_while_the_template_node_goes(&nodes, MockNode::stop).await;
+}
+
+/// A block on the serving node's template, whose node goes (`go`) while it has the
+/// submit and the relay to the other node is in flight: found once, the other node sent
+/// it once. Returns the template's node and the block.
+async fn found_while_the_template_node_goes(
+    nodes: &TwoNodes,
+    go: fn(&MockNode),
+) -> (&MockNode, bitcoin::BlockHash) {
     let mut c = nodes.daemon.client().await;
     let (t, p) = next_tip(&mut c).await;
     let m = nodes.daemon.scrape();
@@ -252,8 +270,6 @@ async fn a_block_whose_template_connection_dies_mid_submit_is_not_sent_again_whe
         true => (&nodes.a, &nodes.b, "b"),
         false => (&nodes.b, &nodes.a, "a"),
     };
-    // The relay to the other node stays in flight; the template's node is slow to
-    // answer, and its connection goes while it has the submit.
     other.set_delay(
         sv2_tpd::mock::MockMethod::SubmitBlock,
         Duration::from_secs(3),
@@ -268,11 +284,10 @@ async fn a_block_whose_template_connection_dies_mid_submit_is_not_sent_again_whe
         own.calls("submitSolution") == 1 && other.calls("submitBlock") == 1
     })
     .await;
-    own.drop_connections();
+    go(own);
     let m = nodes.daemon.wait_for_metrics("the block found", |m| {
         m.value("sv2_tpd_blocks_found_total", &[]) == 1.0
     });
-    // However it ended, the other node got the block once: the relay's submit.
     nodes.daemon.wait_for_metrics("the relay's verdict", |m| {
         m.value(
             "sv2_tpd_node_block_submits_total",
@@ -292,6 +307,5 @@ async fn a_block_whose_template_connection_dies_mid_submit_is_not_sent_again_whe
         m.value("sv2_tpd_solutions_total", &[("result", "accepted")]),
         1.0
     );
-    // The template's node gets it over its next connection (or had it already).
-    eventually("the block in the template's node", || own.tip().0 == hash).await;
+    (own, hash)
 }

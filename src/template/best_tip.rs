@@ -108,11 +108,16 @@ impl BestTip {
             // The serving node is still connected (it only misses probes, e.g. busy
             // connecting a block) on a tip no answering node matches: hold it rather than
             // pull the pools back. A node that is gone forgets its tip, so this ends then.
-            (next, Some(served))
-                if self.nodes[served.node].tip == Some(served.tip)
-                    && next.is_none_or(|n| !outranks_or_is(&n.tip.tip, &served.tip.tip)) =>
-            {
-                Some(served)
+            (next, Some(served)) if !self.nodes[served.node].healthy => {
+                match self.nodes[served.node].tip {
+                    Some(own) if next.is_none_or(|n| !outranks_or_is(&n.tip.tip, &own.tip)) => {
+                        Some(Served {
+                            node: served.node,
+                            tip: own,
+                        })
+                    }
+                    _ => next,
+                }
             }
             (next, _) => next,
         };
@@ -274,6 +279,18 @@ mod tests {
         best.report(1, tip(1, 10, t0 + Duration::from_millis(2)));
         best.report(0, tip(1, 10, t0 + Duration::from_millis(9)));
         assert_eq!(served(best.lost(2)), Some((0, 1)));
+    }
+
+    #[test]
+    fn a_slow_serving_node_that_reports_a_new_tip_keeps_serving() {
+        let t0 = Instant::now();
+        let mut best = healthy(2);
+        served(best.report(0, tip(1, 10, t0)));
+        best.report(1, tip(1, 10, t0));
+        best.report(1, tip(9, 9, t0));
+        best.set_healthy(0, false);
+        // Its stall ends with the block it was connecting: served, not node 1's lower tip.
+        assert_eq!(served(best.report(0, tip(2, 11, t0))), Some((0, 2)));
     }
 
     #[test]

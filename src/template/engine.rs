@@ -350,8 +350,8 @@ impl Engine {
         let groups = self.clients_tips();
         tip::record(&mut self.store, tip);
         match &self.serving {
-            // Whatever the board holds now (a follower may have moved it on meanwhile).
-            Some(serving) if serving.node == node => self.board.wake_groups(),
+            // The tip just recorded, unless a follower moved the board on meanwhile.
+            Some(serving) if serving.node == node => self.board.wake_groups_with(served),
             _ => {
                 let Some(client) = self.nodes.get(node).current() else {
                     return;
@@ -524,6 +524,8 @@ impl Engine {
         let fanout = &self.fanout;
         self.groups
             .retain(|c| c == STANDING_GROUP || fanout.wanted(c));
+        self.sent_tips
+            .retain(|c, _| *c == STANDING_GROUP || fanout.wanted(*c));
         self.groups
             .set_active(STANDING_GROUP, self.standing_needed());
     }
@@ -544,6 +546,10 @@ impl Engine {
                 // same tip its first template is an update, not a second pair.
                 let sent_tip = current.map(|held| held.prev_hash);
                 let current = current.map(pair_of);
+                if current.is_none() {
+                    // This client has no tip from the group yet: a restart must send a pair.
+                    self.sent_tips.remove(&constraints);
+                }
                 let sub = Subscriber {
                     constraints,
                     events,

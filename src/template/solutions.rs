@@ -326,7 +326,18 @@ async fn submit(job: Submission) -> SolutionOutcome {
                 file,
                 exclude: relays.sent_to(),
             };
-            match resubmit::until_settled(pending, e).await {
+            // Handed on, and the relays heard at the same time: the first node that has
+            // the block settles it, even while no other node is left to hand it to.
+            let resubmit = resubmit::until_settled(pending, e);
+            tokio::pin!(resubmit);
+            let answer = tokio::select! {
+                answer = &mut resubmit => answer,
+                relayed = relays.settle(None) => match relayed.has_verdict() {
+                    true => return settle(block_hash, relayed),
+                    false => resubmit.await,
+                },
+            };
+            match answer {
                 (answer, None) => (answer, own),
                 (answer, from) => (answer, from),
             }

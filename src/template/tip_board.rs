@@ -24,6 +24,17 @@ struct Board {
     groups: Option<(usize, watch::Sender<Option<NodeTip>>)>,
 }
 
+impl Board {
+    /// Gives the groups `served`'s tip when they are the serving node's.
+    fn hand_over(&self, served: Served) {
+        if let Some((node, tips)) = &self.groups {
+            if served.node == *node {
+                send_tip(tips, served.tip);
+            }
+        }
+    }
+}
+
 impl TipBoard {
     /// `nodes` nodes, none heard from yet.
     pub fn new(nodes: usize) -> Arc<Self> {
@@ -57,10 +68,18 @@ impl TipBoard {
     /// engine does the rest).
     pub fn wake_groups(&self) {
         let board = self.lock();
-        if let (Some(served), Some((node, tips))) = (board.best.served(), &board.groups) {
-            if served.node == *node {
-                send_tip(tips, served.tip);
-            }
+        if let Some(served) = board.best.served() {
+            board.hand_over(served);
+        }
+    }
+
+    /// Hands `served` to the groups if it is still the choice (the engine, after it
+    /// recorded that tip; a follower may have moved the board on meanwhile, and then
+    /// its own hand-over follows its report to the engine).
+    pub fn wake_groups_with(&self, served: Served) {
+        let board = self.lock();
+        if board.best.served() == Some(served) {
+            board.hand_over(served);
         }
     }
 
@@ -95,9 +114,10 @@ impl TipBoard {
     }
 }
 
-/// Gives `tips` the tip `tip`, unless it has it already.
-pub(crate) fn send_tip(tips: &watch::Sender<Option<NodeTip>>, tip: NodeTip) {
-    tips.send_if_modified(|now| match *now == Some(tip) {
+/// Gives `tips` the tip `tip`, unless it has that block already (a new report of the
+/// same tip, e.g. from a restarted follower, must not interrupt the groups' builds).
+fn send_tip(tips: &watch::Sender<Option<NodeTip>>, tip: NodeTip) {
+    tips.send_if_modified(|now| match now.map(|t| t.hash()) == Some(tip.hash()) {
         true => false,
         false => {
             *now = Some(tip);
