@@ -294,9 +294,7 @@ impl Engine {
             // died too, but pools keep mining them while the tip has not moved, and a
             // solution for one is still saved and handed to the nodes that are left (see
             // `solutions`). They go when the tip moves, as always.
-            self.serving = None;
-            self.board.serve_to(None);
-            self.groups.stop_all();
+            self.stop_serving();
         }
         self.sync();
         self.nodes.health(self.serving_node());
@@ -339,9 +337,7 @@ impl Engine {
                     "no node serves templates now"
                 );
             }
-            self.serving = None;
-            self.board.serve_to(None);
-            self.groups.stop_all();
+            self.stop_serving();
             self.nodes.serving(None, |_| false);
             return;
         };
@@ -375,6 +371,13 @@ impl Engine {
             }
         }
         self.show_currents(served);
+    }
+
+    /// No node serves: its groups stop and the followers hand tips to nobody.
+    fn stop_serving(&mut self) {
+        self.serving = None;
+        self.board.serve_to(None);
+        self.groups.stop_all();
     }
 
     /// Every group starts over on the serving node.

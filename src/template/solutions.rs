@@ -258,11 +258,10 @@ async fn submit(job: Submission) -> SolutionOutcome {
             exclude: relays.sent_to(),
         };
         let (answer, from) = resubmit::until_settled(pending, NodeError::Disconnected).await;
-        let settled = classify(answer, from.as_ref(), block_hash).await;
-        if let Some(from) = &from {
-            count_node(&from.name, &settled);
-        }
-        return settle(block_hash, settled);
+        return settle(
+            block_hash,
+            verdict_of(answer, from.as_ref(), block_hash).await,
+        );
     }
     let to_node = async {
         let _place = in_flight.acquire_owned().await;
@@ -344,11 +343,22 @@ async fn submit(job: Submission) -> SolutionOutcome {
         }
         verdict => (verdict, own),
     };
-    let settled = classify(answer, from.as_ref(), block_hash).await;
-    if let Some(from) = &from {
-        count_node(&from.name, &settled);
-    }
+    let settled = verdict_of(answer, from.as_ref(), block_hash).await;
     settle(block_hash, relays.settle(Some(settled)).await)
+}
+
+/// What `node`'s answer means for the block (see [`classify`]), counted under the node
+/// it came from.
+async fn verdict_of(
+    answer: Result<SubmitVerdict, NodeError>,
+    node: Option<&LiveNode>,
+    block_hash: BlockHash,
+) -> Settled {
+    let settled = classify(answer, node, block_hash).await;
+    if let Some(node) = node {
+        count_node(&node.name, &settled);
+    }
+    settled
 }
 
 /// What `node`'s answer means for the block: its own tip has the last word on a refusal
@@ -417,21 +427,17 @@ impl Relays {
                     let settled = match resubmit::relay(&node, &block, height).await {
                         Err(NodeError::Unimplemented { .. }) => {
                             say_no_submit_block(&node.name);
-                            metrics()
-                                .node_block_submits
-                                .with_label_values(&[&node.name, "unsupported"])
-                                .inc();
-                            None
+                            count_node(&node.name, &Settled::Skipped);
+                            Settled::Skipped
                         }
                         verdict => {
                             let hash = block.block_hash();
-                            let settled = classify(verdict, Some(&node), hash).await;
-                            count_node(&node.name, &settled);
+                            let settled = verdict_of(verdict, Some(&node), hash).await;
                             log_node(&node.name, &settled);
-                            Some(settled)
+                            settled
                         }
                     };
-                    let _ = tx.send(settled.unwrap_or(Settled::Skipped));
+                    let _ = tx.send(settled);
                 }
                 .instrument(span),
             );

@@ -61,34 +61,34 @@ pub(crate) struct NodeTarget {
     pub call_timeout: Duration,
 }
 
+/// Where one node's supervisor reports: the engine's channel, each event tagged with
+/// the node's index.
+struct Reports {
+    node: usize,
+    tx: mpsc::Sender<NodeReport>,
+}
+
+impl Reports {
+    /// Sends `event`; false when the engine is gone.
+    async fn send(&self, event: NodeEvent) -> bool {
+        let report = NodeReport {
+            node: self.node,
+            event,
+        };
+        self.tx.send(report).await.is_ok()
+    }
+}
+
 /// Keeps a connection to `target` until `shutdown`, reporting to `reports`.
 pub(crate) async fn supervise(
     target: NodeTarget,
     reports: mpsc::Sender<NodeReport>,
     shutdown: CancellationToken,
 ) {
-    let (tx, mut rx) = mpsc::channel(4);
-    let index = target.index;
-    let forward = async move {
-        while let Some(event) = rx.recv().await {
-            if reports
-                .send(NodeReport { node: index, event })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
+    let events = Reports {
+        node: target.index,
+        tx: reports,
     };
-    tokio::join!(supervise_one(target, tx, shutdown), forward);
-}
-
-/// [`supervise`], with untagged events.
-async fn supervise_one(
-    target: NodeTarget,
-    events: mpsc::Sender<NodeEvent>,
-    shutdown: CancellationToken,
-) {
     let call_timeout = target.call_timeout;
     let mut first_delay = Duration::ZERO;
     loop {
@@ -99,22 +99,18 @@ async fn supervise_one(
         let node = match connect(&target, &shutdown).await {
             Some(Ok(node)) => node,
             Some(Err(e)) => {
-                let _ = events.send(NodeEvent::Unusable(e)).await;
+                events.send(NodeEvent::Unusable(e)).await;
                 return;
             }
             None => return,
         };
-        if events
-            .send(NodeEvent::Connected(node.clone()))
-            .await
-            .is_err()
-        {
+        if !events.send(NodeEvent::Connected(node.clone())).await {
             return;
         }
         if !probe_until_closed(&node, call_timeout, &events, &shutdown).await {
             return;
         }
-        if events.send(NodeEvent::Lost).await.is_err() {
+        if !events.send(NodeEvent::Lost).await {
             return;
         }
         first_delay = RECONNECT_DELAY;
@@ -189,7 +185,7 @@ async fn wait_out_ibd(node: &NodeClient, shutdown: &CancellationToken) -> Result
 async fn probe_until_closed(
     node: &NodeClient,
     call_timeout: Duration,
-    events: &mpsc::Sender<NodeEvent>,
+    events: &Reports,
     shutdown: &CancellationToken,
 ) -> bool {
     let mut answering = true;
@@ -236,7 +232,7 @@ async fn probe_until_closed(
                 }
             }
         };
-        if events.send(event).await.is_err() {
+        if !events.send(event).await {
             return false;
         }
     }
